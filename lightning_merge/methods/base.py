@@ -8,8 +8,8 @@ there (naming the bad value), and implements :meth:`MergeMethod.merge`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from typing import ClassVar, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, TypeVar
 
 from torch import nn
 
@@ -26,12 +26,14 @@ class MergeMethod(ABC):
 
     ``requires`` lists what the statistics pass must gather for it: any of ``"moments"``
     (feature moments per merge point), ``"grams"``, ``"fisher"``, ``"kfac"``.
-    ``needs_base`` is True for methods that need the shared pre-trained base (task vectors).
+    ``needs_base`` is True for methods that need the shared pre-trained base (task vectors);
+    ``needs_data`` for methods that read the calibration loader in :meth:`merge`.
     """
 
     name: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
     needs_base: ClassVar[bool] = False
+    needs_data: ClassVar[bool] = False
 
     @abstractmethod
     def merge(
@@ -41,8 +43,13 @@ class MergeMethod(ABC):
         graph: MergeGraph | None,
         stats: Statistics | None,
         base: nn.Module | None = None,
+        data: Iterable[Any] | None = None,
     ) -> nn.Module:
-        """Return the merged model; never modify ``sources``."""
+        """Return the merged model; never modify ``sources``.
+
+        ``data`` is the calibration loader (batches of inputs, or (inputs, targets) tuples) for
+        methods that need a pass of their own after matching (PLeaS' least squares).
+        """
 
     def check_stats(self, stats: Statistics | None) -> None:
         """Raise a clear error when a required statistic was not gathered."""
