@@ -91,7 +91,9 @@ def find_idx_file(root: str | Path, stem: str, dataset: str = "fashion_mnist") -
     )
 
 
-def load_split(root: str | Path, train: bool, dataset: str = "fashion_mnist") -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(
+    root: str | Path, train: bool, dataset: str = "fashion_mnist"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Load one split as ``(images uint8 [N, 28, 28], labels int64 [N])``."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
@@ -100,6 +102,6 @@ def load_split(root: str | Path, train: bool, dataset: str = "fashion_mnist") ->
     labels = read_idx(find_idx_file(root, f"{prefix}-labels-idx1-ubyte", dataset))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(
-            f"{dataset} {prefix} split in {root}: images {images.shape} and labels {labels.shape} do not match"
+            f"{dataset} {prefix} split in {root}: images {images.shape} and labels {labels.shape} differ"
         )
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))

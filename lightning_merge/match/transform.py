@@ -51,10 +51,11 @@ def from_assignment(assign: torch.Tensor, width: int, num_models: int) -> SpaceT
     """Build M and U from a hard assignment: ``assign[k]`` = merged feature of source feature k.
 
     M averages the source features sharing a merged feature; U copies the merged feature back.
+    Both are float64 on ``assign``'s device.
     """
     total = assign.numel()
-    unmerge = torch.zeros(total, width, dtype=torch.float64)
-    unmerge[torch.arange(total), assign] = 1.0
+    unmerge = torch.zeros(total, width, dtype=torch.float64, device=assign.device)
+    unmerge[torch.arange(total, device=assign.device), assign] = 1.0
     counts = unmerge.sum(0)
     if bool((counts == 0).any()):
         empty = torch.nonzero(counts == 0).flatten().tolist()

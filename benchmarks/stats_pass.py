@@ -1,0 +1,124 @@
+"""Time the statistics pass (feature moments) against a plain no-grad forward of the same N models.
+
+    python benchmarks/stats_pass.py --runs 5 --batches 4 --batch-size 256
+
+For each architecture: N=2 randomly initialised sources (timing does not depend on the weights),
+the merge graph from ``trace_graph``, and the same in-memory 28×28 batches (Fashion-MNIST-shaped).
+"forward" runs every model over every batch under ``torch.no_grad``; "pass" is
+``collect_statistics`` over the same batches. Both get one warm-up run; the table reports medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lightning_merge.graph import trace_graph
+from lightning_merge.models import VGG11BN, ResNet20
+from lightning_merge.stats.collect import collect_statistics
+from lightning_merge.stats.moments import FeatureMomentsCollector, moments_memory_bytes
+
+ARCHS: dict[str, Callable[[], nn.Module]] = {
+    "resnet20x1": lambda: ResNet20(width=1),
+    "resnet20x4": lambda: ResNet20(width=4),
+    "vgg11_bn": lambda: VGG11BN(),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def medians(fns: dict[str, Callable[[], object]], runs: int, device: torch.device) -> dict[str, tuple]:
+    """Median (wall, CPU) seconds per function; runs interleave so all see the same machine load."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return {k: tuple(statistics.median(t[i] for t in v) for i in (0, 1)) for k, v in times.items()}
+
+
+def bench(arch: str, args: argparse.Namespace, device: torch.device) -> dict[str, str]:
+    torch.manual_seed(0)
+    models = [ARCHS[arch]().to(device).eval() for _ in range(2)]
+    graph = trace_graph(models[0], torch.randn(2, 1, 28, 28, device=device))
+    batches = [torch.randn(args.batch_size, 1, 28, 28, device=device) for _ in range(args.batches)]
+
+    def forward() -> None:
+        with torch.no_grad():
+            for x in batches:
+                for m in models:
+                    m(x)
+
+    def stats_pass(batch_dtype: torch.dtype) -> Callable[[], object]:
+        def run() -> object:
+            collector = FeatureMomentsCollector(graph, batch_dtype=batch_dtype)
+            return collect_statistics(models, graph, batches, collectors=[collector], progress=False)
+
+        return run
+
+    variants = {"forward": forward, "f64": stats_pass(torch.float64)}
+    if args.f32_batch:
+        variants["f32batch"] = stats_pass(torch.float32)
+    t = medians(variants, args.runs, device)
+    row = {
+        "arch": arch,
+        "taps": str(len(graph.taps)),
+        "state MiB": f"{moments_memory_bytes(graph, 2) / 2**20:.1f}",
+        "forward s (wall/cpu)": f"{t['forward'][0]:.2f} / {t['forward'][1]:.2f}",
+    }
+    for name in variants:
+        if name != "forward":
+            row[f"pass {name} s (wall/cpu)"] = f"{t[name][0]:.2f} / {t[name][1]:.2f}"
+            row[f"ratio {name} (wall/cpu)"] = "{:.2f} / {:.2f}".format(
+                *(t[name][i] / t["forward"][i] for i in (0, 1))
+            )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument(
+        "--archs", default=",".join(ARCHS), help="comma-separated subset of " + ",".join(ARCHS)
+    )
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--f32-batch", action="store_true", help="also time float32 per-batch products")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = [bench(arch, args, device) for arch in args.archs.split(",")]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"N=2 models, {args.batches} batches of {args.batch_size}×1×28×28, median of {args.runs} runs")
+    header = list(rows[0])
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(row[k]) for k in header) + " |")
+
+
+if __name__ == "__main__":
+    main()

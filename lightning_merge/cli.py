@@ -1,0 +1,66 @@
+"""``lightning-merge``: a ``LightningCLI`` (fit / validate / test / predict) over any LightningModule.
+
+Models and data modules are chosen by class path, so every module of the library (and the user's
+own) works from YAML::
+
+    lightning-merge fit --config configs/train/resnet20_fmnist_task0.yaml --seed_everything 1
+    lightning-merge fit --model lightning_merge.models.SourceClassifier --model.arch mlp \
+        --data lightning_merge.data.TaskSplitDataModule --data.task 0
+
+A ``RichProgressBar`` is used unless the configuration brings its own progress bar or disables it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class MergeCLI(LightningCLI):
+    """LightningCLI with subclass-mode model/data, a rich progress bar and a checkpoint report."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = (
+            self.config_init.get(self.subcommand, self.config_init) if self.subcommand else self.config_init
+        )
+        trainer_config = config.get("trainer") or {}
+        callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
+        callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+        wants_bar = trainer_config.get("enable_progress_bar", True) is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        """Say where the checkpoint went (the path ``load_source`` / a merge config needs)."""
+        checkpoint = self.trainer.checkpoint_callback
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.last_model_path:
+            rank_zero_info(f"last checkpoint: {checkpoint.last_model_path}")
+        elif isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
+            rank_zero_info(f"checkpoint: {checkpoint.best_model_path}")
+
+
+def main(args: list[str] | None = None, run: bool = True) -> MergeCLI:
+    """Entry point of the ``lightning-merge`` console script (``args=None`` reads ``sys.argv``).
+
+    W&B runs are offline unless ``WANDB_MODE`` says otherwise (``wandb sync`` uploads them later).
+    """
+    os.environ.setdefault("WANDB_MODE", "offline")
+    return MergeCLI(
+        model_class=None,
+        datamodule_class=None,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Export a merge: ``model.safetensors`` (the merged weights) + ``recipe.yaml`` (how it was made).
+
+The recipe records the sources (paths and weight fingerprints), the method (class path and
+arguments), the merge graph digest, a hash of the statistics, the metrics and the architecture
+hyperparameters, which is enough for :func:`load_merged` to rebuild a plain ``nn.Module``: the
+source architecture with every tensor replaced (and resized where the merged width differs). A
+partial zip is rebuilt as the same ``PartialZipModel`` (merged trunk, per-source unmerge and tail)
+cut at the recorded node.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lightning_merge.apply.module import resize_to_state_dict
+from lightning_merge.stats.container import Statistics
+
+FORMAT = "lightning_merge.merged"
+VERSION = 1
+WEIGHTS, RECIPE = "model.safetensors", "recipe.yaml"
+
+
+def statistics_digest(stats: Statistics | None) -> str | None:
+    """SHA-256 (16 hex digits) of every statistic tensor, by name: which data the merge saw."""
+    if stats is None:
+        return None
+    h = hashlib.sha256()
+    for key, tensor in sorted(_stat_tensors(stats).items()):
+        t = tensor.detach().to("cpu", torch.float64).contiguous()
+        h.update(f"{key}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _stat_tensors(stats: Statistics) -> dict[str, torch.Tensor]:
+    out = {}
+    for space, m in stats.moments.items():
+        out |= {f"moments/{space}/count": m.count, f"moments/{space}/total": m.total, f"moments/{space}/outer": m.outer}
+    for kind in ("grams", "fisher"):
+        for i, per_model in enumerate(getattr(stats, kind)):
+            out |= {f"{kind}/{i}/{k}": v for k, v in per_model.items()}
+    for i, per_model in enumerate(stats.kfac):
+        for k, (a, g) in per_model.items():
+            out |= {f"kfac/{i}/{k}/A": a, f"kfac/{i}/{k}/G": g}
+    return out
+
+
+def partial_cut(module: Any) -> dict[str, Any] | None:
+    """The cut of a partial zip (``{"node", "channel_dim", "space"}``), ``None`` for a full merge."""
+    from lightning_merge.apply.partial import PartialZipModel, resolve_cut
+
+    if not isinstance(module.merged, PartialZipModel):
+        return None
+    stop_at = getattr(module.method, "stop_at", None)
+    if stop_at is None:
+        raise ValueError(f"method {module.method.name!r} returned a partial zip but has no stop_at to record")
+    cut = resolve_cut(module.merge_graph, stop_at)
+    return {"node": cut.node, "channel_dim": cut.channel_dim, "space": cut.space}
+
+
+def recipe_of(module: Any) -> dict[str, Any]:
+    """Everything needed to rebuild (and to re-run) the merge of a validated ``MergeModule``."""
+    from lightning_merge.module import method_config
+
+    hp = module.hparams
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "architecture": module.architecture,
+        "sources": [
+            {"path": path, "fingerprint": fp, "head": h.kind, "classes": list(h.classes)}
+            for path, fp, h in zip(hp["sources"], module.fingerprints, module.heads, strict=True)
+        ],
+        "base": hp.get("base"),
+        "method": method_config(module.method),
+        "repair": bool(module.repair),
+        "tasks": [list(t) for t in module.tasks],
+        "num_classes": module.heads[0].num_classes,
+        "graph_digest": module.merge_graph.digest() if module.merge_graph is not None else None,
+        "statistics_digest": statistics_digest(module.statistics),
+        "partial": partial_cut(module),
+        "metrics": {k: float(v) for k, v in module.results.items()},
+    }
+
+
+def export_merged(module: Any, directory: str | os.PathLike) -> Path:
+    """Write ``model.safetensors`` and ``recipe.yaml`` of ``module.merged`` into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    recipe = recipe_of(module)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.merged.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS), metadata={"format": FORMAT})
+    recipe["weights_sha256"] = _sha256(directory / WEIGHTS)
+    (directory / RECIPE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return directory
+
+
+def read_recipe(directory: str | os.PathLike) -> dict[str, Any]:
+    """The recipe of an export, checked for format and weight integrity."""
+    directory = Path(directory)
+    for name in (RECIPE, WEIGHTS):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} not found: not a lightning_merge export directory")
+    recipe = yaml.safe_load((directory / RECIPE).read_text())
+    if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
+        raise ValueError(f"{directory / RECIPE} is not a lightning_merge merge recipe (format {FORMAT!r})")
+    if recipe.get("weights_sha256") != _sha256(directory / WEIGHTS):
+        raise ValueError(f"{directory / WEIGHTS} does not match the checksum in its recipe: modified or truncated")
+    return recipe
+
+
+def load_merged(directory: str | os.PathLike, template: nn.Module | None = None) -> nn.Module:
+    """Rebuild the exported merged model as a plain ``nn.Module`` (eval mode, CPU).
+
+    ``template`` is a source-architecture module; needed only when the sources were plain modules
+    (no architecture hyperparameters in the recipe).
+    """
+    recipe = read_recipe(directory)
+    state = load_file(str(Path(directory) / WEIGHTS))
+    if template is None:
+        template = _skeleton(recipe, directory)
+    num_sources = len(recipe["sources"])
+    if recipe.get("partial"):
+        model = _partial_skeleton(template, recipe["partial"], num_sources)
+    else:
+        model = copy.deepcopy(template)
+    return resize_to_state_dict(model, state).eval()
+
+
+def _skeleton(recipe: dict[str, Any], directory: str | os.PathLike) -> nn.Module:
+    from lightning_merge.models.registry import build_model
+
+    arch = recipe.get("architecture")
+    if not arch:
+        raise ValueError(
+            f"the recipe in {directory} has no architecture (the sources were plain modules): "
+            "pass template= (a module of the source architecture) to load_merged"
+        )
+    kwargs = {k: v for k, v in arch.items() if k != "arch"}
+    if kwargs.get("head") == "linear":
+        kwargs["num_classes"] = len(recipe["sources"][0]["classes"])
+    return build_model(arch["arch"], **kwargs)
+
+
+def _partial_skeleton(template: nn.Module, cut: dict[str, Any], num_sources: int) -> nn.Module:
+    """An (unsized) ``PartialZipModel`` cut at ``cut["node"]``; the state dict gives it its weights."""
+    from torch import fx
+
+    from lightning_merge.apply.partial import PartialZipModel, Unmerge, split_graph, trace_module
+
+    trunk_graph, tail_graph, _ = split_graph(trace_module(template), cut["node"])
+    trunk = fx.GraphModule(copy.deepcopy(template), trunk_graph, class_name="MergedTrunk")
+    tails = [fx.GraphModule(copy.deepcopy(template), tail_graph, class_name="SourceTail") for _ in range(num_sources)]
+    unmerges = [Unmerge(torch.zeros(1, 1), cut["channel_dim"]) for _ in range(num_sources)]
+    return PartialZipModel(trunk, unmerges, tails)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()

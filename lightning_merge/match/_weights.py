@@ -1,0 +1,83 @@
+"""Per-feature weight vectors of a merge point, read through the graph's axis references.
+
+Weight matching and MuDSC's weight similarity both compare, for every feature of a space, the
+slices of all tensors that touch it. A tensor's *other* axes may belong to other spaces; when a
+permutation for those is known the slices are read with it applied, so that model i's vectors are
+expressed in model 0's coordinates on every other axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from lightning_merge.graph.spec import AxisRef, MergeGraph, Space
+
+# Batch statistics are data, not weights: Git Re-Basin and MuDSC leave them out of the objective.
+SKIP_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def axes_by_param(graph: MergeGraph) -> dict[str, list[tuple[Space, AxisRef]]]:
+    """Every (space, axis reference) that touches each parameter."""
+    index: dict[str, list[tuple[Space, AxisRef]]] = {}
+    for space in graph.spaces:
+        for ref in space.members:
+            index.setdefault(ref.param, []).append((space, ref))
+    return index
+
+
+def check_state_dicts(state_dicts: Sequence[StateDict], graph: MergeGraph) -> None:
+    """Every model must hold every member tensor of the graph, with model 0's shape."""
+    if len(state_dicts) < 2:
+        raise ValueError(f"need at least 2 state dicts, got {len(state_dicts)}")
+    for name in axes_by_param(graph):
+        if name.endswith(SKIP_SUFFIXES):
+            continue
+        for i, sd in enumerate(state_dicts):
+            if name not in sd:
+                raise KeyError(f"model {i} has no tensor {name!r} named by the merge graph")
+            if sd[name].shape != state_dicts[0][name].shape:
+                raise ValueError(
+                    f"tensor {name!r}: model {i} has shape {tuple(sd[name].shape)}, "
+                    f"model 0 has {tuple(state_dicts[0][name].shape)}"
+                )
+
+
+def feature_rows(tensor: torch.Tensor, ref: AxisRef, size: int) -> torch.Tensor:
+    """(size, D): the slice of ``tensor`` belonging to each feature along ``ref``'s axis."""
+    pos = ref.positions(size).to(tensor.device)
+    moved = tensor.movedim(ref.axis, 0)
+    return moved[pos.reshape(-1)].reshape(size, -1)
+
+
+def permute_axis(tensor: torch.Tensor, ref: AxisRef, size: int, perm: torch.Tensor) -> torch.Tensor:
+    """Reorder the features along ``ref``: new feature k is old feature ``perm[k]``."""
+    pos = ref.positions(size).to(tensor.device)
+    idx = torch.arange(tensor.shape[ref.axis], device=tensor.device)
+    idx[pos.reshape(-1)] = pos[perm.to(tensor.device)].reshape(-1)
+    return tensor.index_select(ref.axis, idx)
+
+
+def space_rows(
+    state_dict: StateDict,
+    index: dict[str, list[tuple[Space, AxisRef]]],
+    space: Space,
+    perms: Mapping[str, torch.Tensor],
+    roles: tuple[str, ...] = ("out", "in"),
+) -> torch.Tensor:
+    """(n, D) float64: every member's slice per feature, other axes permuted by ``perms``."""
+    parts = []
+    for member in space.members:
+        if member.role not in roles or member.param.endswith(SKIP_SUFFIXES):
+            continue
+        tensor = state_dict[member.param].detach().to(torch.float64)
+        for other_space, other in index[member.param]:
+            if other.axis != member.axis and other_space.name in perms:
+                tensor = permute_axis(tensor, other, other_space.size, perms[other_space.name])
+        parts.append(feature_rows(tensor, member, space.size))
+    if not parts:
+        raise ValueError(f"merge point {space.name!r} has no weight member with role in {roles}")
+    return torch.cat(parts, dim=1)

@@ -1,0 +1,184 @@
+"""ZipIt!'s greedy zip matcher, exact and incremental.
+
+The rule (Stoica et al., 2023, and ``match_tensors_zipit`` in gstoica27/ZipIt) on the N·n × N·n
+similarity with its diagonal masked: repeatedly fuse the most similar pair of current features
+(from any model, the same one included) until ``target_width`` remain. A fused feature's similarity
+to every other feature is the minimum of its parts' similarities, times α when α > 0. With α ≤ 0
+the minimum is kept unscaled but the fused feature may never take a feature of a model it already
+contains (the official code masks the blocks of both parts' models; for N = 2 a cross-model fusion
+is thereby frozen). β caps same-model fusions: every model gets a budget of
+``floor(floor((N·n − m) / N) · β)`` fusions of two features whose lowest-index members come from it
+(their "origin" model); once it is spent, pairs of features of that origin are masked. A budget of
+zero masks them from the start (the paper's "β = 0: no same-model merges"; the official loop would
+allow one such fusion before it notices).
+
+Ties: the pair with the lowest flat index in the current matrix wins, i.e. the lowest (row, column)
+with features ordered by their lowest member — what ``argmax`` of the published rebuilt matrix picks.
+
+The published loop deletes a row and a column and rescans the whole matrix after every fusion
+(O((N·n)³) memory traffic). Here the matrix stays in place (dead features become -inf) and every
+row caches its best value and first best column: after a fusion only the fused row and the rows
+whose best partner was one of the two parts (or was masked by a spent budget) are rescanned, the
+others compare their cached best with the one changed column. This makes exactly the same choices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lightning_merge.match._checks import (
+    check_group_size,
+    check_similarity,
+    check_symmetric,
+    check_target_width,
+    check_unit_interval,
+)
+from lightning_merge.match.permute import match_groups
+from lightning_merge.match.transform import SpaceTransform, from_assignment
+
+NEG = float("-inf")
+
+
+def zipit_budget(total: int, target_width: int, num_models: int, beta: float) -> int:
+    """Same-model fusions each model may make (the official formula)."""
+    return int(((total - target_width) // num_models) * beta + 1e-4)
+
+
+def check_alpha_beta(alpha: float, beta: float) -> None:
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha > 1.0:
+        raise ValueError(f"alpha must be a finite number <= 1 (alpha <= 0 forbids re-fusion), got {alpha!r}")
+    check_unit_interval(beta, "beta")
+
+
+def _stuck(done: int, wanted: int, alpha: float, beta: float) -> ValueError:
+    return ValueError(
+        f"ZipIt! found no allowed pair after {done} of {wanted} fusions: alpha={alpha} and "
+        f"beta={beta} forbid reaching the target width; raise beta or alpha, or the target width"
+    )
+
+
+def zipit_fusions(
+    sim: torch.Tensor, num_models: int, target_width: int, alpha: float, beta: float
+) -> list[tuple[int, int]]:
+    """The greedy fusions ``(lo, hi)`` in order, each named by the parts' lowest member index.
+
+    ``sim`` must be a validated symmetric float64 matrix; it is not modified.
+    """
+    total = sim.shape[0]
+    n = total // num_models
+    s = sim.clone()
+    s.fill_diagonal_(NEG)  # keeps every fused row's own entries at -inf below, too
+    contains = torch.ones(total, dtype=torch.long, device=s.device) << (
+        torch.arange(total, device=s.device) // n
+    )
+    budget = [zipit_budget(total, target_width, num_models, beta)] * num_models
+    if budget[0] <= 0:
+        for i in range(num_models):
+            s[i * n : (i + 1) * n, i * n : (i + 1) * n] = NEG
+    rowarg = s.argmax(1)  # first best column of every row
+    rowmax = s.gather(1, rowarg[:, None]).squeeze(1)  # dead or fully masked rows hold -inf
+    fusions: list[tuple[int, int]] = []
+    wanted = total - target_width
+    for done in range(wanted):
+        lo = int(rowmax.argmax())  # first row holding the global max ...
+        if float(rowmax[lo]) == NEG:
+            raise _stuck(done, wanted, alpha, beta)
+        hi = int(rowarg[lo])  # ... and its first best column (> lo by symmetry)
+        new = torch.minimum(s[lo], s[hi])  # new[lo] = new[hi] = -inf via the diagonal
+        if alpha > 0:
+            new.mul_(alpha)
+        else:
+            new.masked_fill_((contains & (contains[lo] | contains[hi])) != 0, NEG)
+            contains[lo] |= contains[hi]
+        s[hi] = NEG
+        s[:, hi] = NEG
+        s[lo] = new
+        s[:, lo] = new
+        rowmax[hi] = NEG
+        # Rows to rescan: the fused one, those whose best partner changed, and those whose new
+        # entry reaches their cached best (ties must go to the lowest column; a rescan decides).
+        stale = (rowmax > NEG) & ((rowarg == lo) | (rowarg == hi) | (new >= rowmax))
+        stale[lo] = True
+        origin = lo // n  # the model of a feature's lowest member
+        if origin == hi // n:
+            budget[origin] -= 1
+            if budget[origin] <= 0:
+                block = slice(origin * n, (origin + 1) * n)
+                s[block, block] = NEG
+                stale[block] |= (rowarg[block] >= block.start) & (rowarg[block] < block.stop)
+        rows = torch.nonzero(stale).squeeze(1)
+        sub = s.index_select(0, rows)
+        arg = sub.argmax(1)
+        rowarg[rows] = arg
+        rowmax[rows] = sub.gather(1, arg[:, None]).squeeze(1)
+        fusions.append((lo, hi))
+    return fusions
+
+
+def assignment_from_fusions(fusions: list[tuple[int, int]], total: int, device: torch.device) -> torch.Tensor:
+    """Merged index of every source feature: surviving features in order of their lowest member."""
+    owner = list(range(total))
+    for lo, hi in reversed(fusions):  # the last fusion's survivor is final; resolve backwards
+        owner[hi] = owner[lo]
+    owner_t = torch.tensor(owner, device=device)
+    reps = torch.unique(owner_t)  # sorted
+    return torch.searchsorted(reps, owner_t)
+
+
+def _zip_groups(
+    sim: torch.Tensor, num_models: int, group_size: int, target_width: int, alpha: float, beta: float
+) -> torch.Tensor:
+    """Align whole groups to model 0's first, then zip within each aligned tuple of groups."""
+    n = sim.shape[0] // num_models
+    groups = n // group_size
+    per_group = target_width // groups
+    members = [torch.arange(groups)[:, None] * group_size + torch.arange(group_size)]  # (G, g)
+    for i in range(1, num_models):
+        cross = sim[:n, i * n : (i + 1) * n]
+        group_cols, _ = match_groups(cross, group_size)
+        members.append(i * n + members[0][torch.from_numpy(group_cols)])
+    assign = torch.empty(sim.shape[0], dtype=torch.long, device=sim.device)
+    for t in range(groups):
+        idx = torch.cat([m[t] for m in members]).to(sim.device)
+        sub = sim[idx][:, idx]
+        fus = zipit_fusions(sub, num_models, per_group, alpha, beta)
+        assign[idx] = t * per_group + assignment_from_fusions(fus, idx.numel(), sim.device)
+    return assign
+
+
+def match_zipit(
+    corr: torch.Tensor,
+    num_models: int,
+    *,
+    alpha: float = 0.3,
+    beta: float = 0.125,
+    target_width: int | None = None,
+    group_size: int = 1,
+) -> SpaceTransform:
+    """ZipIt! on a correlation (or any symmetric similarity) matrix → merge/unmerge of width m.
+
+    ``target_width`` m in [n, N·n] (default n: a full merge). ``group_size > 1`` (attention heads,
+    GroupNorm groups) first aligns whole groups of every model to model 0's (Hungarian on the mean
+    of the best within-group assignment, as MuDSC does) and then zips each aligned tuple of groups
+    down to m / (n / group_size) features, so every merged group comes from one group per model.
+    """
+    sim = check_symmetric(check_similarity(corr, num_models))
+    total = sim.shape[0]
+    n = total // num_models
+    m = n if target_width is None else target_width
+    check_target_width(m, n, num_models)
+    check_alpha_beta(alpha, beta)
+    check_group_size(group_size, n)
+    if group_size == 1:
+        assign = assignment_from_fusions(zipit_fusions(sim, num_models, m, alpha, beta), total, sim.device)
+    else:
+        groups = n // group_size
+        if m % groups:
+            raise ValueError(
+                f"target_width={m} must be a multiple of the number of groups {groups} "
+                f"(n={n}, group_size={group_size}) to keep groups intact"
+            )
+        assign = _zip_groups(sim, num_models, group_size, m, alpha, beta)
+    return from_assignment(assign, m, num_models)

@@ -1,0 +1,130 @@
+"""Shared base of the methods for models from different initialisations (match → transform → apply).
+
+Every such method computes one :class:`~lightning_merge.match.transform.SpaceTransform` per merge
+point (:meth:`TransformMethod.match`) and then applies them all the same way: W = M_out ·
+blockdiag(W_i) · U_in through the merge graph, giving a plain module of the merged architecture, or,
+with ``stop_at``, a partial zip (merged trunk up to a cut point, every source's own tail after it).
+BatchNorm reset is not part of ``merge``: the MergeModule (or the caller) runs
+:func:`lightning_merge.apply.repair.reset_batchnorm` afterwards.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from lightning_merge.apply.module import build_merged_module
+from lightning_merge.apply.partial import build_partial, resolve_cut
+from lightning_merge.apply.weights import merge_state_dicts
+from lightning_merge.graph.spec import MergeGraph
+from lightning_merge.match.transform import SpaceTransform
+from lightning_merge.methods.base import MergeMethod
+from lightning_merge.stats.container import Statistics
+
+Transforms = dict[str, SpaceTransform]
+
+
+def check_stop_at(stop_at: str | float | None) -> None:
+    if stop_at is None or isinstance(stop_at, str):
+        if isinstance(stop_at, str) and not stop_at:
+            raise ValueError("stop_at must be a cut point's node name, a depth fraction in [0, 1] or None")
+        return
+    if isinstance(stop_at, bool) or not isinstance(stop_at, (int, float)) or not 0.0 <= stop_at <= 1.0:
+        raise ValueError(
+            f"stop_at must be a cut point's node name, a depth fraction in [0, 1] or None, got {stop_at!r}"
+        )
+
+
+def check_ratio(value: float, name: str, *, lo: float = 1.0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= lo:
+        raise ValueError(f"{name} must be a number >= {lo}, got {value!r}")
+
+
+def check_statistics_match(stats: Statistics | None, graph: MergeGraph, num_models: int) -> None:
+    """Statistics must come from these N models under this very graph (same digest)."""
+    if stats is None:
+        return
+    if stats.graph_digest != graph.digest():
+        raise ValueError(
+            f"statistics were gathered under merge graph {stats.graph_digest!r}, but the models' graph is "
+            f"{graph.digest()!r}: they belong to other models or another architecture; gather them again"
+        )
+    if stats.num_models != num_models:
+        raise ValueError(f"statistics are for {stats.num_models} models, but {num_models} sources were given")
+
+
+def width_for(space_size: int, group_size: int, num_models: int, ratio: float, name: str) -> int:
+    """Merged width round(ratio·n), kept a multiple of the number of groups, inside [n, N·n]."""
+    if ratio > num_models:
+        raise ValueError(
+            f"width ratio {ratio} is outside [1, N] = [1, {num_models}] for merge point {name!r}"
+        )
+    groups = space_size // group_size
+    m = round(ratio * space_size / groups) * groups
+    return min(max(m, space_size), num_models * space_size)
+
+
+class TransformMethod(MergeMethod):
+    """Base for matching-based methods: ``merge`` = ``match`` → merged weights → merged module.
+
+    ``stop_at``: None for a full merge, or a cut point (its fx node name, or a depth fraction in [0, 1],
+    the nearest cut point is used) for a partial zip returning every source's output.
+    """
+
+    def __init__(self, *, stop_at: str | float | None = None) -> None:
+        check_stop_at(stop_at)
+        self.stop_at = stop_at
+
+    @abstractmethod
+    def match(self, sources: Sequence[nn.Module], graph: MergeGraph, stats: Statistics | None) -> Transforms:
+        """One transform per merge point of ``graph``."""
+
+    def refine(
+        self,
+        merged: nn.Module,
+        sources: Sequence[nn.Module],
+        graph: MergeGraph,
+        transforms: Mapping[str, SpaceTransform],
+        data: Iterable[Any] | None,
+    ) -> nn.Module:
+        """Hook for a data pass after the weights are merged (PLeaS' least squares); default: none."""
+        return merged
+
+    def merge(
+        self,
+        sources: Sequence[nn.Module],
+        *,
+        graph: MergeGraph | None,
+        stats: Statistics | None,
+        base: nn.Module | None = None,
+        data: Iterable[Any] | None = None,
+    ) -> nn.Module:
+        if len(sources) < 2:
+            raise ValueError(f"method {self.name!r} merges at least 2 sources, got {len(sources)}")
+        if graph is None:
+            raise ValueError(f"method {self.name!r} needs the sources' merge graph (graph=None given)")
+        self.check_stats(stats)
+        check_statistics_match(stats, graph, len(sources))
+        if self.needs_data and data is None:
+            raise ValueError(f"method {self.name!r} needs a data loader (data=None given)")
+        transforms = self.match(sources, graph, stats)
+        if self.stop_at is not None:
+            cut = resolve_cut(graph, self.stop_at)
+            partial = build_partial(sources, graph, transforms, cut)
+            self.refine(partial.trunk, sources, graph, transforms, data)
+            return partial
+        merged_sd = merge_state_dicts([s.state_dict() for s in sources], graph, transforms)
+        merged = build_merged_module(sources[0], merged_sd)
+        return self.refine(merged, sources, graph, transforms, data)
+
+
+def correlation(stats: Statistics | None, space: str, eps: float = 1e-8) -> Any:
+    """The N·n × N·n feature correlation at ``space`` (a clear error when it was not gathered)."""
+    if stats is None or space not in stats.moments:
+        raise KeyError(
+            f"no feature moments for merge point {space!r}; run the statistics pass with 'moments'"
+        )
+    return stats.moments[space].correlation(eps)

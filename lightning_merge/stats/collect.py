@@ -1,0 +1,205 @@
+"""The statistics pass: run the N source models over calibration data with a set of collectors.
+
+Models go to eval mode (BatchNorm uses its running statistics) on one device. Each collector gets
+its own pass over the data with only its hooks attached, so one collector's hooks never see
+another collector's forwards. When a process group is running, the loader is re-sharded so every
+sample is seen by exactly one rank, and every collector state is summed across ranks once, in place.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_merge.graph.spec import MergeGraph
+from lightning_merge.stats.collector import Collector
+from lightning_merge.stats.container import Statistics
+from lightning_merge.stats.distributed import (
+    all_reduce_sum_,
+    is_distributed,
+    is_rank_zero,
+    shard_dataloader,
+)
+from lightning_merge.stats.moments import FeatureMomentsCollector
+
+log = logging.getLogger(__name__)
+
+CollectorFactory = Callable[[MergeGraph], Collector]
+COLLECTORS: dict[str, CollectorFactory] = {"moments": FeatureMomentsCollector}
+# modules that register the other statistics when imported (see ``register_collector``)
+_PROVIDERS = {"grams": "lightning_merge.stats.gram", "fisher": "lightning_merge.stats.fisher"}
+_PROVIDERS["kfac"] = "lightning_merge.stats.kfac"
+KNOWN_STATISTICS = ("moments", "grams", "fisher", "kfac")
+
+
+def register_collector(name: str) -> Callable[[CollectorFactory], CollectorFactory]:
+    """Decorator: ``factory(graph) -> Collector`` builds the collector for ``requires=[name]``."""
+
+    def decorate(factory: CollectorFactory) -> CollectorFactory:
+        COLLECTORS[name] = factory
+        return factory
+
+    return decorate
+
+
+def build_collectors(requires: Iterable[str], graph: MergeGraph) -> list[Collector]:
+    """One collector per requested statistic, in the given order."""
+    names = list(requires)
+    if not names:
+        raise ValueError("requires is empty: name at least one statistic, e.g. ['moments']")
+    collectors = []
+    for name in names:
+        if name not in COLLECTORS and name in _PROVIDERS:
+            importlib.import_module(_PROVIDERS[name])
+        if name not in COLLECTORS:
+            raise KeyError(f"unknown statistic {name!r} in requires; known: {sorted(COLLECTORS)}")
+        collectors.append(COLLECTORS[name](graph))
+    return collectors
+
+
+def collect_statistics(
+    models: Sequence[nn.Module],
+    graph: MergeGraph,
+    dataloader: Iterable[Any],
+    *,
+    collectors: Sequence[Collector] | None = None,
+    requires: Sequence[str] = ("moments",),
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> Statistics:
+    """Gather the requested statistics of ``models`` over ``dataloader`` (exact under DDP).
+
+    ``collectors`` overrides ``requires``. Batches are tensors or ``(x, y, ...)`` sequences (the
+    first element is the input). ``max_batches`` limits the pass to the first ``max_batches``
+    batches of the (unsharded) loader. The models are moved to ``device`` (default: where the
+    first one lives); their train/eval modes are restored afterwards.
+    """
+    models = _check_models(models)
+    if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
+        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    collectors = list(collectors) if collectors is not None else build_collectors(requires, graph)
+    for c in collectors:
+        if not isinstance(c, Collector):
+            raise TypeError(f"{type(c).__name__} does not implement the Collector protocol")
+    device = torch.device(device) if device is not None else _device_of(models[0])
+    loader = _shard(dataloader, max_batches)
+    _log_memory(collectors, len(models))
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.to(device).eval()
+        # Lightning evaluates under inference mode / no_grad; the states must be normal tensors and
+        # Fisher / K-FAC need autograd (collectors that need no gradients disable them in step())
+        with torch.inference_mode(False):
+            for collector in collectors:
+                _run(collector, models, loader, device, max_batches, progress, dataloader)
+    finally:
+        for m, mode in zip(models, modes, strict=True):
+            m.train(mode)
+    stats = Statistics(num_models=len(models), graph_digest=graph.digest())
+    for collector in collectors:
+        collector.fill(stats)
+    return stats
+
+
+def _check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
+    models = list(models)
+    if not models:
+        raise ValueError("models is empty: the statistics pass needs at least one source model")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"models[{i}] is a {type(m).__name__}, not an nn.Module")
+    return models
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _shard(dataloader: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
+    if not is_distributed():
+        return dataloader
+    batch_size = getattr(dataloader, "batch_size", None)
+    max_samples = None if max_batches is None or batch_size is None else max_batches * batch_size
+    return shard_dataloader(dataloader, max_samples=max_samples)  # type: ignore[arg-type]
+
+
+def _log_memory(collectors: Sequence[Collector], num_models: int) -> None:
+    for c in collectors:
+        size = getattr(c, "memory_bytes", None)
+        if callable(size) and is_rank_zero():
+            log.info("statistics %r: %.1f MiB of accumulators per rank", c.name, size(num_models) / 2**20)
+
+
+def _inputs_of(batch: Any, device: torch.device) -> torch.Tensor:
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"a calibration batch must be a tensor or an (x, y, ...) sequence of tensors, got {type(x)}"
+        )
+    return x.to(device, non_blocking=True)
+
+
+def _run(
+    collector: Collector,
+    models: list[nn.Module],
+    loader: Iterable[Any],
+    device: torch.device,
+    max_batches: int | None,
+    progress: bool,
+    original: Iterable[Any],
+) -> None:
+    """One pass of ``collector`` over the loader, then the in-place cross-rank sum."""
+    limit = None if is_distributed() else max_batches  # sharding already applied the limit
+    collector.attach(models)
+    samples = torch.zeros((), dtype=torch.float64, device=device)
+    bar = _progress_bar(collector.name, loader, limit, progress and is_rank_zero())
+    try:
+        with torch.enable_grad(), bar as advance:
+            for b, batch in enumerate(loader):
+                if limit is not None and b >= limit:
+                    break
+                inputs = _inputs_of(batch, device)
+                collector.step(models, inputs)
+                samples += inputs.shape[0]
+                advance()
+    finally:
+        collector.detach()
+    all_reduce_sum_([*collector.states(), samples])
+    if samples.item() == 0:
+        raise ValueError(f"the calibration dataloader {original!r} yielded no samples")
+
+
+class _progress_bar:
+    """A transient rich progress bar (rank zero only), or nothing."""
+
+    def __init__(self, name: str, loader: Iterable[Any], limit: int | None, enabled: bool) -> None:
+        try:
+            total: int | None = len(loader)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+        if total is not None and limit is not None:
+            total = min(total, limit)
+        self.total, self.name, self.enabled = total, name, enabled
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[[], None]:
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import Progress
+
+        self.bar = Progress(transient=True)
+        self.bar.start()
+        task = self.bar.add_task(f"statistics: {self.name}", total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()

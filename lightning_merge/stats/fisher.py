@@ -1,0 +1,135 @@
+"""Diagonal empirical-model Fisher of every parameter (Fisher merging, MaTS "fisher" subspace).
+
+``F[p] = Σ_samples (∂ log p(ŷ|x) / ∂p)²`` where ŷ is the model's own prediction (argmax, or drawn
+from its softmax). The square is taken *per sample* — the square of a batch-mean gradient would
+be a much smaller, different quantity — using ``torch.func.vmap(grad(...))`` over the batch, with
+a per-sample autograd loop as the fallback when a model does not vmap (data-dependent control
+flow, unsupported ops). Models must be in eval mode: a BatchNorm in training mode couples the
+samples of a batch (so "per sample" has no meaning) and would update the sources' running stats.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from lightning_merge.graph.spec import MergeGraph
+from lightning_merge.stats.collect import register_collector
+from lightning_merge.stats.container import Statistics
+
+log = logging.getLogger(__name__)
+
+Target = Literal["argmax", "sample"]
+
+
+def model_targets(logits: torch.Tensor, target: Target) -> torch.Tensor:
+    """The labels the Fisher is taken at: the model's own argmax, or a draw from its softmax."""
+    if logits.ndim != 2:
+        raise ValueError(f"Fisher/K-FAC need (batch, classes) logits, got shape {tuple(logits.shape)}")
+    if target == "argmax":
+        return logits.argmax(-1)
+    return torch.multinomial(torch.softmax(logits.double(), -1), 1).squeeze(-1)
+
+
+def check_target(target: str) -> None:
+    if target not in ("argmax", "sample"):
+        raise ValueError(f"target must be 'argmax' or 'sample', got {target!r}")
+
+
+def check_eval_mode(models: Sequence[nn.Module], what: str) -> None:
+    """Raise when a model has a BatchNorm in training mode (samples would not be independent)."""
+    for i, model in enumerate(models):
+        for name, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+                raise ValueError(
+                    f"{what}: model {i} has BatchNorm {name!r} in training mode; per-sample gradients "
+                    f"need independent samples — call model.eval() before gathering statistics"
+                )
+
+
+def per_sample_sq_grads_vmap(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Σ_b (∇_θ log p(y_b | x_b))² per parameter, one vmapped gradient per sample."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    buffers = {k: b.detach() for k, b in model.named_buffers()}
+
+    def log_lik(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, (p, buffers), (xb.unsqueeze(0),))
+        return torch.log_softmax(out, -1)[0, yb]
+
+    grads = vmap(grad(log_lik), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, x, y)
+    return {k: g.double().square().sum(0) for k, g in grads.items()}
+
+
+def per_sample_sq_grads_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Same sum as :func:`per_sample_sq_grads_vmap` by one autograd call per sample (reference/fallback)."""
+    names, params = zip(*model.named_parameters(), strict=True)
+    total = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in zip(names, params, strict=True)}
+    for b in range(x.shape[0]):
+        logp = torch.log_softmax(model(x[b : b + 1]), -1)[0, y[b]]
+        grads = torch.autograd.grad(logp, params, allow_unused=True)
+        for k, g in zip(names, grads, strict=True):
+            if g is not None:
+                total[k] += g.double().square()
+    return total
+
+
+class FisherCollector:
+    """Accumulates ``fisher[i][param]`` (summed squared per-sample gradients) and the sample count."""
+
+    name = "fisher"
+
+    def __init__(self, target: Target = "argmax", chunk_size: int | None = None) -> None:
+        check_target(target)
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        self.target: Target = target
+        self.chunk_size = chunk_size
+        self.fisher: list[dict[str, torch.Tensor]] = []
+        self.counts: list[torch.Tensor] = []
+
+    def attach(self, models: Sequence[nn.Module]) -> None:
+        self.fisher = [
+            {k: torch.zeros_like(p, dtype=torch.float64) for k, p in m.named_parameters()} for m in models
+        ]
+        self.counts = [
+            torch.zeros((), dtype=torch.float64, device=next(m.parameters()).device) for m in models
+        ]
+
+    def detach(self) -> None:
+        """No hooks to remove: the Fisher is computed functionally."""
+
+    def step(self, models: Sequence[nn.Module], inputs: torch.Tensor) -> None:
+        check_eval_mode(models, "FisherCollector")
+        with torch.inference_mode(False), torch.enable_grad():
+            x = inputs.clone()  # a normal tensor even when the pass runs under inference_mode
+            for i, model in enumerate(models):
+                with torch.no_grad():
+                    y = model_targets(model(x), self.target)
+                try:
+                    sq = per_sample_sq_grads_vmap(model, x, y, self.chunk_size)
+                except RuntimeError as err:  # a model torch.func cannot vmap: same sums, one by one
+                    log.info("Fisher for model %d falls back to a per-sample loop: %s", i, err)
+                    sq = per_sample_sq_grads_loop(model, x, y)
+                for k, v in sq.items():
+                    self.fisher[i][k] += v
+                self.counts[i] += x.shape[0]
+
+    def states(self) -> list[torch.Tensor]:
+        return [t for per in self.fisher for t in per.values()] + list(self.counts)
+
+    def fill(self, stats: Statistics) -> None:
+        stats.fisher = [{k: v.clone() for k, v in f.items()} for f in self.fisher]
+        stats.fisher_counts = [float(c) for c in self.counts]
+
+
+@register_collector("fisher")
+def _build(graph: MergeGraph) -> FisherCollector:
+    """Per-layer / per-parameter statistics need no merge graph: every supported module is observed."""
+    return FisherCollector()

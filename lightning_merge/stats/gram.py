@@ -1,0 +1,138 @@
+"""Gram matrices XᵀX of every Linear / Conv2d layer's inputs (RegMean, MaTS "regmean" subspace).
+
+Each row of X is one input vector of the layer in the layout of its flattened weight: a Linear sees
+its last axis (every leading position is a row), a Conv2d sees the unfolded (C_in·kh·kw) patch of
+every output position. A constant-1 column is appended when the layer has a bias, so the merge can
+solve for ``[W | b]`` jointly. Sums are float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_merge.graph.spec import MergeGraph
+from lightning_merge.stats.collect import register_collector
+from lightning_merge.stats.container import Statistics
+
+
+def supported_layers(model: nn.Module) -> Iterator[tuple[str, nn.Linear | nn.Conv2d]]:
+    """The layers whose weight is one matrix acting on one input vector: Linear and ungrouped Conv2d.
+
+    Grouped / depthwise convolutions act on several independent inputs; methods fall back for them.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+            yield name, module
+
+
+def layer_input_dim(module: nn.Linear | nn.Conv2d) -> int:
+    """Width of the augmented input rows: fan-in of the flattened weight, +1 for the bias."""
+    return module.weight[0].numel() + (module.bias is not None)
+
+
+def layer_rows(module: nn.Linear | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The layer input as rows (R, fan_in[+1]) in float64, matching ``weight.flatten(1)`` (+ bias)."""
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            # 'same' padding and non-zero modes: pad like Conv2d._conv_forward, then unfold unpadded
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+            padding: int | tuple[int, ...] = 0
+        else:
+            padding = module.padding
+        cols = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # (B, d, L)
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+    rows = rows.to(torch.float64)
+    if module.bias is not None:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    return rows
+
+
+class _LayerHooks:
+    """Forward hooks on every supported layer of N models that call ``fn(i, name, module, x, out)``.
+
+    Hooks only act while :attr:`active` is True, so another collector's forward passes (run in its
+    own ``step``) never add to this collector's sums.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.handles: list[RemovableHandle] = []
+        self.layers: list[dict[str, nn.Linear | nn.Conv2d]] = []
+
+    def attach(self, models: Sequence[nn.Module], fn) -> None:  # noqa: ANN001
+        self.detach()
+        self.layers = [dict(supported_layers(m)) for m in models]
+        for i, layers in enumerate(self.layers):
+            for name, module in layers.items():
+
+                def hook(mod, args, out, i=i, name=name):  # noqa: ANN001, ANN202
+                    if self.active:
+                        fn(i, name, mod, args[0], out)
+
+                self.handles.append(module.register_forward_hook(hook))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+class GramCollector:
+    """Accumulates ``grams[i][layer] = Σ x xᵀ`` (augmented rows) and the number of rows per layer."""
+
+    name = "grams"
+
+    def __init__(self) -> None:
+        self._hooks = _LayerHooks()
+        self.grams: list[dict[str, torch.Tensor]] = []
+        self.counts: list[dict[str, torch.Tensor]] = []
+
+    def attach(self, models: Sequence[nn.Module]) -> None:
+        self._hooks.attach(models, self._accumulate)
+        self.grams, self.counts = [], []
+        for layers in self._hooks.layers:
+            grams, counts = {}, {}
+            for name, module in layers.items():
+                d, dev = layer_input_dim(module), module.weight.device
+                grams[name] = torch.zeros(d, d, dtype=torch.float64, device=dev)
+                counts[name] = torch.zeros((), dtype=torch.float64, device=dev)
+            self.grams.append(grams)
+            self.counts.append(counts)
+
+    def detach(self) -> None:
+        self._hooks.detach()
+
+    def _accumulate(self, i: int, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+        rows = layer_rows(module, x.detach())
+        self.grams[i][name].addmm_(rows.T, rows)
+        self.counts[i][name] += rows.shape[0]
+
+    def step(self, models: Sequence[nn.Module], inputs: torch.Tensor) -> None:
+        self._hooks.active = True
+        try:
+            with torch.no_grad():
+                for model in models:
+                    model(inputs)
+        finally:
+            self._hooks.active = False
+
+    def states(self) -> list[torch.Tensor]:
+        return [t for per in (*self.grams, *self.counts) for t in per.values()]
+
+    def fill(self, stats: Statistics) -> None:
+        stats.grams = [{k: v.clone() for k, v in g.items()} for g in self.grams]
+        stats.gram_counts = [{k: float(v) for k, v in c.items()} for c in self.counts]
+
+
+@register_collector("grams")
+def _build(graph: MergeGraph) -> GramCollector:
+    """Per-layer / per-parameter statistics need no merge graph: every supported module is observed."""
+    return GramCollector()

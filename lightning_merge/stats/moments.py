@@ -1,0 +1,300 @@
+"""Feature moments (count, Σf, Σffᵀ in float64) of N models' concatenated features at every space.
+
+A ``forward_pre_hook`` on every tapped module stashes that module's input (a reference, no
+copy, no per-sample work). When the last of the N models reaches the tap, the N inputs are
+written side by side into one float64 matrix X (samples × N·n, one strided copy per model) and
+accumulated with one ``addmm_`` (Σffᵀ += XᵀX) and one column sum. So the extra memory is one
+(N·n)² float64 matrix per space plus one transient X, and the inputs of the first N-1 models
+live only until the last model reaches the same tap.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from torchmetrics import Metric
+
+from lightning_merge.graph.spec import MergeGraph, Tap
+from lightning_merge.stats.container import FeatureMoments, Statistics
+
+_F64 = torch.float64
+
+
+class SpaceMoments(Metric):
+    """count, Σf, Σffᵀ of one space as torchmetrics states (``dist_reduce_fx="sum"``).
+
+    Synchronisation is left to the statistics pass (one in-place all-reduce per state), so
+    ``sync_on_compute=False``; the registered defaults are zero-stride views, so the only
+    (dim × dim) allocation is the state itself.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    count: Tensor
+    total: Tensor
+    outer: Tensor
+
+    def __init__(self, dim: int, num_models: int, device: torch.device | str | None = None) -> None:
+        super().__init__(sync_on_compute=False, dist_sync_on_step=False, compute_with_cache=False)
+        self.num_models = num_models
+        zero = torch.zeros((), dtype=_F64, device=device)
+        self.add_state("count", zero.clone(), dist_reduce_fx="sum")
+        self.add_state("total", zero.expand(dim), dist_reduce_fx="sum")
+        self.add_state("outer", zero.expand(dim, dim), dist_reduce_fx="sum")
+        self.total = torch.zeros(dim, dtype=_F64, device=device)
+        self.outer = torch.zeros(dim, dim, dtype=_F64, device=device)
+
+    def update(self, features: Tensor, column_sum: Tensor | None = None) -> None:
+        """Add a batch given samples-as-columns: ``features`` is (dim × samples).
+
+        This layout keeps the copy from NCHW maps contiguous and makes Σffᵀ one ``Z Zᵀ`` GEMM,
+        which BLAS runs faster than ``XᵀX`` on a tall (samples × dim) matrix.
+        """
+        self.count += features.shape[1]
+        self.total += features.sum(1, dtype=_F64) if column_sum is None else column_sum
+        if features.dtype == _F64:
+            self.outer.addmm_(features, features.T)
+        else:  # a lower-precision batch product, summed across batches in float64
+            self.outer += (features @ features.T).to(_F64)
+
+    def compute(self) -> FeatureMoments:
+        return FeatureMoments(self.count, self.total, self.outer, self.num_models)
+
+
+def tapped_spaces(graph: MergeGraph) -> list[str]:
+    """Names of the spaces observed at some tap, in the graph's (forward) order."""
+    seen = {seg.space for tap in graph.taps for seg in tap.segments}
+    return [s.name for s in graph.spaces if s.name in seen]
+
+
+def moments_memory_bytes(graph: MergeGraph, num_models: int) -> int:
+    """Bytes of the accumulated moments: one (N·n)² + N·n + 1 float64 block per tapped space."""
+    dims = [num_models * graph.space(name).size for name in tapped_spaces(graph)]
+    return 8 * sum(d * d + d + 1 for d in dims)
+
+
+def check_models_match_graph(models: Sequence[nn.Module], graph: MergeGraph) -> None:
+    """Every tap module exists and every parameter/buffer in the graph has its recorded shape."""
+    for i, model in enumerate(models):
+        modules = dict(model.named_modules())
+        for tap in graph.taps:
+            if tap.module not in modules:
+                raise ValueError(
+                    f"model {i} does not match the merge graph: it has no module {tap.module!r} "
+                    f"(tap of merge points {[s.space for s in tap.segments]})"
+                )
+            if tap.kind == "attention" and not isinstance(modules[tap.module], nn.MultiheadAttention):
+                raise TypeError(
+                    f"model {i}: attention tap {tap.module!r} is a {type(modules[tap.module]).__name__}, "
+                    "expected nn.MultiheadAttention"
+                )
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        for name, shape in graph.param_shapes.items():
+            if name not in tensors:
+                raise ValueError(f"model {i} does not match the merge graph: it has no tensor {name!r}")
+            if tuple(tensors[name].shape) != tuple(shape):
+                raise ValueError(
+                    f"model {i} does not match the merge graph: {name!r} has shape "
+                    f"{tuple(tensors[name].shape)}, the graph expects {tuple(shape)}"
+                )
+
+
+def _first_input(module_name: str, args: tuple, kwargs: dict) -> Tensor:
+    x = args[0] if args else next(iter(kwargs.values()), None)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"the first input of tapped module {module_name!r} is not a tensor: {type(x)}")
+    return x
+
+
+def _version_of(x: Tensor) -> int | None:
+    """In-place modification counter (inference tensors have none, and cannot be modified)."""
+    return None if x.is_inference() else x._version
+
+
+def _attention_projections(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Tensor:
+    """q, k and v projections of an ``nn.MultiheadAttention`` call, stacked as rows (3, ..., E)."""
+    names = ("query", "key", "value")
+    query, key, value = (args[j] if len(args) > j else kwargs[name] for j, name in enumerate(names))
+    if mha._qkv_same_embed_dim:
+        weights = mha.in_proj_weight.chunk(3)
+    else:
+        weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+    biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+    projected = [F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases, strict=True)]
+    if not projected[0].shape == projected[1].shape == projected[2].shape:
+        # cross-attention with other lengths: flatten each to rows and stack those instead
+        return torch.cat([p.reshape(-1, p.shape[-1]) for p in projected])
+    return torch.stack(projected)
+
+
+class FeatureMomentsCollector:
+    """Collector ``"moments"``: :class:`SpaceMoments` for every space observed at a tap.
+
+    A space observed at several taps pools the samples of all of them; a tap with several
+    segments (e.g. the input of a Linear after ``cat``) feeds each segment's space.
+    """
+
+    name = "moments"
+
+    def __init__(self, graph: MergeGraph, *, batch_dtype: torch.dtype = _F64) -> None:
+        if not graph.taps:
+            raise ValueError("the merge graph has no taps: there is nowhere to observe features")
+        for tap in graph.taps:
+            if tap.inner < 1:
+                raise ValueError(f"tap {tap.module!r}: inner must be >= 1, got {tap.inner}")
+            for seg in tap.segments:
+                size = graph.space(seg.space).size  # KeyError names an unknown space
+                if seg.size != size or seg.offset < 0:
+                    raise ValueError(
+                        f"tap {tap.module!r}: segment of merge point {seg.space!r} has offset "
+                        f"{seg.offset} and size {seg.size}, but the space has size {size}"
+                    )
+        if batch_dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"batch_dtype must be torch.float64 or torch.float32, got {batch_dtype}")
+        self.graph = graph
+        self.batch_dtype = batch_dtype
+        self.metrics: dict[str, SpaceMoments] = {}
+        self.num_models = 0
+        self._handles: list[RemovableHandle] = []
+        self._stash: list[list[list[Any]]] = []  # [tap][model] -> (input, its _version) this batch
+        self._calls: list[int] = []  # calls of the last model per tap this batch
+        self._sums: list[tuple[Tap, str, Tensor]] = []  # column sums, for the finiteness check
+
+    def memory_bytes(self, num_models: int) -> int:
+        return moments_memory_bytes(self.graph, num_models)
+
+    def attach(self, models: Sequence[nn.Module]) -> None:
+        check_models_match_graph(models, self.graph)
+        self.detach()
+        self.num_models = len(models)
+        device = next(models[0].parameters(), torch.empty(0)).device
+        self.metrics = {
+            name: SpaceMoments(self.num_models * self.graph.space(name).size, self.num_models, device)
+            for name in tapped_spaces(self.graph)
+        }
+        self._stash = [[[] for _ in models] for _ in self.graph.taps]
+        self._calls = [0] * len(self.graph.taps)
+        for t, tap in enumerate(self.graph.taps):
+            for i, model in enumerate(models):
+                hook = functools.partial(self._hook, t, i)
+                module = model.get_submodule(tap.module)
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def step(self, models: Sequence[nn.Module], inputs: Tensor) -> None:
+        with torch.no_grad():
+            for model in models:
+                model(inputs)
+        self._finish_batch()
+
+    def states(self) -> list[Tensor]:
+        return [s for m in self.metrics.values() for s in (m.count, m.total, m.outer)]
+
+    def fill(self, stats: Statistics) -> None:
+        for name, metric in self.metrics.items():
+            stats.moments[name] = metric.compute()
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def _hook(self, t: int, i: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        tap = self.graph.taps[t]
+        if tap.kind == "attention":
+            x = _attention_projections(module, args, kwargs)
+        else:
+            x = _first_input(tap.module, args, kwargs)
+        self._check_width(tap, i, x)
+        if i < self.num_models - 1:
+            self._stash[t][i].append((x, _version_of(x)))
+            return
+        k = self._calls[t]
+        self._calls[t] += 1
+        inputs = []
+        for j in range(self.num_models - 1):
+            if len(self._stash[t][j]) <= k:
+                raise RuntimeError(
+                    f"tap {tap.module!r} was called more often in model {i} than in model {j}: "
+                    "the N models must have the same forward structure"
+                )
+            stashed, version = self._stash[t][j][k]
+            self._stash[t][j][k] = None  # free it as soon as it is used
+            if _version_of(stashed) != version:
+                raise RuntimeError(
+                    f"model {j} modified the input of {tap.module!r} in place after the module read "
+                    "it (e.g. an inplace op on a tensor used twice); the stashed features are stale"
+                )
+            inputs.append(stashed)
+        inputs.append(x)
+        self._accumulate(tap, inputs)
+
+    def _check_width(self, tap: Tap, i: int, x: Tensor) -> None:
+        width = x.shape[tap.channel_dim if tap.kind == "input" else -1]
+        needed = max(seg.offset + seg.size for seg in tap.segments) * tap.inner
+        if width % tap.inner or width < needed:
+            raise ValueError(
+                f"model {i} does not match the merge graph: the input of {tap.module!r} has "
+                f"{width} channels on dim {tap.channel_dim}, the graph needs {needed}"
+                + (f" (a multiple of inner={tap.inner})" if tap.inner > 1 else "")
+            )
+
+    def _accumulate(self, tap: Tap, inputs: list[Tensor]) -> None:
+        features = [self._channels_first(tap, x) for x in inputs]
+        sample_shape = features[0].shape[1:]
+        for seg in tap.segments:
+            n, dim = seg.size, seg.size * len(inputs)
+            block = torch.empty(dim, *sample_shape, dtype=self.batch_dtype, device=features[0].device)
+            for j, f in enumerate(features):
+                block[j * n : (j + 1) * n].copy_(f[seg.offset : seg.offset + n])
+            columns = block.view(dim, -1)
+            column_sum = columns.sum(1, dtype=_F64)
+            self.metrics[seg.space].update(columns, column_sum)
+            self._sums.append((tap, seg.space, column_sum))
+
+    @staticmethod
+    def _channels_first(tap: Tap, x: Tensor) -> Tensor:
+        """A view (C, *samples); with ``inner > 1`` the flattened (C, inner) block → (C, ..., inner).
+
+        Moving only the channel axis keeps the sample axes in memory order (H, W of an NCHW map
+        stay contiguous), so the copy into the float64 block reads whole rows.
+        """
+        x = x.movedim(tap.channel_dim if tap.kind == "input" else -1, -1)
+        if tap.inner > 1:
+            x = x.unflatten(-1, (x.shape[-1] // tap.inner, tap.inner)).movedim(-2, 0)
+            return x
+        return x.movedim(-1, 0)
+
+    def _finish_batch(self) -> None:
+        """Check that every stashed input was used and every feature was finite (one check/batch)."""
+        for t, tap in enumerate(self.graph.taps):
+            for j, stash in enumerate(self._stash[t]):
+                if len(stash) != self._calls[t] and j < self.num_models - 1:
+                    raise RuntimeError(
+                        f"tap {tap.module!r} was called {len(stash)} times in model {j} but "
+                        f"{self._calls[t]} times in model {self.num_models - 1}"
+                    )
+                stash.clear()
+            self._calls[t] = 0
+        sums, self._sums = self._sums, []
+        if sums and not bool(torch.isfinite(torch.cat([s for _, _, s in sums])).all()):
+            self._raise_non_finite(sums)
+
+    def _raise_non_finite(self, sums: list[tuple[Tap, str, Tensor]]) -> None:
+        for tap, space, column_sum in sums:
+            bad = (~torch.isfinite(column_sum)).nonzero().flatten()
+            if len(bad):
+                model = int(bad[0]) // self.graph.space(space).size
+                raise ValueError(
+                    f"non-finite features (NaN or inf) from model {model} at merge point {space!r} "
+                    f"(input of module {tap.module!r})"
+                )

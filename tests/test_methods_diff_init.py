@@ -1,0 +1,172 @@
+"""Merge methods for models from different initialisations, on real Fashion-MNIST sources.
+
+Sources come from ``quick_pair`` (cached under ``.cache/test_models``): an MLP×0.25 pair and a
+ResNet-20×1 pair trained on tasks [0..4] / [5..9] from seeds 0 / 1, and an MLP×0.25 triple on a
+3-way class split. Joint accuracy = argmax over all 10 classes of the shared class-embedding head.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from lightning_merge.apply.repair import reset_batchnorm
+from lightning_merge.graph import permute_model, random_permutations, trace_graph
+from lightning_merge.methods import METHODS, get_method
+from lightning_merge.methods.pleas import PLeaSMerge
+from lightning_merge.methods.transform_base import TransformMethod
+from lightning_merge.models import quick_pair
+from lightning_merge.stats.collect import collect_statistics
+
+DIFF_INIT = sorted(n for n, cls in METHODS.items() if issubclass(cls, TransformMethod))
+EXAMPLE = torch.zeros(2, 1, 28, 28)
+THREE_TASKS = ((0, 1, 2), (3, 4, 5), (6, 7, 8, 9))
+
+
+@pytest.fixture(scope="module")
+def calibration(fmnist) -> DataLoader:
+    return DataLoader(Subset(fmnist.calibration_dataset(), range(1000)), batch_size=250)
+
+
+@pytest.fixture(scope="module")
+def test_batches(fmnist) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    data = Subset(fmnist.dataset_for("test", None), range(2000))
+    return list(DataLoader(data, batch_size=500))
+
+
+class Setup:
+    """N sources, their merge graph and statistics over the calibration loader."""
+
+    def __init__(self, models: Sequence[nn.Module], calibration: DataLoader) -> None:
+        self.models = [m.eval() for m in models]
+        self.graph = trace_graph(self.models[0], EXAMPLE)
+        self.stats = collect_statistics(self.models, self.graph, calibration, progress=False)
+        self.calibration = calibration
+
+    def merge(self, method: str, **kwargs: object) -> nn.Module:
+        merged = get_method(method, **kwargs).merge(
+            self.models, graph=self.graph, stats=self.stats, data=self.calibration
+        )
+        return reset_batchnorm(merged, self.calibration).eval()
+
+
+@torch.no_grad()
+def joint_accuracy(model: nn.Module | Sequence[nn.Module], batches: list) -> float:
+    """Accuracy over all classes; a tuple of outputs (partial zip, ensemble) predicts by the best score."""
+    correct = total = 0
+    for x, y in batches:
+        out = tuple(m(x) for m in model) if isinstance(model, Sequence) else model(x)
+        logits = torch.stack(out).amax(0) if isinstance(out, tuple) else out
+        correct += int((logits.argmax(-1) == y).sum())
+        total += len(y)
+    return correct / total
+
+
+@pytest.fixture(scope="module")
+def mlp(source_pair: Callable, calibration: DataLoader) -> Setup:
+    return Setup([s.model for s in source_pair("mlp", width=0.25)], calibration)
+
+
+@pytest.fixture(scope="module")
+def resnet(resnet_pair: list, calibration: DataLoader) -> Setup:
+    return Setup([s.model for s in resnet_pair], calibration)
+
+
+@pytest.fixture(scope="module")
+def mlp3(calibration: DataLoader) -> Setup:
+    triple = quick_pair("mlp", width=0.25, tasks=THREE_TASKS, seeds=(0, 1, 2))
+    return Setup([s.model for s in triple], calibration)
+
+
+# ------------------------------------------------------------------ permuted copy → exact recovery
+@pytest.mark.parametrize("arch", ["mlp", "resnet"])
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [("permute", {}), ("zipit", {"alpha": 0.0, "beta": 0.0}), ("weight_matching", {})],
+)
+def test_merging_a_permuted_copy_recovers_the_model(
+    arch: str, method: str, kwargs: dict, request: pytest.FixtureRequest, calibration: DataLoader
+) -> None:
+    model = request.getfixturevalue(arch).models[0]
+    graph = trace_graph(model, EXAMPLE)
+    twin = permute_model(copy.deepcopy(model), graph, random_permutations(graph, seed=7))
+    x = next(iter(calibration))[0][:100]
+    with torch.no_grad():
+        ref = model(x)
+        assert not torch.equal(
+            twin.state_dict()[graph.spaces[0].members[0].param],
+            model.state_dict()[graph.spaces[0].members[0].param],
+        )
+        stats = collect_statistics([model, twin], graph, calibration, progress=False)
+        merged = get_method(method, **kwargs).merge([model, twin], graph=graph, stats=stats).eval()
+        err = (merged(x) - ref).norm() / ref.norm()
+    assert err < 1e-5, f"{method} on {arch}: relative error {err:.2e}"
+
+
+# ------------------------------------------------------------------ PLeaS
+def layer_outputs(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    mods = dict(model.named_modules())
+    handles = [mods[n].register_forward_hook(lambda _m, _a, y, n=n: out.__setitem__(n, y)) for n in names]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def test_pleas_at_full_width_reproduces_the_ensemble_features(mlp: Setup) -> None:
+    """Width N·n: every hidden layer of the merged model outputs the sources' features side by side."""
+    merged = PLeaSMerge(width=2.0, ridge=1e-8).merge(
+        mlp.models, graph=mlp.graph, stats=mlp.stats, data=mlp.calibration
+    )
+    hidden = [n for n, m in merged.named_modules() if isinstance(m, nn.Linear) and n.startswith("layers")]
+    assert [merged.get_submodule(n).out_features for n in hidden] == [256, 256, 256]
+    x = next(iter(mlp.calibration))[0][:200]
+    got = layer_outputs(merged, hidden, x)
+    per_source = [layer_outputs(s, hidden, x) for s in mlp.models]
+    for name in hidden:
+        want = torch.cat([p[name] for p in per_source], dim=1)
+        err = (got[name] - want).norm() / want.norm()
+        assert err < 1e-4, f"{name}: relative error {err:.2e}"
+    proj = "head.proj"
+    want = sum(layer_outputs(s, [proj], x)[proj] for s in mlp.models) / 2
+    torch.testing.assert_close(layer_outputs(merged, [proj], x)[proj], want, rtol=1e-3, atol=1e-4)
+
+
+def test_pleas_at_source_width_beats_averaging(mlp: Setup, fmnist, test_batches: list) -> None:
+    average = joint_accuracy(mlp.merge("average"), test_batches)
+    pleas = joint_accuracy(mlp.merge("pleas", width=1.0), test_batches)
+    no_refit = joint_accuracy(mlp.merge("pleas", width=1.0, refit=False), test_batches)
+    # data-free variant: the least squares sees only images of task [0..4]
+    other = DataLoader(Subset(fmnist.dataset_for("train", 0), range(1000)), batch_size=250)
+    merged = PLeaSMerge(width=1.0).merge(mlp.models, graph=mlp.graph, stats=mlp.stats, data=other)
+    other_acc = joint_accuracy(merged.eval(), test_batches)
+    wider = joint_accuracy(mlp.merge("pleas", width=1.5), test_batches)
+    ensemble = joint_accuracy(mlp.models, test_batches)
+    print(
+        f"\nMLP×0.25 joint acc: average {average:.3f}, pleas(m=n, no refit) {no_refit:.3f}, "
+        f"pleas(m=n) {pleas:.3f}, pleas(m=n, other data) {other_acc:.3f}, pleas(m=1.5n) {wider:.3f}, "
+        f"ensemble {ensemble:.3f}"
+    )
+    assert pleas > average + 0.05
+    assert other_acc > average
+    assert wider >= pleas - 0.02
+
+
+# ------------------------------------------------------------------ N = 3
+@pytest.mark.parametrize("method", DIFF_INIT)
+def test_every_method_merges_three_models(method: str, mlp3: Setup, test_batches: list) -> None:
+    merged = mlp3.merge(method)
+    x = test_batches[0][0][:8]
+    out = merged(x)
+    assert out.shape == (8, 10) and torch.isfinite(out).all()
+    assert merged.layers[0].out_features == mlp3.models[0].layers[0].out_features
+    print(f"\nN=3 MLP×0.25 {method}: joint acc {joint_accuracy(merged, test_batches):.3f}")

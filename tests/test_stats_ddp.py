@@ -1,0 +1,61 @@
+"""A 2-process gloo DDP run gives the same statistics as one process over the same (odd-sized) data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from stats_ddp_script import NUM_SAMPLES, Sources
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_merge.stats.collect import collect_statistics
+from lightning_merge.stats.distributed import UnpaddedShardSampler
+from lightning_merge.stats.store import load_statistics
+
+SCRIPT = Path(__file__).with_name("stats_ddp_script.py")
+
+
+@pytest.mark.ddp
+def test_ddp_statistics_equal_single_process(tmp_path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.pop("LOCAL_RANK", None)
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=150
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    module = Sources()  # same seeds → same source models
+    reference = collect_statistics(
+        list(module.sources), module.merge_graph, module.calibration_dataloader(), progress=False
+    )
+    for name in ("ddp.safetensors", "ddp_padded.safetensors"):
+        stats = load_statistics(tmp_path / name, graph=module.merge_graph)
+        for space, ref in reference.moments.items():
+            got = stats.moments[space]
+            assert got.count.item() == ref.count.item() == NUM_SAMPLES * 36  # no sample counted twice
+            for field in ("total", "outer"):
+                a, b = getattr(got, field), getattr(ref, field)
+                assert (a - b).abs().max() <= 1e-9 * b.abs().max(), (name, space, field)
+
+
+def test_unpadded_shards_cover_each_index_once() -> None:
+    shards = [list(UnpaddedShardSampler(11, r, 3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(11))
+    assert [len(s) for s in shards] == [4, 4, 3]
+    padded = [list(DistributedSampler(range(11), num_replicas=3, rank=r, shuffle=False)) for r in range(3)]
+    assert len(sum(padded, [])) == 12  # what the pass avoids: one sample repeated
+    with pytest.raises(ValueError, match="rank 3"):
+        UnpaddedShardSampler(11, 3, 3)
+
+
+def test_without_process_group_the_loader_is_used_as_is() -> None:
+    module = Sources()
+    loader = DataLoader(torch.randn(5, 1, 6, 6), batch_size=2)
+    stats = collect_statistics(list(module.sources), module.merge_graph, loader, progress=False)
+    assert stats.moments["c1"].count.item() == 5 * 36
