@@ -1,8 +1,9 @@
 """2-process CPU DDP run of the MergeStatistics callback (launched by tests/test_stats_ddp.py).
 
-Usage: python stats_ddp_script.py OUT_DIR. Rank 0 writes OUT_DIR/ddp.safetensors (callback inside
-``trainer.validate``) and OUT_DIR/ddp_padded.safetensors (``collect_statistics`` over a loader with
-a padding ``DistributedSampler``, which the pass must re-shard).
+Usage: python stats_ddp_script.py OUT_DIR. Rank 0 writes OUT_DIR/ddp.safetensors (moments and
+Gram matrices from the callback inside ``trainer.validate``) and OUT_DIR/ddp_padded.safetensors
+(``collect_statistics`` over a loader with a padding ``DistributedSampler``, which the pass must
+re-shard).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main(out: Path) -> None:
         accelerator="cpu",
         devices=2,
         strategy="ddp",
-        callbacks=[MergeStatistics(progress=False)],
+        callbacks=[MergeStatistics(requires=["moments", "grams"], progress=False)],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

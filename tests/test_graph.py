@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_merge.graph import (
@@ -371,3 +372,70 @@ def test_cli_prints_resnet20(capsys) -> None:
     graph_cli(["resnet20", "--width", "1"])
     out = capsys.readouterr().out
     assert "12 merge points" in out and "layer2.0.shortcut.0.weight:0:out" in out and "19 taps" in out
+
+
+# ---------------------------------------------------------------- op coverage
+
+
+class OpZoo(nn.Module):
+    """GroupNorm, channel cat (with a fixed input slice), permute/LayerNorm, flatten with inner, SE-style mul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.mix = nn.Conv2d(15, 6, 1)
+        self.ln = nn.LayerNorm(6)
+        self.gate = nn.Linear(6, 6)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.gn(self.a(x)), x, F.silu(self.b(x))], dim=1)  # 8 + 3 (fixed) + 4
+        y = self.mix(h)
+        y = self.ln(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        y = y * torch.sigmoid(self.gate(y.mean((2, 3))))[:, :, None, None]
+        return self.fc(F.adaptive_avg_pool2d(y, 4).flatten(1))
+
+
+def test_op_zoo() -> None:
+    model = OpZoo()
+    x = torch.randn(2, 3, 8, 8)
+    graph = trace_graph(model, x)
+    assert [(s.name, s.size, s.group_size) for s in graph.spaces] == [("a", 8, 4), ("b", 4, 1), ("mix", 6, 1)]
+    mix_in = {(m.param, m.offset, m.role) for s in graph.spaces for m in s.members if m.param == "mix.weight"}
+    assert mix_in == {("mix.weight", 0, "in"), ("mix.weight", 11, "in"), ("mix.weight", 0, "out")}
+    tap = next(t for t in graph.taps if t.module == "mix")
+    assert [(g.space, g.offset, g.size) for g in tap.segments] == [("a", 0, 8), ("b", 11, 4)]
+    fc = next(m for m in graph.space("mix").members if m.param == "fc.weight")
+    assert fc.inner == 16
+    assert ("gate.weight", 0) in member_params(graph)  # the gate's output joins "mix" through the mul
+    assert check_equivalence(model, graph, x) < 1e-12
+
+
+class FunctionalConv(nn.Module):
+    """A layer fx would trace into ``F.conv2d`` (no handler): a custom handler makes it a leaf."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.out_channels = cout
+        self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3) / 3)
+        self.bias = nn.Parameter(torch.randn(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, padding=1)
+
+
+def test_custom_layer_is_one_handler_entry() -> None:
+    from lightning_merge.graph.handlers import consume, produce
+
+    def functional_conv(op):
+        consume(op, op.lay(0))
+        return produce(op, op.module.out_channels, ("weight", "bias"), dim=1, ndim=op.out.dim())
+
+    model = nn.Sequential(FunctionalConv(3, 6), nn.ReLU(), FunctionalConv(6, 5), nn.ReLU(), FunctionalConv(5, 2))
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(UnsupportedOpError, match="conv2d"):
+        trace_graph(model, x)
+    graph = trace_graph(model, x, handlers={FunctionalConv: functional_conv})
+    assert [(s.name, s.size, len(s.members)) for s in graph.spaces] == [("0", 6, 3), ("2", 5, 3)]
+    assert check_equivalence(model, graph, x) < 1e-12

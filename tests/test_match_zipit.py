@@ -25,10 +25,10 @@ def random_corr(n: int, num_models: int, seed: int, quantize: int | None = None)
     return (corr + corr.T) / 2
 
 
-def both(corr: torch.Tensor, num_models: int, m: int, alpha: float, beta: float):
+def both(corr: torch.Tensor, num_models: int, m: int, alpha: float, beta: float, backend: str = "auto"):
     """(fusions, assignment) of the fast and of the reference implementation, or the error text."""
     try:
-        fast = zipit_fusions(corr, num_models, m, alpha, beta)
+        fast = zipit_fusions(corr, num_models, m, alpha, beta, backend=backend)
         fast_assign = assignment_from_fusions(fast, corr.shape[0], corr.device)
     except ValueError:
         fast, fast_assign = "stuck", None
@@ -49,14 +49,15 @@ CASES = list(
 )
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize(("seed", "num_models", "alpha_beta", "quantize"), CASES)
-def test_fast_zipit_makes_the_reference_fusions(seed, num_models, alpha_beta, quantize):
+def test_fast_zipit_makes_the_reference_fusions(seed, num_models, alpha_beta, quantize, backend):
     alpha, beta = alpha_beta
     n = 12
     corr = random_corr(n, num_models, seed, quantize)
     compared = 0
     for m in (n, (num_models + 1) * n // 2, num_models * n - 1, num_models * n):
-        fast, fast_assign, ref, ref_assign = both(corr, num_models, m, alpha, beta)
+        fast, fast_assign, ref, ref_assign = both(corr, num_models, m, alpha, beta, backend)
         assert fast == ref, f"m={m}"
         if fast != "stuck":
             assert len(fast) == num_models * n - m
@@ -65,14 +66,20 @@ def test_fast_zipit_makes_the_reference_fusions(seed, num_models, alpha_beta, qu
     assert compared >= 2  # the grid is not all infeasible
 
 
+def test_backend_is_checked():
+    with pytest.raises(ValueError, match="backend must be"):
+        zipit_fusions(random_corr(4, 2, seed=0), 2, 4, 0.3, 0.1, backend="cupy")
+
+
 def test_ties_follow_the_lowest_flat_index():
     # Every off-diagonal entry equal: the reference takes (0, 1), then the fused row's first
     # remaining best, ...; the fast one must walk the same path.
     corr = torch.full((8, 8), 0.5, dtype=torch.float64)
     corr.fill_diagonal_(1.0)
-    fast, _, ref, _ = both(corr, 2, 4, 1.0, 1.0)
-    assert fast == ref
-    assert fast[0] == (0, 1)
+    for backend in ("numpy", "torch"):
+        fast, _, ref, _ = both(corr, 2, 4, 1.0, 1.0, backend)
+        assert fast == ref
+        assert fast[0] == (0, 1)
 
 
 def test_stuck_matching_raises_with_the_culprits():
@@ -116,8 +123,9 @@ def real_corr() -> torch.Tensor:
 @pytest.mark.parametrize(
     ("alpha", "beta", "m"), [(0.3, 0.125, 32), (0.5, 1.0, 48), (0.0, 0.0, 32), (0.3, 0.5, 40)]
 )
-def test_fast_zipit_matches_reference_on_real_covariance(real_corr, alpha, beta, m):
-    fast, fast_assign, ref, ref_assign = both(real_corr, 2, m, alpha, beta)
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_fast_zipit_matches_reference_on_real_covariance(real_corr, alpha, beta, m, backend):
+    fast, fast_assign, ref, ref_assign = both(real_corr, 2, m, alpha, beta, backend)
     assert fast != "stuck"
     assert fast == ref
     assert torch.equal(fast_assign, ref_assign)
@@ -214,3 +222,13 @@ def test_bad_matrices_name_the_culprit():
         match_zipit(corr, 1)
     with pytest.raises(TypeError, match="torch.Tensor"):
         match_zipit(corr.numpy(), 2)
+
+
+@pytest.mark.parametrize(("n", "num_models", "m"), [(64, 2, 64), (64, 2, 100), (32, 3, 40)])
+def test_fast_zipit_matches_reference_at_larger_widths(n, num_models, m):
+    corr = random_corr(n, num_models, seed=n + num_models)
+    fast, fast_assign, ref, ref_assign = both(corr, num_models, m, 0.3, 0.125)
+    assert fast != "stuck" and fast == ref
+    assert torch.equal(fast_assign, ref_assign)
+    t = match_zipit(corr, num_models, alpha=0.3, beta=0.125, target_width=m)
+    assert torch.equal(t.unmerge.argmax(1), ref_assign)

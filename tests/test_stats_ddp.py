@@ -32,7 +32,11 @@ def test_ddp_statistics_equal_single_process(tmp_path) -> None:
     assert run.returncode == 0, run.stderr[-4000:]
     module = Sources()  # same seeds → same source models
     reference = collect_statistics(
-        list(module.sources), module.merge_graph, module.calibration_dataloader(), progress=False
+        list(module.sources),
+        module.merge_graph,
+        module.calibration_dataloader(),
+        requires=["moments", "grams"],
+        progress=False,
     )
     for name in ("ddp.safetensors", "ddp_padded.safetensors"):
         stats = load_statistics(tmp_path / name, graph=module.merge_graph)
@@ -42,6 +46,11 @@ def test_ddp_statistics_equal_single_process(tmp_path) -> None:
             for field in ("total", "outer"):
                 a, b = getattr(got, field), getattr(ref, field)
                 assert (a - b).abs().max() <= 1e-9 * b.abs().max(), (name, space, field)
+    stats = load_statistics(tmp_path / "ddp.safetensors")
+    assert stats.gram_counts == reference.gram_counts  # the callback's second collector, reduced too
+    for got, ref in zip(stats.grams, reference.grams, strict=True):
+        for layer, b in ref.items():
+            assert (got[layer] - b).abs().max() <= 1e-9 * b.abs().max(), layer
 
 
 def test_unpadded_shards_cover_each_index_once() -> None:

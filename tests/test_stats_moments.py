@@ -285,3 +285,65 @@ def test_correlation_and_covariance_of_the_container() -> None:
         corr[live][:, live].numpy(), np.corrcoef(rows[:, live], rowvar=False), atol=1e-9
     )
     assert torch.isfinite(corr).all() and corr[4].abs().max() < 1e-3
+
+
+def test_float32_batch_products_are_less_exact_than_float64() -> None:
+    """The documented trade-off: float64 products match a float64 reference to ~1e-12, float32 ~1e-6."""
+    models = make_models(ConvNet, n=2)
+    graph = conv_graph(models[0])
+    x = torch.randn(64, 1, 6, 6) * 3 + 1
+    rows = as_rows(tap_inputs(models, "conv2", x, 32), lambda f: f.permute(0, 2, 3, 1).reshape(-1, 4))
+    ref = rows.T @ rows
+    errors = {}
+    for dtype in (torch.float64, torch.float32):
+        collector = FeatureMomentsCollector(graph, batch_dtype=dtype)
+        stats = collect_statistics(models, graph, loader_of(x, 32), collectors=[collector], progress=False)
+        errors[dtype] = np.abs(stats.moments["c1"].outer.numpy() - ref).max() / np.abs(ref).max()
+    assert errors[torch.float64] < 1e-12
+    assert 1e-10 < errors[torch.float32] < 1e-5
+    with pytest.raises(ValueError, match="batch_dtype"):
+        FeatureMomentsCollector(graph, batch_dtype=torch.float16)
+
+
+def pooled_reference(models: list[nn.Module], graph, x: torch.Tensor, bs: int) -> dict[str, np.ndarray]:
+    """Rows of every space straight from the graph's taps, pooled in numpy (an independent reading)."""
+    pooled: dict[str, list[np.ndarray]] = {}
+    for tap in graph.taps:
+        feats = tap_inputs(models, tap.module, x, bs)
+        for seg in tap.segments:
+
+            def to_rows(f: torch.Tensor, tap=tap, seg=seg) -> torch.Tensor:
+                f = f.movedim(tap.channel_dim, -1)
+                f = f.reshape(*f.shape[:-1], -1, tap.inner).transpose(-1, -2)
+                return f.reshape(-1, f.shape[-1])[:, seg.offset : seg.offset + seg.size]
+
+            pooled.setdefault(seg.space, []).append(as_rows(feats, to_rows))
+    return {k: np.concatenate(v) for k, v in pooled.items()}
+
+
+def test_traced_resnet_graph_pools_the_residual_stream() -> None:
+    from lightning_merge.graph import trace_graph
+    from lightning_merge.models import ResNet20
+
+    torch.manual_seed(0)
+    models = [ResNet20(width=0.5, blocks_per_stage=2) for _ in range(2)]
+    x = torch.randn(12, 1, 12, 12)
+    graph = trace_graph(models[0], x[:2])
+    stats = collect_statistics(models, graph, loader_of(x, 6), progress=False)
+    reference = pooled_reference(models, graph, x, 6)
+    assert set(stats.moments) == set(reference)
+    residual = max(reference, key=lambda s: len(reference[s]))
+    assert len(reference[residual]) > 12 * 144  # observed at several taps, pooled
+    for space, rows in reference.items():
+        assert_matches(stats.moments[space], rows)
+
+
+def test_moments_and_grams_in_one_pass_do_not_double_count() -> None:
+    models = make_models(MLP, n=2)
+    x = torch.randn(37, 8)
+    stats = collect_statistics(models, mlp_graph(models[0]), loader_of(x), requires=["moments", "grams"])
+    assert stats.moments["h1"].count.item() == 37
+    assert [c["fc2"] for c in stats.gram_counts] == [37.0, 37.0]
+    h = tap_inputs(models, "fc2", x)[1].double()
+    h = torch.cat([h, torch.ones(37, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(stats.grams[1]["fc2"], h.T @ h, rtol=1e-12, atol=1e-12)

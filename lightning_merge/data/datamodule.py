@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_merge.data.idx import DATASETS, load_split
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
+DEFAULT_TASKS: tuple[tuple[int, ...], ...] = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
 
 
 class TensorImageDataset(Dataset):
@@ -80,7 +81,7 @@ class TaskSplitDataModule(pl.LightningDataModule):
         self,
         root: str = DEFAULT_ROOT,
         dataset: Literal["fashion_mnist", "mnist"] = "fashion_mnist",
-        tasks: list[list[int]] | None = None,
+        tasks: Sequence[Sequence[int]] = DEFAULT_TASKS,
         task: int | None = None,
         batch_size: int = 128,
         eval_batch_size: int = 512,
@@ -96,7 +97,6 @@ class TaskSplitDataModule(pl.LightningDataModule):
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
         self.info = DATASETS[dataset]
-        tasks = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] if tasks is None else tasks
         self.tasks = validate_tasks(tasks, len(self.info.classes))
         if task is not None and not 0 <= task < len(self.tasks):
             raise ValueError(f"task={task} is out of range for {len(self.tasks)} tasks")
@@ -119,6 +119,7 @@ class TaskSplitDataModule(pl.LightningDataModule):
         self.calibration_size, self.calibration_seed = calibration_size, calibration_seed
         self.pad_to, self.channels = pad_to, channels
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._datasets: dict[tuple[str, int | None], TensorImageDataset] = {}
 
     # ----------------------------------------------------------------- properties
     @property
@@ -182,12 +183,16 @@ class TaskSplitDataModule(pl.LightningDataModule):
         return self.tasks[task]
 
     def dataset_for(self, split: Literal["train", "val", "test"], task: int | None) -> TensorImageDataset:
-        """The images of ``split`` whose label is in ``task``'s classes."""
+        """The images of ``split`` whose label is in ``task``'s classes (built once, then reused)."""
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-        images, labels = self._split(split)
-        keep = torch.isin(labels, torch.tensor(self.classes_of(task)))
-        return TensorImageDataset(self._normalise(images[keep]), labels[keep], self.channels)
+        if (split, task) not in self._datasets:
+            images, labels = self._split(split)
+            keep = torch.isin(labels, torch.tensor(self.classes_of(task)))
+            self._datasets[split, task] = TensorImageDataset(
+                self._normalise(images[keep]), labels[keep], self.channels
+            )
+        return self._datasets[split, task]
 
     def calibration_dataset(self) -> TensorImageDataset:
         """``calibration_size`` seeded draws (without replacement) from the training images of all tasks."""

@@ -20,7 +20,12 @@ from .spec import MergeGraph
 from .trace import trace_graph
 
 PROJECT = ("mlp", "vgg11_bn", "resnet20")
-TORCHVISION = {"resnet18": "resnet18", "resnet50": "resnet50", "vgg11_bn_tv": "vgg11_bn", "vit_b_16": "vit_b_16"}
+TORCHVISION = {
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "vgg11_bn_tv": "vgg11_bn",
+    "vit_b_16": "vit_b_16",
+}
 
 
 def build(arch: str, width: float, head: str) -> tuple[nn.Module, torch.Tensor]:
@@ -62,7 +67,9 @@ def render(graph: MergeGraph, console: Console) -> None:
 
 
 def _extra(m: object) -> str:
-    parts = [f"{k}={getattr(m, k)}" for k, d in (("offset", 0), ("outer", 1), ("inner", 1)) if getattr(m, k) != d]
+    parts = [
+        f"{k}={getattr(m, k)}" for k, d in (("offset", 0), ("outer", 1), ("inner", 1)) if getattr(m, k) != d
+    ]
     return f" ({', '.join(parts)})" if parts else ""
 
 

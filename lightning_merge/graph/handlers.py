@@ -198,7 +198,25 @@ def passthrough(op: Op) -> object:
 _KEEP_PARAM = {"contiguous", "clone", "detach", "to", "float", "double", "half", "type_as"}
 
 register_handler(
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Softmax, nn.LogSoftmax, nn.Dropout,
-    nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Mish,
+    nn.Softplus,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Identity,
 )(passthrough)

@@ -33,7 +33,9 @@ def join_spaces(graph: MergeGraph, a: str, b: str) -> MergeGraph:
     ga.group_size = lcm(ga.group_size, sb.group_size)
     g.spaces = [s for s in g.spaces if s.name != b]
     g.taps = _dedupe_taps([_rename_tap(t, b, a) for t in g.taps])
-    g.cut_points = [CutPoint(c.node, a if c.space == b else c.space, c.channel_dim, c.depth) for c in g.cut_points]
+    g.cut_points = [
+        CutPoint(c.node, a if c.space == b else c.space, c.channel_dim, c.depth) for c in g.cut_points
+    ]
     return g
 
 
@@ -102,6 +104,10 @@ def check_compatible(models: Sequence[nn.Module]) -> None:
             if name not in shapes:
                 raise ValueError(f"model {i} has no parameter {name!r} (model 0 has {ref[name]})")
             if name not in ref:
-                raise ValueError(f"model {i} has an extra parameter {name!r} {shapes[name]} absent from model 0")
+                raise ValueError(
+                    f"model {i} has an extra parameter {name!r} {shapes[name]} absent from model 0"
+                )
             if ref[name] != shapes[name]:
-                raise ValueError(f"model {i}: parameter {name!r} has shape {shapes[name]}, model 0 has {ref[name]}")
+                raise ValueError(
+                    f"model {i}: parameter {name!r} has shape {shapes[name]}, model 0 has {ref[name]}"
+                )

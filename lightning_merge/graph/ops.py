@@ -181,7 +181,11 @@ def permute(op: Op) -> Any:
     x, ndim = op.lay(0), op.args[0].dim()
     probe = torch.empty([k + 2 for k in range(ndim)], device="meta")
     t = op.node.target
-    res = getattr(probe, t)(*op.args[1:], **op.kwargs) if isinstance(t, str) else t(probe, *op.args[1:], **op.kwargs)
+    res = (
+        getattr(probe, t)(*op.args[1:], **op.kwargs)
+        if isinstance(t, str)
+        else t(probe, *op.args[1:], **op.kwargs)
+    )
     order = [s - 2 for s in res.shape]
     if isinstance(x, ParamLayout):
         return ParamLayout(x.param, tuple(x.axes[o] for o in order))

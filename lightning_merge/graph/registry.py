@@ -28,9 +28,8 @@ def register_handler(*keys: Any) -> Callable[[Handler], Handler]:
 
     def deco(fn: Handler) -> Handler:
         for key in keys:
-            if isinstance(key, type) and issubclass(key, nn.Module):
-                MODULE_HANDLERS[key] = fn
-            elif isinstance(key, str) and "." in key:
+            module_type = isinstance(key, type) and issubclass(key, nn.Module)
+            if module_type or (isinstance(key, str) and "." in key):
                 MODULE_HANDLERS[key] = fn
             elif isinstance(key, str):
                 METHOD_HANDLERS[key] = fn

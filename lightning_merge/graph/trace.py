@@ -84,10 +84,19 @@ class _Propagator(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
         op = Op(self.state, n, module, tuple(args), dict(kwargs), tuple(lay_args), dict(lay_kwargs), value)
-        handler = module_handler(module, self.extra) if module is not None else op_handler(n.op, n.target, self.extra)
+        handler = (
+            module_handler(module, self.extra)
+            if module is not None
+            else op_handler(n.op, n.target, self.extra)
+        )
         if handler is None:
-            if any(isinstance(x, Layout) and not x.is_fixed for x in flat_layouts((lay_args, lay_kwargs))):
+            inputs = flat_layouts((lay_args, lay_kwargs))
+            if any(isinstance(x, Layout) and not x.is_fixed for x in inputs):
                 raise op.fail("no handler for this op, and its input carries merge-point features")
+            if any(isinstance(x, ParamLayout) for x in inputs) or (
+                module is not None and any(True for _ in module.parameters())
+            ):
+                raise op.fail("no handler for this op, and it has parameters whose axes cannot be assigned")
             return fixed_like(value)  # only fixed inputs: its output cannot depend on a permutation
         return handler(op)
 

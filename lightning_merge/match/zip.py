@@ -18,14 +18,18 @@ with features ordered by their lowest member — what ``argmax`` of the publishe
 The published loop deletes a row and a column and rescans the whole matrix after every fusion
 (O((N·n)³) memory traffic). Here the matrix stays in place (dead features become -inf) and every
 row caches its best value and first best column: after a fusion only the fused row and the rows
-whose best partner was one of the two parts (or was masked by a spent budget) are rescanned, the
-others compare their cached best with the one changed column. This makes exactly the same choices.
+whose best partner was one of the two parts (or was masked by a spent budget, or whose changed entry
+reaches their cached best) are rescanned. This makes exactly the same choices in O((N·n)²) work plus
+the rescans. Each step is a handful of vector operations, so their per-call cost dominates: on CPU
+the loop runs on NumPy views of the tensors (4× faster than torch's dispatch), elsewhere in torch.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
+import numpy as np
 import torch
 
 from lightning_merge.match._checks import (
@@ -59,13 +63,48 @@ def _stuck(done: int, wanted: int, alpha: float, beta: float) -> ValueError:
     )
 
 
+class _Torch:
+    """The few array functions the loop needs, on ``device`` (any torch device)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    minimum = staticmethod(torch.minimum)
+
+    def nonzero(self, mask: torch.Tensor) -> torch.Tensor:
+        return torch.nonzero(mask).squeeze(1)
+
+    def arange(self, count: int) -> torch.Tensor:
+        return torch.arange(count, device=self.device)
+
+
+class _Numpy:
+    """Same API on NumPy views of CPU tensors: ~1 µs per call instead of ~5 µs, 4× faster overall."""
+
+    minimum = staticmethod(np.minimum)
+    nonzero = staticmethod(np.flatnonzero)
+    arange = staticmethod(np.arange)
+
+
 def zipit_fusions(
-    sim: torch.Tensor, num_models: int, target_width: int, alpha: float, beta: float
+    sim: torch.Tensor,
+    num_models: int,
+    target_width: int,
+    alpha: float,
+    beta: float,
+    *,
+    backend: Literal["auto", "torch", "numpy"] = "auto",
 ) -> list[tuple[int, int]]:
     """The greedy fusions ``(lo, hi)`` in order, each named by the parts' lowest member index.
 
-    ``sim`` must be a validated symmetric float64 matrix; it is not modified.
+    ``sim`` must be a validated symmetric float64 matrix; it is not modified. The loop runs on
+    ``sim``'s device with torch, or (``"auto"`` on CPU) on NumPy views, which makes the same choices.
     """
+    if backend not in ("auto", "torch", "numpy"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'numpy', got {backend!r}")
+    on_cpu = sim.device.type == "cpu"
+    if backend == "numpy" and not on_cpu:
+        raise ValueError(f"backend='numpy' needs a CPU matrix, got one on {sim.device}")
     total = sim.shape[0]
     n = total // num_models
     s = sim.clone()
@@ -79,6 +118,15 @@ def zipit_fusions(
             s[i * n : (i + 1) * n, i * n : (i + 1) * n] = NEG
     rowarg = s.argmax(1)  # first best column of every row
     rowmax = s.gather(1, rowarg[:, None]).squeeze(1)  # dead or fully masked rows hold -inf
+    ops: _Torch | _Numpy = _Torch(s.device)
+    if backend == "numpy" or (backend == "auto" and on_cpu):
+        s, contains, rowarg, rowmax, ops = (
+            s.numpy(),
+            contains.numpy(),
+            rowarg.numpy(),
+            rowmax.numpy(),
+            _Numpy(),
+        )
     fusions: list[tuple[int, int]] = []
     wanted = total - target_width
     for done in range(wanted):
@@ -86,11 +134,11 @@ def zipit_fusions(
         if float(rowmax[lo]) == NEG:
             raise _stuck(done, wanted, alpha, beta)
         hi = int(rowarg[lo])  # ... and its first best column (> lo by symmetry)
-        new = torch.minimum(s[lo], s[hi])  # new[lo] = new[hi] = -inf via the diagonal
+        new = ops.minimum(s[lo], s[hi])  # new[lo] = new[hi] = -inf via the diagonal
         if alpha > 0:
-            new.mul_(alpha)
+            new *= alpha
         else:
-            new.masked_fill_((contains & (contains[lo] | contains[hi])) != 0, NEG)
+            new[(contains & (contains[lo] | contains[hi])) != 0] = NEG
             contains[lo] |= contains[hi]
         s[hi] = NEG
         s[:, hi] = NEG
@@ -108,11 +156,11 @@ def zipit_fusions(
                 block = slice(origin * n, (origin + 1) * n)
                 s[block, block] = NEG
                 stale[block] |= (rowarg[block] >= block.start) & (rowarg[block] < block.stop)
-        rows = torch.nonzero(stale).squeeze(1)
-        sub = s.index_select(0, rows)
-        arg = sub.argmax(1)
+        rows = ops.nonzero(stale)
+        sub = s[rows]
+        arg = sub.argmax(1)  # first best column (documented for both torch and NumPy)
         rowarg[rows] = arg
-        rowmax[rows] = sub.gather(1, arg[:, None]).squeeze(1)
+        rowmax[rows] = sub[ops.arange(len(rows)), arg]
         fusions.append((lo, hi))
     return fusions
 

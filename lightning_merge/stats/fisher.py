@@ -61,7 +61,7 @@ def per_sample_sq_grads_vmap(
 
     def log_lik(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, (p, buffers), (xb.unsqueeze(0),))
-        return torch.log_softmax(out, -1)[0, yb]
+        return torch.log_softmax(out, -1)[0].gather(0, yb.unsqueeze(0)).squeeze(0)
 
     grads = vmap(grad(log_lik), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, x, y)
     return {k: g.double().square().sum(0) for k, g in grads.items()}
@@ -115,7 +115,7 @@ class FisherCollector:
                 try:
                     sq = per_sample_sq_grads_vmap(model, x, y, self.chunk_size)
                 except RuntimeError as err:  # a model torch.func cannot vmap: same sums, one by one
-                    log.info("Fisher for model %d falls back to a per-sample loop: %s", i, err)
+                    log.warning("Fisher for model %d falls back to a per-sample loop: %s", i, err)
                     sq = per_sample_sq_grads_loop(model, x, y)
                 for k, v in sq.items():
                     self.fisher[i][k] += v
