@@ -158,7 +158,11 @@ def evaluate_model(
     """
     device = next(iter(model.parameters())).device
     model.eval()
-    covered = heads[as_source].covered() if as_source is not None else frozenset().union(*[h.covered() for h in heads])
+    covered = (
+        heads[as_source].covered()
+        if as_source is not None
+        else frozenset().union(*[h.covered() for h in heads])
+    )
     metrics = TaskAccuracies(tasks, heads[0].num_classes, covered).to(device)
     for task, loader in enumerate(loaders):
         for images, labels in loader:

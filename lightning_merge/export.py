@@ -44,7 +44,11 @@ def statistics_digest(stats: Statistics | None) -> str | None:
 def _stat_tensors(stats: Statistics) -> dict[str, torch.Tensor]:
     out = {}
     for space, m in stats.moments.items():
-        out |= {f"moments/{space}/count": m.count, f"moments/{space}/total": m.total, f"moments/{space}/outer": m.outer}
+        out |= {
+            f"moments/{space}/count": m.count,
+            f"moments/{space}/total": m.total,
+            f"moments/{space}/outer": m.outer,
+        }
     for kind in ("grams", "fisher"):
         for i, per_model in enumerate(getattr(stats, kind)):
             out |= {f"{kind}/{i}/{k}": v for k, v in per_model.items()}
@@ -114,7 +118,9 @@ def read_recipe(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
         raise ValueError(f"{directory / RECIPE} is not a lightning_merge merge recipe (format {FORMAT!r})")
     if recipe.get("weights_sha256") != _sha256(directory / WEIGHTS):
-        raise ValueError(f"{directory / WEIGHTS} does not match the checksum in its recipe: modified or truncated")
+        raise ValueError(
+            f"{directory / WEIGHTS} does not match the checksum in its recipe: modified or truncated"
+        )
     return recipe
 
 
@@ -159,7 +165,10 @@ def _partial_skeleton(template: nn.Module, cut: dict[str, Any], num_sources: int
 
     trunk_graph, tail_graph, _ = split_graph(trace_module(template), cut["node"])
     trunk = fx.GraphModule(copy.deepcopy(template), trunk_graph, class_name="MergedTrunk")
-    tails = [fx.GraphModule(copy.deepcopy(template), tail_graph, class_name="SourceTail") for _ in range(num_sources)]
+    tails = [
+        fx.GraphModule(copy.deepcopy(template), tail_graph, class_name="SourceTail")
+        for _ in range(num_sources)
+    ]
     unmerges = [Unmerge(torch.zeros(1, 1), cut["channel_dim"]) for _ in range(num_sources)]
     return PartialZipModel(trunk, unmerges, tails)
 

@@ -75,11 +75,15 @@ class MergeModule(pl.LightningModule):
         if isinstance(method, str):
             method = get_method(method, **(method_args or {}))
         elif method_args:
-            raise ValueError("method_args is only used with a method name; put the arguments in the method itself")
+            raise ValueError(
+                "method_args is only used with a method name; put the arguments in the method itself"
+            )
         if not isinstance(method, MergeMethod):
             raise TypeError(f"method must be a MergeMethod or a registered name, got {type(method).__name__}")
         if method.needs_base and base is None:
-            raise ValueError(f"method {method.name!r} merges task vectors: give base= (the shared pre-trained model)")
+            raise ValueError(
+                f"method {method.name!r} merges task vectors: give base= (the shared pre-trained model)"
+            )
         if heatmaps < 0:
             raise ValueError(f"heatmaps must be >= 0, got {heatmaps}")
         for i, spec in enumerate([*sources, *([] if base is None else [base])]):
@@ -92,11 +96,19 @@ class MergeModule(pl.LightningModule):
         self.repair, self.heatmaps = repair, heatmaps
         self.stats_path, self.export_dir = stats_path, export_dir
         self.evaluate_sources, self.evaluate_ensemble = evaluate_sources, evaluate_ensemble
-        self.save_hyperparameters(ignore=["sources", "method", "method_args", "base"])
-        self.hparams.update(
-            sources=[_describe(s) for s in sources],
-            method=method_config(method),
-            base=None if base is None else _describe(base),
+        # the recipe as loggers record it: paths and the method's class path + arguments, not objects
+        self.save_hyperparameters(
+            {
+                "sources": [_describe(s) for s in sources],
+                "method": method_config(method),
+                "base": None if base is None else _describe(base),
+                "repair": repair,
+                "stats_path": stats_path,
+                "export_dir": export_dir,
+                "evaluate_sources": evaluate_sources,
+                "evaluate_ensemble": evaluate_ensemble,
+                "heatmaps": heatmaps,
+            }
         )
         self.sources = nn.ModuleList()
         self.base_model: nn.Module | None = None
@@ -140,7 +152,8 @@ class MergeModule(pl.LightningModule):
         if dm is None or not hasattr(dm, "tasks") or not hasattr(dm, "task_test_dataloader"):
             raise ValueError(
                 "MergeModule evaluates on every task's test loader: pass a datamodule with `tasks` and "
-                "`task_test_dataloader(i)` (e.g. lightning_merge.data.TaskSplitDataModule) to trainer.validate"
+                "`task_test_dataloader(i)` (e.g. lightning_merge.data.TaskSplitDataModule) "
+                "to trainer.validate"
             )
         return dm
 
@@ -153,7 +166,9 @@ class MergeModule(pl.LightningModule):
         loop = self.trainer.validate_loop
         source = getattr(loop, "_data_source", None)
         if source is None or not hasattr(source, "instance"):
-            raise RuntimeError("this Lightning version has no validate_loop._data_source; MergeModule needs it")
+            raise RuntimeError(
+                "this Lightning version has no validate_loop._data_source; MergeModule needs it"
+            )
         source.instance = self
 
     def _head_of(self, i: int, model: nn.Module, example: torch.Tensor) -> SourceHead:
@@ -161,7 +176,9 @@ class MergeModule(pl.LightningModule):
         if isinstance(model, SourceClassifier):
             return SourceHead(model.head_kind, tuple(model.classes), model.num_classes)
         if i >= len(self.tasks):
-            raise ValueError(f"source {i} is a plain module but the datamodule has only {len(self.tasks)} tasks")
+            raise ValueError(
+                f"source {i} is a plain module but the datamodule has only {len(self.tasks)} tasks"
+            )
         with torch.no_grad():
             width = model(example[:1]).shape[-1]
         if width not in (num_classes, len(self.tasks[i])):
@@ -169,7 +186,9 @@ class MergeModule(pl.LightningModule):
                 f"source {i} outputs {width} logits: neither all {num_classes} classes (embedding head) "
                 f"nor task {i}'s {len(self.tasks[i])} classes (linear head)"
             )
-        return SourceHead("embedding" if width == num_classes else "linear", tuple(self.tasks[i]), num_classes)
+        return SourceHead(
+            "embedding" if width == num_classes else "linear", tuple(self.tasks[i]), num_classes
+        )
 
     def _build_metrics(self, num_classes: int) -> None:
         names = {"merged": frozenset().union(*[h.covered() for h in self.heads])}
@@ -177,7 +196,9 @@ class MergeModule(pl.LightningModule):
             names |= {f"source{i}": h.covered() for i, h in enumerate(self.heads)}
         if self.evaluate_ensemble:
             names["ensemble"] = frozenset().union(*[h.covered(own_only=True) for h in self.heads])
-        self.metrics = nn.ModuleDict({k: TaskAccuracies(self.tasks, num_classes, c) for k, c in names.items()})
+        self.metrics = nn.ModuleDict(
+            {k: TaskAccuracies(self.tasks, num_classes, c) for k, c in names.items()}
+        )
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """The statistics pass, unless the trainer already has a ``MergeStatistics`` callback."""
@@ -265,7 +286,9 @@ class MergeModule(pl.LightningModule):
             raise RuntimeError("the merge has not run yet: call trainer.validate(module, datamodule=...)")
         return self.merged(x)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         images, labels = batch
         self.metrics["merged"].update(merged_logits(self(images), self.heads), labels, dataloader_idx)
         if not (self.evaluate_sources or self.evaluate_ensemble):
@@ -280,11 +303,15 @@ class MergeModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """Compute (synced across ranks), log, report and export."""
         self.results = {
-            f"{name}/{key}": value for name, metric in self.metrics.items() for key, value in metric.compute().items()
+            f"{name}/{key}": value
+            for name, metric in self.metrics.items()
+            for key, value in metric.compute().items()
         }
         for metric in self.metrics.values():
             metric.reset()
-        self.log_dict({f"val/{k}": v for k, v in self.results.items()}, add_dataloader_idx=False, sync_dist=True)
+        self.log_dict(
+            {f"val/{k}": v for k, v in self.results.items()}, add_dataloader_idx=False, sync_dist=True
+        )
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self._report()
             if self.export_dir is not None:
@@ -318,7 +345,9 @@ def method_config(method: MergeMethod) -> dict[str, Any]:
     for name in list(inspect.signature(cls.__init__).parameters)[1:]:
         if hasattr(method, name):
             value = getattr(method, name)
-            args[name] = value if isinstance(value, (bool, int, float, str, type(None), list, tuple)) else repr(value)
+            args[name] = (
+                value if isinstance(value, (bool, int, float, str, type(None), list, tuple)) else repr(value)
+            )
     return {"name": method.name, "class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
 
 

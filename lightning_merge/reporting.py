@@ -117,7 +117,9 @@ def log_to_logger(
     """Send the results table, the bar chart and the heatmaps to a ``WandbLogger`` (others: nothing)."""
     if not isinstance(logger, WandbLogger):
         return
-    logger.log_table("merge/results", columns=["model", *result_columns(num_tasks)], data=result_rows(results, num_tasks))
+    logger.log_table(
+        "merge/results", columns=["model", *result_columns(num_tasks)], data=result_rows(results, num_tasks)
+    )
     logger.log_image("merge/accuracy", images=[bar_chart(results, num_tasks)])
     maps = correlation_heatmaps(stats, graph, heatmaps)
     if maps:

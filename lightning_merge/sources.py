@@ -37,7 +37,8 @@ def load_checkpoint(source: str | os.PathLike | nn.Module, label: str) -> Source
     if not isinstance(hparams, dict) or "arch" not in hparams or "state_dict" not in ckpt:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(
-            f"{label}: {path} is not a SourceClassifier checkpoint (no state_dict with hyper_parameters.arch; "
+            f"{label}: {path} is not a SourceClassifier checkpoint "
+            "(no state_dict with hyper_parameters.arch; "
             f"found {keys}); train sources with `lightning-merge fit` or train_source(...)"
         )
     return SourceClassifier.load_from_checkpoint(path, map_location="cpu").eval()
@@ -55,7 +56,7 @@ def network(model: nn.Module) -> nn.Module:
 
 
 def check_same_architecture(models: Sequence[nn.Module], names: Sequence[str]) -> None:
-    """Raise ``ValueError`` naming the first hyperparameter or parameter where a model differs from the first."""
+    """Raise ``ValueError`` naming the first hyperparameter or parameter where a model differs."""
     ref_arch, ref_state = architecture_of(models[0]), network(models[0]).state_dict()
     for i in range(1, len(models)):
         arch = architecture_of(models[i])
@@ -63,13 +64,16 @@ def check_same_architecture(models: Sequence[nn.Module], names: Sequence[str]) -
             for key in ARCH_HPARAMS:
                 if ref_arch.get(key) != arch.get(key):
                     raise ValueError(
-                        f"{names[i]} has {key}={arch.get(key)!r} but {names[0]} has {key}={ref_arch.get(key)!r}: "
+                        f"{names[i]} has {key}={arch.get(key)!r} but "
+                        f"{names[0]} has {key}={ref_arch.get(key)!r}: "
                         "merged models must share one architecture"
                     )
         state = network(models[i]).state_dict()
         for key, tensor in ref_state.items():
             if key not in state:
-                raise ValueError(f"{names[i]} has no parameter {key!r} ({names[0]} has): different architectures")
+                raise ValueError(
+                    f"{names[i]} has no parameter {key!r} ({names[0]} has): different architectures"
+                )
             if state[key].shape != tensor.shape:
                 raise ValueError(
                     f"parameter {key!r} has shape {tuple(state[key].shape)} in {names[i]} but "
@@ -77,4 +81,6 @@ def check_same_architecture(models: Sequence[nn.Module], names: Sequence[str]) -
                 )
         extra = sorted(set(state) - set(ref_state))
         if extra:
-            raise ValueError(f"{names[i]} has parameter {extra[0]!r} that {names[0]} lacks: different architectures")
+            raise ValueError(
+                f"{names[i]} has parameter {extra[0]!r} that {names[0]} lacks: different architectures"
+            )

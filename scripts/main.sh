@@ -1,6 +1,21 @@
 #!/usr/bin/env bash
 # The main job: train the default pair of source models into artifacts/sources/ (reused when already
-# there) and print each model's test accuracy on its own task.
+# there), print each model's test accuracy on its own task, then merge the pair with ZipIt! end to end
+# (statistics pass → merge → BatchNorm reset → evaluation on every task) and print the results table:
+# per-task and joint accuracy of the sources, their ensemble and the merged model.
+# Extra arguments go to the merge, e.g. scripts/main.sh --trainer.devices 2 --trainer.strategy ddp
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-.venv/bin/python -m lightning_merge.models.sources "$@"
+.venv/bin/python -m lightning_merge.models.sources
+# stable names for the merge configs (configs/merge/*.yaml read artifacts/sources/default_task{0,1}.ckpt)
+.venv/bin/python - <<'PY'
+import os
+from lightning_merge.models.sources import DEFAULT_CACHE_DIR, DEFAULT_PAIR, checkpoint_of
+
+for i, spec in enumerate(DEFAULT_PAIR):
+    link = os.path.join(DEFAULT_CACHE_DIR, f"default_task{i}.ckpt")
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(checkpoint_of(spec).name, link)
+PY
+.venv/bin/python -m lightning_merge.cli validate --config configs/merge/zipit_fmnist_resnet20x1.yaml "$@"

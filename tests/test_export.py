@@ -25,8 +25,14 @@ TEST_MODELS_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test_models"
 def run(sources: list, method: ZipItMerge, export_dir: Path) -> tuple[MergeModule, TaskSplitDataModule]:
     dm = TaskSplitDataModule(calibration_size=512, eval_batch_size=1000)
     module = MergeModule(sources=sources, method=method, export_dir=str(export_dir), evaluate_sources=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_model_summary=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
     trainer.validate(module, datamodule=dm, verbose=False)
     return module, dm
 
@@ -46,7 +52,9 @@ def pair() -> list:
     return quick_pair("mlp", width=0.25, cache_dir=TEST_MODELS_DIR)
 
 
-def test_widened_merge_reloads_resized_and_reproduces_the_logged_accuracies(tmp_path: Path, pair: list) -> None:
+def test_widened_merge_reloads_resized_and_reproduces_the_logged_accuracies(
+    tmp_path: Path, pair: list
+) -> None:
     module, dm = run(pair, ZipItMerge(width=1.5), tmp_path)
     recipe = read_recipe(tmp_path)
     assert recipe["metrics"] == pytest.approx(module.results)
@@ -89,7 +97,9 @@ def test_plain_module_export_needs_a_template(tmp_path: Path, pair: list) -> Non
 def test_tampered_or_missing_exports_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="recipe.yaml not found"):
         load_merged(tmp_path)
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"format": "lightning_merge.merged", "weights_sha256": "0"}))
+    (tmp_path / "recipe.yaml").write_text(
+        yaml.safe_dump({"format": "lightning_merge.merged", "weights_sha256": "0"})
+    )
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="does not match the checksum"):
         load_merged(tmp_path)

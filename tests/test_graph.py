@@ -378,7 +378,7 @@ def test_cli_prints_resnet20(capsys) -> None:
 
 
 class OpZoo(nn.Module):
-    """GroupNorm, channel cat (with a fixed input slice), permute/LayerNorm, flatten with inner, SE-style mul."""
+    """GroupNorm, channel cat with a fixed input, permute + LayerNorm, flatten with inner, SE-style mul."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -432,7 +432,9 @@ def test_custom_layer_is_one_handler_entry() -> None:
         consume(op, op.lay(0))
         return produce(op, op.module.out_channels, ("weight", "bias"), dim=1, ndim=op.out.dim())
 
-    model = nn.Sequential(FunctionalConv(3, 6), nn.ReLU(), FunctionalConv(6, 5), nn.ReLU(), FunctionalConv(5, 2))
+    model = nn.Sequential(
+        FunctionalConv(3, 6), nn.ReLU(), FunctionalConv(6, 5), nn.ReLU(), FunctionalConv(5, 2)
+    )
     x = torch.randn(2, 3, 6, 6)
     with pytest.raises(UnsupportedOpError, match="conv2d"):
         trace_graph(model, x)

@@ -38,7 +38,9 @@ def datamodule() -> TaskSplitDataModule:
 
 
 def trainer(**kwargs: object) -> pl.Trainer:
-    defaults = dict(logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+    defaults = dict(
+        logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False
+    )
     return pl.Trainer(accelerator="cpu", devices=1, **(defaults | kwargs))
 
 
@@ -87,7 +89,9 @@ def test_task_accuracies_match_a_direct_count() -> None:
     joint = ((logits.argmax(1) == labels).sum() + (logits1.argmax(1) == labels1).sum()) / 80
     task0 = (logits[:, :3].argmax(1) == labels).float().mean()
     task1 = (logits1[:, 3:].argmax(1) + 3 == labels1).float().mean()
-    assert got == pytest.approx({"joint_acc": float(joint), "task0_acc": float(task0), "task1_acc": float(task1)})
+    assert got == pytest.approx(
+        {"joint_acc": float(joint), "task0_acc": float(task0), "task1_acc": float(task1)}
+    )
     linear_source = TaskAccuracies(tasks, 5, frozenset({0, 1, 2}))
     assert set(linear_source.per_task) == {"0"}  # no prediction is defined on task 1's classes
 
@@ -96,12 +100,17 @@ def test_task_accuracies_match_a_direct_count() -> None:
 def test_metrics_match_independent_computations(validated: tuple[MergeModule, TaskSplitDataModule]) -> None:
     module, dm = validated
     r = module.results
-    expected_keys = {f"{m}/{k}" for m in ("merged", "source0", "source1", "ensemble") for k in
-                     ("joint_acc", "task0_acc", "task1_acc")}
+    expected_keys = {
+        f"{m}/{k}"
+        for m in ("merged", "source0", "source1", "ensemble")
+        for k in ("joint_acc", "task0_acc", "task1_acc")
+    }
     assert set(r) == expected_keys
     pair = small_pair()
     for i in range(2):  # each source on its own task: the foundation's own accuracy helper
-        assert r[f"source{i}/task{i}_acc"] == pytest.approx(task_accuracy(pair[i], dm.task_test_dataloader(i)))
+        assert r[f"source{i}/task{i}_acc"] == pytest.approx(
+            task_accuracy(pair[i], dm.task_test_dataloader(i))
+        )
         # own-class ensemble: on task i only source i's classes compete
         assert r[f"ensemble/task{i}_acc"] == r[f"source{i}/task{i}_acc"]
     loaders = [dm.task_test_dataloader(t) for t in range(2)]
@@ -112,7 +121,9 @@ def test_metrics_match_independent_computations(validated: tuple[MergeModule, Ta
     assert float(logged["val/merged/joint_acc"]) == pytest.approx(r["merged/joint_acc"])
 
 
-def test_merge_runs_once_and_leaves_sources_untouched(validated: tuple[MergeModule, TaskSplitDataModule]) -> None:
+def test_merge_runs_once_and_leaves_sources_untouched(
+    validated: tuple[MergeModule, TaskSplitDataModule],
+) -> None:
     module, dm = validated
     before = {k: v.clone() for k, v in module.merged.state_dict().items()}
     merged, results = module.merged, dict(module.results)
@@ -120,10 +131,15 @@ def test_merge_runs_once_and_leaves_sources_untouched(validated: tuple[MergeModu
     assert module.results == results  # the same test loaders again, not the datamodule's hold-out
     assert module.merged is merged and all(torch.equal(before[k], v) for k, v in merged.state_dict().items())
     for src, ref in zip(module.sources, small_pair(), strict=True):
-        assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), ref.model.state_dict().values()))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(src.state_dict().values(), ref.model.state_dict().values(), strict=True)
+        )
 
 
-def test_saved_statistics_are_reused(tmp_path: Path, validated: tuple[MergeModule, TaskSplitDataModule]) -> None:
+def test_saved_statistics_are_reused(
+    tmp_path: Path, validated: tuple[MergeModule, TaskSplitDataModule]
+) -> None:
     path = str(tmp_path / "stats.safetensors")
     first = MergeModule(sources=small_pair(), method=ZipItMerge(), stats_path=path, evaluate_sources=False)
     trainer(limit_val_batches=1).validate(first, datamodule=datamodule(), verbose=False)
@@ -145,8 +161,14 @@ def test_method_by_name_with_arguments() -> None:
 
 # --------------------------------------------------------------------------- errors
 def _fake_checkpoint(path: Path, model: SourceClassifier) -> Path:
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                "pytorch-lightning_version": pl.__version__}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": pl.__version__,
+        },
+        path,
+    )
     return path
 
 
@@ -157,7 +179,9 @@ def test_missing_checkpoint_is_named(tmp_path: Path) -> None:
 
 
 def test_different_architecture_names_the_hyperparameter(tmp_path: Path) -> None:
-    other = _fake_checkpoint(tmp_path / "wide.ckpt", SourceClassifier(arch="mlp", width=0.5, classes=[5, 6, 7, 8, 9]))
+    other = _fake_checkpoint(
+        tmp_path / "wide.ckpt", SourceClassifier(arch="mlp", width=0.5, classes=[5, 6, 7, 8, 9])
+    )
     module = MergeModule(sources=[small_pair()[0], str(other)], method="zipit")
     with pytest.raises(ValueError, match=r"wide.ckpt has width=0.5 but .* has width=0.25"):
         trainer().validate(module, datamodule=datamodule(), verbose=False)
@@ -175,7 +199,9 @@ def test_not_a_source_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "weights.ckpt"
     torch.save({"weights": torch.zeros(3)}, path)
     module = MergeModule(sources=[str(path), small_pair()[1]], method="zipit")
-    with pytest.raises(ValueError, match=r"sources\[0\]: .*weights.ckpt is not a SourceClassifier checkpoint"):
+    with pytest.raises(
+        ValueError, match=r"sources\[0\]: .*weights.ckpt is not a SourceClassifier checkpoint"
+    ):
         trainer().validate(module, datamodule=datamodule(), verbose=False)
 
 

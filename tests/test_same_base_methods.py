@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -63,6 +64,16 @@ def gather(sources: list[nn.Module], dead_input: bool = False) -> Statistics:
         collector.detach()
         collector.fill(stats)
     return stats
+
+
+@functools.cache
+def _family_stats(n: int, dead_input: bool) -> Statistics:
+    return gather(make_family(n)[1], dead_input)
+
+
+def family_stats(n: int, dead_input: bool = False) -> Statistics:
+    """Statistics of ``make_family(n)``'s sources, gathered once per session (a fresh copy each call)."""
+    return copy.deepcopy(_family_stats(n, dead_input))
 
 
 def state(m: nn.Module) -> dict[str, torch.Tensor]:
@@ -143,7 +154,7 @@ def test_fisher_merge_of_identical_models_is_exact() -> None:
 
 def test_fisher_merge_weights_by_fisher_and_falls_back_to_the_average() -> None:
     _, sources = make_family(2)
-    stats = gather(sources)
+    stats = family_stats(2)
     f = [stats.fisher[i]["fc2.weight"] / stats.fisher_counts[i] for i in range(2)]
     f[0][0, 0] = 0.0
     f[1][0, 0] = 0.0  # zero mass: plain average
@@ -162,7 +173,7 @@ def test_fisher_merge_weights_by_fisher_and_falls_back_to_the_average() -> None:
 @pytest.mark.parametrize("alpha", [1.0, 0.6])
 def test_regmean_solves_its_normal_equations(alpha: float) -> None:
     _, sources = make_family(3)
-    stats = gather(sources)
+    stats = family_stats(3)
     merged = get_method("regmean", alpha=alpha).merge(sources, graph=None, stats=stats)
     for layer in ("fc1", "fc2"):
         w = layer_matrix(merged, layer)
@@ -178,7 +189,7 @@ def test_regmean_solves_its_normal_equations(alpha: float) -> None:
 
 def test_regmean_alpha_zero_is_a_per_column_weighted_average() -> None:
     _, sources = make_family(2)
-    stats = gather(sources)
+    stats = family_stats(2)
     merged = get_method("regmean", alpha=0.0).merge(sources, graph=None, stats=stats)
     d = [stats.grams[i]["fc1"].diagonal() / stats.gram_counts[i]["fc1"] for i in range(2)]
     ws = [layer_matrix(s, "fc1") for s in sources]
@@ -187,7 +198,7 @@ def test_regmean_alpha_zero_is_a_per_column_weighted_average() -> None:
 
 def test_regmean_input_never_seen_keeps_the_fallback() -> None:
     base, sources = make_family(2)
-    stats = gather(sources, dead_input=True)
+    stats = family_stats(2, dead_input=True)
     merged = get_method("regmean", alpha=1.0, scaling=1.0).merge(sources, graph=None, stats=stats, base=base)
     ta = base.fc1.weight[:, 2] + sum(s.fc1.weight[:, 2] - base.fc1.weight[:, 2] for s in sources)
     torch.testing.assert_close(merged.fc1.weight[:, 2], ta)
@@ -197,7 +208,7 @@ def test_regmean_input_never_seen_keeps_the_fallback() -> None:
 @pytest.mark.parametrize("alpha", [1.0, 0.7])
 def test_regmean_closed_form_equals_mats_cg_regmean(alpha: float) -> None:
     _, sources = make_family(3)
-    stats = gather(sources)
+    stats = family_stats(3)
     closed = get_method("regmean", alpha=alpha).merge(sources, graph=None, stats=stats)
     mats = get_method("mats", subspace="regmean", alpha=alpha, iterations=200, tol=1e-14)
     cg = mats.merge(sources, graph=None, stats=stats)
@@ -210,7 +221,7 @@ def test_regmean_closed_form_equals_mats_cg_regmean(alpha: float) -> None:
 
 def test_mats_fisher_solves_the_diagonal_fisher_system() -> None:
     _, sources = make_family(2)
-    stats = gather(sources)
+    stats = family_stats(2)
     fisher = get_method("fisher", fisher_floor=0.0).merge(sources, graph=None, stats=stats)
     mats = get_method("mats", subspace="fisher", iterations=400, tol=1e-14).merge(
         sources, graph=None, stats=stats
@@ -221,7 +232,7 @@ def test_mats_fisher_solves_the_diagonal_fisher_system() -> None:
 
 def test_mats_kfac_solves_the_kfac_system() -> None:
     base, sources = make_family(3)
-    stats = gather(sources)
+    stats = family_stats(3)
     method = get_method(
         "mats", subspace="kfac", init="task_arithmetic", scaling=0.5, iterations=300, tol=1e-14
     )
@@ -246,7 +257,7 @@ def test_mats_kfac_solves_the_kfac_system() -> None:
 def test_mats_with_zero_iterations_is_its_init(subspace: str) -> None:
     _, sources = make_family(2)
     merged = get_method("mats", subspace=subspace, iterations=0).merge(
-        sources, graph=None, stats=gather(sources)
+        sources, graph=None, stats=family_stats(2)
     )
     for k, v in merged.state_dict().items():
         if v.is_floating_point():
@@ -257,7 +268,7 @@ def test_mats_with_zero_iterations_is_its_init(subspace: str) -> None:
 @pytest.mark.parametrize("name", SAME_BASE)
 def test_every_method_merges_n_models_without_touching_them(name: str) -> None:
     base, sources = make_family(3)
-    stats = gather(sources)
+    stats = family_stats(3)
     before = [state(s) for s in sources]
     merged = get_method(name).merge(sources, graph=None, stats=stats, base=base)
     assert merged is not sources[0] and isinstance(merged, Net)
@@ -275,7 +286,7 @@ def test_models_with_different_shapes_are_refused(name: str) -> None:
     odd = copy.deepcopy(sources[2])
     odd.fc2 = nn.Linear(6, 4).double()
     with pytest.raises(ValueError, match=r"parameter 'fc2.weight' of model 2 has shape \(4, 6\)"):
-        get_method(name).merge([*sources[:2], odd], graph=None, stats=gather(sources), base=base)
+        get_method(name).merge([*sources[:2], odd], graph=None, stats=family_stats(3), base=base)
 
 
 def test_missing_parameter_and_incompatible_base_are_named() -> None:
@@ -305,7 +316,7 @@ def test_missing_parameter_and_incompatible_base_are_named() -> None:
 )
 def test_a_statistic_not_gathered_is_named(name: str, kwargs: dict, statistic: str) -> None:
     base, sources = make_family(2)
-    stats = gather(sources)
+    stats = family_stats(2)
     setattr(stats, statistic, [])
     for given in (stats, None):
         with pytest.raises(ValueError, match=rf"'{statistic}'.*not gathered"):
@@ -314,12 +325,12 @@ def test_a_statistic_not_gathered_is_named(name: str, kwargs: dict, statistic: s
 
 def test_statistics_of_other_models_are_refused() -> None:
     _, sources = make_family(3)
-    stats = gather(sources[:2])
+    stats = family_stats(2)
     with pytest.raises(ValueError, match=r"statistics 'grams' cover 2 models but 3 sources"):
         get_method("regmean").merge(sources, graph=None, stats=stats)
     with pytest.raises(ValueError, match=r"statistics 'fisher' cover 2 models but 3 sources"):
         get_method("fisher").merge(sources, graph=None, stats=stats)
-    stats = gather(sources)
+    stats = family_stats(3)
     stats.kfac[1]["fc2"] = (torch.eye(5, dtype=torch.float64), stats.kfac[1]["fc2"][1])
     with pytest.raises(ValueError, match=r"'kfac' of model 1 at layer 'fc2' have size 5.*7 input columns"):
         get_method("mats", subspace="kfac").merge(sources, graph=None, stats=stats)
@@ -354,5 +365,5 @@ def test_methods_that_need_the_base_say_so() -> None:
         get_method("ties").merge(sources, graph=None, stats=None)
     with pytest.raises(ValueError, match="init='task_arithmetic' needs the base model"):
         get_method("mats", subspace="fisher", init="task_arithmetic").merge(
-            sources, graph=None, stats=gather(sources)
+            sources, graph=None, stats=family_stats(2)
         )

@@ -33,6 +33,7 @@ def test_validate_fills_statistics_equal_to_the_pass() -> None:
         list(module.sources), module.merge_graph, module.calibration_dataloader(), max_batches=3
     )
     assert module.statistics.moments["c1"].count.item() == 3 * 64 * 36
+    assert not module.statistics.moments["c1"].outer.is_inference()  # usable outside the loop
     assert torch.equal(module.statistics.moments["c2"].outer, ref.moments["c2"].outer)
     assert callback.state_dict()["graph_digest"] == module.merge_graph.digest()
     other = MergeStatistics()

@@ -219,8 +219,9 @@ def test_errors_name_the_culprit() -> None:
         collect_statistics([], graph, loader_of(x))
     with pytest.raises(TypeError, match=r"models\[1\]"):
         collect_statistics([models[0], "nope"], graph, loader_of(x))
-    with pytest.raises(ValueError, match="max_batches"):
-        collect_statistics(models, graph, loader_of(x), max_batches=0)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=f"max_batches must be a positive int or None, got {bad}"):
+            collect_statistics(models, graph, loader_of(x), max_batches=bad)
     with pytest.raises(KeyError, match="'bogus'"):
         build_collectors(["bogus"], graph)
     with pytest.raises(TypeError, match="dict"):

@@ -81,7 +81,9 @@ def collect_statistics(
     first one lives); their train/eval modes are restored afterwards.
     """
     models = _check_models(models)
-    if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
+    if max_batches is not None and (
+        not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches < 1
+    ):
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
     collectors = list(collectors) if collectors is not None else build_collectors(requires, graph)
     for c in collectors:
@@ -99,12 +101,12 @@ def collect_statistics(
         with torch.inference_mode(False):
             for collector in collectors:
                 _run(collector, models, loader, device, max_batches, progress, dataloader)
+            stats = Statistics(num_models=len(models), graph_digest=graph.digest())
+            for collector in collectors:
+                collector.fill(stats)
     finally:
         for m, mode in zip(models, modes, strict=True):
             m.train(mode)
-    stats = Statistics(num_models=len(models), graph_digest=graph.digest())
-    for collector in collectors:
-        collector.fill(stats)
     return stats
 
 
