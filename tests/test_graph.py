@@ -35,6 +35,13 @@ IMG = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 SMALL = IMG[:, :, :12, :12]  # convolutional nets accept any size: keep the float64 checks fast
 
 
+@pytest.fixture(scope="module")
+def r20() -> tuple[nn.Module, MergeGraph]:
+    """ResNet-20×1 and its traced graph, shared by the tests that only read them."""
+    model = build_model("resnet20")
+    return model, trace_graph(model, SMALL)
+
+
 def member_params(graph: MergeGraph) -> set[tuple[str, int]]:
     return {(m.param, m.axis) for s in graph.spaces for m in s.members}
 
@@ -93,8 +100,8 @@ def test_resnet20_structure_and_equivalence(width: int, head: str) -> None:
     assert check_equivalence(model, graph, SMALL) < 1e-12
 
 
-def test_resnet20_cut_points() -> None:
-    graph = trace_graph(build_model("resnet20"), SMALL)
+def test_resnet20_cut_points(r20) -> None:
+    graph = r20[1]
     nodes = [c.node for c in graph.cut_points]
     assert nodes[0] == "relu" and nodes[-1] == "flatten"
     assert nodes[1:-1] == [f"layer{i}_{j}_relu2" for i in (1, 2, 3) for j in range(3)][:-1]
@@ -174,16 +181,14 @@ def _drop_member(graph: MergeGraph, param: str) -> MergeGraph:
     return g
 
 
-def test_check_detects_missing_member() -> None:
-    model = build_model("resnet20")
-    graph = trace_graph(model, SMALL)
+def test_check_detects_missing_member(r20) -> None:
+    model, graph = r20
     with pytest.raises(EquivalenceError, match="output"):
         check_equivalence(model, _drop_member(graph, "layer1.1.bn1.running_mean"), SMALL)
 
 
-def test_check_detects_split_residual_stream() -> None:
-    model = build_model("resnet20")
-    graph = trace_graph(model, SMALL)
+def test_check_detects_split_residual_stream(r20) -> None:
+    model, graph = r20
     g = MergeGraph.from_dict(graph.to_dict())
     stream = g.space("layer2.0.conv2")
     later = [m for m in stream.members if m.param.startswith(("layer2.2", "layer3"))]
@@ -347,9 +352,8 @@ def test_json_round_trip(tmp_path) -> None:
         load_graph(tmp_path / "bad.json")
 
 
-def test_overrides_fix_and_join() -> None:
-    model = build_model("resnet20")
-    graph = trace_graph(model, SMALL)
+def test_overrides_fix_and_join(r20) -> None:
+    model, graph = r20
     fixed = fix_space(graph, "layer1.0.conv1")
     assert "layer1.0.conv1" not in [s.name for s in fixed.spaces]
     assert all(seg.space != "layer1.0.conv1" for t in fixed.taps for seg in t.segments)

@@ -117,9 +117,10 @@ def _contract_axis(
         pos = mem.ref.positions(mem.n)  # (n, K)
         seg = stacked.index_select(dim, pos.flatten()).movedim(dim, -1)  # (N, R…, n·K)
         lead = seg.shape[:-1]
-        seg = seg.reshape(lead[0], -1, mem.n, pos.shape[1])  # (N, R, n, K)
-        merged = torch.einsum("bmn,brnk->brmk", mat, seg)  # (N, R, m, K)
-        merged = merged.reshape(*lead, mem.m * pos.shape[1]).movedim(-1, dim)
+        k = pos.shape[1]
+        seg = seg.reshape(lead[0], -1, mem.n, k).transpose(1, 2).reshape(lead[0], mem.n, -1)  # (N, n, R·K)
+        merged = torch.bmm(mat, seg).reshape(lead[0], mem.m, -1, k).transpose(1, 2)  # (N, R, m, K)
+        merged = merged.reshape(*lead, mem.m * k).movedim(-1, dim)
         out.index_copy_(dim, new_ref.positions(mem.m).flatten(), merged)
     return out
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,6 +72,7 @@ class FisherMerge(MergeMethod):
         graph: MergeGraph | None = None,
         stats: Statistics | None = None,
         base: nn.Module | None = None,
+        data: Iterable[Any] | None = None,
     ) -> nn.Module:
         self.check_stats(stats)
         states = sb.check_sources(sources, base, self.name)

@@ -3,13 +3,13 @@ model i's "task parameter subspace" — a Gram (RegMean), diagonal Fisher or K-F
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from lightning_merge.apply.cg import CGResult, conjugate_gradient
+from lightning_merge.apply.cg import CGResult, Operator, conjugate_gradient
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.methods import same_base as sb
 from lightning_merge.methods.base import MergeMethod, register_method
@@ -93,14 +93,18 @@ class MaTS(MergeMethod):
                 f"(subspace={self.subspace!r}).requires] / MergeStatistics)"
             )
 
-    def _cg(self, key: str, operator, b: torch.Tensor, x0: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:  # noqa: ANN001
+    def _cg(
+        self, key: str, operator: Operator, b: torch.Tensor, x0: torch.Tensor, batch_dims: int = 0
+    ) -> torch.Tensor:
         res = conjugate_gradient(
             operator, b, x0, batch_dims=batch_dims, iterations=self.iterations, tol=self.tol
         )
         self.cg_results[key] = res
         return res.x
 
-    def _solve_regmean(self, sources, states, stats, merged) -> set[str]:  # noqa: ANN001
+    def _solve_regmean(
+        self, sources: Sequence[nn.Module], states: list[sb.State], stats: Statistics, merged: sb.State
+    ) -> set[str]:
         done = set()
         for layer in gram_layers(sources, stats, self.name):
             weights = [sb.layer_matrix(s, layer) for s in states]
@@ -112,7 +116,9 @@ class MaTS(MergeMethod):
             done.update(sb.layer_params(states[0], layer))
         return done
 
-    def _solve_fisher(self, sources, states, stats, merged) -> set[str]:  # noqa: ANN001
+    def _solve_fisher(
+        self, sources: Sequence[nn.Module], states: list[sb.State], stats: Statistics, merged: sb.State
+    ) -> set[str]:
         fishers = mean_fisher(stats, len(states), self.name)
         done = set()
         for name in sb.parameter_names(sources[0]):
@@ -125,7 +131,9 @@ class MaTS(MergeMethod):
             done.add(name)
         return done
 
-    def _solve_kfac(self, sources, states, stats, merged) -> set[str]:  # noqa: ANN001
+    def _solve_kfac(
+        self, sources: Sequence[nn.Module], states: list[sb.State], stats: Statistics, merged: sb.State
+    ) -> set[str]:
         sb.check_count_list("kfac", stats.kfac, len(states), self.name)
         sb.check_count_list("kfac_counts", stats.kfac_counts, len(states), self.name)
         done = set()
@@ -147,6 +155,7 @@ class MaTS(MergeMethod):
         graph: MergeGraph | None = None,
         stats: Statistics | None = None,
         base: nn.Module | None = None,
+        data: Iterable[Any] | None = None,
     ) -> nn.Module:
         self.check_stats(stats)
         if self.init == "task_arithmetic" and base is None:

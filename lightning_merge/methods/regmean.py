@@ -4,7 +4,8 @@ own inputs, W = (Σᵢ Gᵢ)⁻¹ Σᵢ Gᵢ Wᵢ, from the Gram matrices Gᵢ o
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,6 +98,7 @@ class RegMean(MergeMethod):
         graph: MergeGraph | None = None,
         stats: Statistics | None = None,
         base: nn.Module | None = None,
+        data: Iterable[Any] | None = None,
     ) -> nn.Module:
         self.check_stats(stats)
         states = sb.check_sources(sources, base, self.name)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -31,6 +32,7 @@ class TaskArithmetic(MergeMethod):
         graph: MergeGraph | None = None,
         stats: Statistics | None = None,
         base: nn.Module | None = None,
+        data: Iterable[Any] | None = None,
     ) -> nn.Module:
         states = sb.check_sources(sources, base, self.name)
         params = sb.parameter_names(sources[0])

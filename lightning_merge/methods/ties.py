@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,6 +54,7 @@ class TIES(MergeMethod):
         graph: MergeGraph | None = None,
         stats: Statistics | None = None,
         base: nn.Module | None = None,
+        data: Iterable[Any] | None = None,
     ) -> nn.Module:
         if base is None:
             raise ValueError(

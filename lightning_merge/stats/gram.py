@@ -8,7 +8,7 @@ solve for ``[W | b]`` jointly. Sums are float64.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,9 @@ def layer_rows(module: nn.Linear | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+LayerFn = Callable[[int, str, nn.Module, torch.Tensor, torch.Tensor], None]
+
+
 class _LayerHooks:
     """Forward hooks on every supported layer of N models that call ``fn(i, name, module, x, out)``.
 
@@ -67,13 +70,15 @@ class _LayerHooks:
         self.handles: list[RemovableHandle] = []
         self.layers: list[dict[str, nn.Linear | nn.Conv2d]] = []
 
-    def attach(self, models: Sequence[nn.Module], fn) -> None:  # noqa: ANN001
+    def attach(self, models: Sequence[nn.Module], fn: LayerFn) -> None:
         self.detach()
         self.layers = [dict(supported_layers(m)) for m in models]
         for i, layers in enumerate(self.layers):
             for name, module in layers.items():
 
-                def hook(mod, args, out, i=i, name=name):  # noqa: ANN001, ANN202
+                def hook(
+                    mod: nn.Module, args: tuple, out: torch.Tensor, i: int = i, name: str = name
+                ) -> None:
                     if self.active:
                         fn(i, name, mod, args[0], out)
 
