@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Subset
 from lightning_merge.apply.repair import reset_batchnorm
 from lightning_merge.graph import permute_model, random_permutations, trace_graph
 from lightning_merge.methods import METHODS, get_method
-from lightning_merge.methods.pleas import PLeaSMerge
+from lightning_merge.match.permute import match_permute
+from lightning_merge.methods.pleas import PLeaSMerge, partial_to_first
 from lightning_merge.methods.transform_base import TransformMethod
 from lightning_merge.models import quick_pair
 from lightning_merge.stats.collect import collect_statistics
@@ -159,6 +160,20 @@ def test_pleas_at_source_width_beats_averaging(mlp: Setup, fmnist, test_batches:
     assert pleas > average + 0.05
     assert other_acc > average
     assert wider >= pleas - 0.02
+
+
+def test_partial_to_first_spans_permute_to_the_ensemble() -> None:
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(500, 12, generator=gen, dtype=torch.float64)
+    corr = torch.corrcoef(f.T)
+    full = partial_to_first(corr, 3, target_width=12)
+    torch.testing.assert_close(full.merge, torch.eye(12, dtype=torch.float64))
+    perm = partial_to_first(corr, 3, target_width=4)
+    torch.testing.assert_close(perm.merge, match_permute(corr, 3).merge)
+    mid = partial_to_first(corr, 3, target_width=7)
+    assert mid.width == 7 and bool((mid.unmerge.sum(1) == 1).all())
+    with pytest.raises(ValueError, match="outside"):
+        partial_to_first(corr, 3, target_width=13)
 
 
 # ------------------------------------------------------------------ N = 3

@@ -20,7 +20,7 @@ from lightning_merge.evaluation import (
     evaluate_model,
     merged_logits,
 )
-from lightning_merge.methods import get_method
+from lightning_merge.methods import METHODS, get_method
 from lightning_merge.methods.zipit import ZipItMerge
 from lightning_merge.models import SourceClassifier, quick_pair, task_accuracy
 from lightning_merge.module import MergeModule
@@ -236,3 +236,18 @@ def test_plain_module_sources_take_heads_from_the_tasks() -> None:
     trainer(limit_val_batches=1).validate(module, datamodule=datamodule(), verbose=False)
     assert [h.classes for h in module.heads] == [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9)]
     assert module.heads[0].kind == "embedding" and "merged/task1_acc" in module.results
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_registered_method_runs_through_the_module(name: str) -> None:
+    """Statistics (moments / Gram / Fisher / K-FAC), data-driven and base-needing methods all run."""
+    pair = small_pair()
+    kwargs = {"iterations": 5} if name == "mats" else {}  # MaTS' CG count only sets its cost here
+    base = pair[0] if METHODS[name].needs_base else None
+    module = MergeModule(sources=pair, method=get_method(name, **kwargs), base=base, evaluate_sources=False)
+    dm = TaskSplitDataModule(calibration_size=128, eval_batch_size=500)
+    trainer(limit_val_batches=1).validate(module, datamodule=dm, verbose=False)
+    assert set(module.results) == {
+        f"{m}/{k}" for m in ("merged", "ensemble") for k in ("joint_acc", "task0_acc", "task1_acc")
+    }
+    assert module.results["merged/joint_acc"] > 0.1  # better than chance over 10 classes

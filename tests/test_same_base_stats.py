@@ -11,7 +11,7 @@ from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.collector import Collector
 from lightning_merge.stats.container import Statistics
-from lightning_merge.stats.fisher import FisherCollector
+from lightning_merge.stats.fisher import FisherCollector, per_sample_sq_grads_loop, per_sample_sq_grads_vmap
 from lightning_merge.stats.gram import GramCollector
 from lightning_merge.stats.kfac import KFACCollector
 
@@ -234,3 +234,15 @@ def test_sampled_targets_give_a_different_fisher() -> None:
     argmax = run(FisherCollector(), models)
     assert sampled.fisher_counts == [10.0]
     assert not torch.allclose(sampled.fisher[0]["fc.weight"], argmax.fisher[0]["fc.weight"])
+
+
+def test_fisher_loop_fallback_matches_vmap_and_ignores_requires_grad() -> None:
+    """The per-sample loop (for models vmap cannot batch) gives the vmapped sums, frozen or not."""
+    model = make_models(1)[0].requires_grad_(False)
+    x = batches()[0]
+    y = model(x).argmax(-1)
+    looped = per_sample_sq_grads_loop(model, x, y)
+    vmapped = per_sample_sq_grads_vmap(model, x, y)
+    for k, v in vmapped.items():
+        torch.testing.assert_close(looped[k], v, rtol=1e-10, atol=1e-14)
+    assert looped["fc.weight"].abs().sum() > 0

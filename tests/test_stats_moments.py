@@ -19,7 +19,7 @@ from stats_nets import (
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_merge.graph.spec import Segment, Tap
+from lightning_merge.graph.spec import MergeGraph, Segment, Space, Tap
 from lightning_merge.stats.collect import build_collectors, collect_statistics
 from lightning_merge.stats.container import FeatureMoments, Statistics
 from lightning_merge.stats.moments import FeatureMomentsCollector, moments_memory_bytes
@@ -348,3 +348,26 @@ def test_moments_and_grams_in_one_pass_do_not_double_count() -> None:
     h = tap_inputs(models, "fc2", x)[1].double()
     h = torch.cat([h, torch.ones(37, 1, dtype=torch.float64)], 1)
     torch.testing.assert_close(stats.grams[1]["fc2"], h.T @ h, rtol=1e-12, atol=1e-12)
+
+
+class Wide(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(10, width), nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize(("width", "num_models"), [(61, 2), (301, 2), (40, 3)])
+def test_blocked_symmetric_products_match_the_full_product(width: int, num_models: int) -> None:
+    """Large spaces multiply only the upper blocks (2 or 4 of them, uneven) and mirror the rest."""
+    torch.manual_seed(0)
+    models = [Wide(width) for _ in range(num_models)]
+    spaces = [Space("h", width)]
+    graph = MergeGraph(spaces, [Tap("fc2", -1, (Segment("h", 0, width),))], [], {})
+    x = torch.randn(70, 10)
+    stats = collect_statistics(models, graph, loader_of(x, 32), progress=False)
+    outer = stats.moments["h"].outer
+    assert (outer - outer.T).abs().max() <= 1e-13 * outer.abs().max()  # mirrored blocks: symmetric
+    assert_matches(stats.moments["h"], as_rows(tap_inputs(models, "fc2", x, 32), lambda f: f))

@@ -44,6 +44,11 @@ def partial_to_first(
     corr = check_similarity(corr, num_models)
     n = corr.shape[0] // num_models
     check_target_width(target_width, n, num_models)
+    if group_size > 1 and target_width != n:
+        raise ValueError(
+            f"partial matching fuses single features, which would split groups of {group_size}: "
+            f"use target_width = n = {n} for this merge point (width 1 or a per-point entry in widths)"
+        )
     rows = torch.arange(n, device=corr.device)
     perms = [group_hungarian(corr[:n, i * n : (i + 1) * n], group_size) for i in range(1, num_models)]
     scores = torch.stack([corr[rows, (i + 1) * n + p] for i, p in enumerate(perms)])  # (N-1, n)
@@ -97,7 +102,7 @@ class PLeaSMerge(TransformMethod):
         out = {}
         for s in graph.spaces:
             corr = correlation(stats, s.name)
-            if num == 2 and s.group_size == 1:
+            if num == 2 and s.group_size == 1:  # PLeaS' own two-model rule
                 out[s.name] = match_partial(corr, num, target_width=widths[s.name])
             else:
                 out[s.name] = partial_to_first(

@@ -7,7 +7,9 @@ Rules common to these methods:
   frozen class embeddings of an ``EmbeddingHead``) are averaged over the sources, integer buffers
   (``num_batches_tracked``) are copied from source 0;
 * with a ``base`` the methods work on task vectors τᵢ = θᵢ − θ₀, without one on the parameters;
-* all arithmetic is float64, cast back to each tensor's dtype at the end.
+* all arithmetic is float64, cast back to each tensor's dtype at the end;
+* ``merge``'s ``data`` (the calibration loader) is accepted and unused: these methods read only
+  the statistics gathered by the pass.
 """
 
 from __future__ import annotations

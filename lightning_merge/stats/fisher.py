@@ -1,17 +1,18 @@
-"""Diagonal empirical-model Fisher of every parameter (Fisher merging, MaTS "fisher" subspace).
+"""Diagonal Fisher of every parameter at the model's own predictions (Fisher merging, MaTS).
 
 ``F[p] = Σ_samples (∂ log p(ŷ|x) / ∂p)²`` where ŷ is the model's own prediction (argmax, or drawn
 from its softmax). The square is taken *per sample* — the square of a batch-mean gradient would
 be a much smaller, different quantity — using ``torch.func.vmap(grad(...))`` over the batch, with
-a per-sample autograd loop as the fallback when a model does not vmap (data-dependent control
-flow, unsupported ops). Models must be in eval mode: a BatchNorm in training mode couples the
-samples of a batch (so "per sample" has no meaning) and would update the sources' running stats.
+a loop of per-sample functional gradients as the fallback when a model does not vmap
+(data-dependent control flow, unsupported ops). Models must be in eval mode: a BatchNorm in
+training mode couples the samples of a batch (so "per sample" has no meaning) and would update
+the sources' running stats.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -52,31 +53,35 @@ def check_eval_mode(models: Sequence[nn.Module], what: str) -> None:
                 )
 
 
-def per_sample_sq_grads_vmap(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Σ_b (∇_θ log p(y_b | x_b))² per parameter, one vmapped gradient per sample."""
-    params = {k: p.detach() for k, p in model.named_parameters()}
+def _log_likelihood_fn(model: nn.Module) -> Callable[..., torch.Tensor]:
+    """(params, x, y) ↦ log p(y | x) of one sample, functional in the parameters."""
     buffers = {k: b.detach() for k, b in model.named_buffers()}
 
     def log_lik(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, (p, buffers), (xb.unsqueeze(0),))
         return torch.log_softmax(out, -1)[0].gather(0, yb.unsqueeze(0)).squeeze(0)
 
-    grads = vmap(grad(log_lik), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, x, y)
+    return log_lik
+
+
+def per_sample_sq_grads_vmap(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Σ_b (∇_θ log p(y_b | x_b))² per parameter, one vmapped gradient per sample."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    grads = vmap(grad(_log_likelihood_fn(model)), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, x, y)
     return {k: g.double().square().sum(0) for k, g in grads.items()}
 
 
 def per_sample_sq_grads_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Same sum as :func:`per_sample_sq_grads_vmap` by one autograd call per sample (reference/fallback)."""
-    names, params = zip(*model.named_parameters(), strict=True)
-    total = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in zip(names, params, strict=True)}
+    """Same sums as :func:`per_sample_sq_grads_vmap`, one functional gradient per sample: for models
+    vmap cannot batch (data-dependent control flow); frozen parameters are differentiated too."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    grad_fn = grad(_log_likelihood_fn(model))
+    total = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
     for b in range(x.shape[0]):
-        logp = torch.log_softmax(model(x[b : b + 1]), -1)[0, y[b]]
-        grads = torch.autograd.grad(logp, params, allow_unused=True)
-        for k, g in zip(names, grads, strict=True):
-            if g is not None:
-                total[k] += g.double().square()
+        for k, g in grad_fn(params, x[b], y[b]).items():
+            total[k] += g.double().square()
     return total
 
 
