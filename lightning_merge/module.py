@@ -237,11 +237,20 @@ class MergeModule(pl.LightningModule):
         return batch[0] if isinstance(batch, (tuple, list)) else batch
 
     def _calibration_inputs(self) -> Iterator[torch.Tensor]:
-        """This rank's unpadded shard of the calibration inputs, on the module's device."""
-        from lightning_merge.stats.distributed import shard_dataloader
+        """This rank's share of whole calibration batches (batch b goes to rank b mod W), on device.
 
-        for batch in shard_dataloader(self.calibration_dataloader()):
-            yield (batch[0] if isinstance(batch, (tuple, list)) else batch).to(self.device)
+        The BatchNorm reset runs in train mode, where every layer's input depends on the batch it came
+        in: whole batches, summed across ranks, give the single-process statistics.
+        """
+        loader, rank, world = self.calibration_dataloader(), self.global_rank, self.trainer.world_size
+        if world > 1 and len(loader) < world:
+            raise ValueError(
+                f"the calibration loader has {len(loader)} batches for {world} ranks; "
+                "use a smaller batch size or more calibration samples"
+            )
+        for b, batch in enumerate(loader):
+            if b % world == rank:
+                yield (batch[0] if isinstance(batch, (tuple, list)) else batch).to(self.device)
 
     # ------------------------------------------------------------------ merge
     def on_validation_start(self) -> None:
