@@ -19,15 +19,12 @@ from torch import fx, nn
 from lightning_merge.apply.module import build_merged_module
 from lightning_merge.apply.weights import merge_state_dicts
 from lightning_merge.graph.spec import CutPoint, MergeGraph
+from lightning_merge.graph.trace import symbolic_trace
 from lightning_merge.match.transform import SpaceTransform
 
 
 def trace_module(model: nn.Module) -> fx.GraphModule:
-    """fx-trace ``model`` with the library's tracer (same node names as the merge graph's cut points)."""
-    try:
-        from lightning_merge.graph.trace import symbolic_trace  # type: ignore[attr-defined]
-    except ImportError:  # the plain fx tracer names nodes the same way for standard modules
-        symbolic_trace = fx.symbolic_trace
+    """fx-trace ``model`` with the merge-graph tracer, so node names match the graph's cut points."""
     return symbolic_trace(model)
 
 
