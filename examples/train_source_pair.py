@@ -1,6 +1,6 @@
 """Train two source models on disjoint Fashion-MNIST tasks and evaluate them alone and jointly.
 
-    .venv/bin/python examples/train_source_pair.py --arch mlp          # ~20 s on 2 CPU cores
+    .venv/bin/python examples/train_source_pair.py --arch mlp          # seconds on 2 idle CPU cores
     .venv/bin/python examples/train_source_pair.py --arch resnet20 --epochs 1
 
 The joint prediction (argmax over both models' logits on all 10 classes) is what a merged model
