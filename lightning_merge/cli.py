@@ -62,5 +62,10 @@ def main(args: list[str] | None = None, run: bool = True) -> MergeCLI:
     )
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry: runs the CLI and exits 0 (``main`` returns the CLI object for tests)."""
     main()
+
+
+if __name__ == "__main__":
+    run()

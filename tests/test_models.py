@@ -155,6 +155,7 @@ def test_classifier_label_spaces() -> None:
         ({"head": "cosine"}, "head must be"),
         ({"lr": -1.0}, "lr must be"),
         ({"warmup_fraction": 1.5}, "warmup_fraction"),
+        ({"momentum": 0.0}, "nesterov=True needs momentum"),
     ],
 )
 def test_classifier_bad_arguments(kwargs: dict, match: str) -> None:

@@ -57,13 +57,16 @@ def check_statistics_match(stats: Statistics | None, graph: MergeGraph, num_mode
 
 
 def width_for(space_size: int, group_size: int, num_models: int, ratio: float, name: str) -> int:
-    """Merged width round(ratio·n), kept a multiple of the number of groups, inside [n, N·n]."""
+    """Merged width round(ratio·n) inside [n, N·n]; with groups (heads) a multiple of their number.
+
+    Grouped spaces are zipped per aligned tuple of groups, so each group gets m / groups features.
+    """
     if ratio > num_models:
         raise ValueError(
             f"width ratio {ratio} is outside [1, N] = [1, {num_models}] for merge point {name!r}"
         )
-    groups = space_size // group_size
-    m = round(ratio * space_size / groups) * groups
+    unit = space_size // group_size if group_size > 1 else 1
+    m = round(ratio * space_size / unit) * unit
     return min(max(m, space_size), num_models * space_size)
 
 

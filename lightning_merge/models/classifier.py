@@ -55,6 +55,8 @@ class SourceClassifier(pl.LightningModule):
         for name, value in [("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum)]:
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0 (got momentum=0)")
         if not 0 < warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in (0, 1), got {warmup_fraction}")
         self.save_hyperparameters()
