@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
-
 import torch
-from torch import nn
 
-from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.methods import same_base as sb
-from lightning_merge.methods.base import MergeMethod, register_method
+from lightning_merge.methods.base import register_method
 from lightning_merge.stats.container import Statistics
 
 
@@ -45,7 +40,7 @@ def fisher_of(
 
 
 @register_method("fisher")
-class FisherMerge(MergeMethod):
+class FisherMerge(sb.SameBaseMethod):
     """θ = Σᵢ F̄ᵢθᵢ / Σᵢ F̄ᵢ per parameter entry, F̄ᵢ = max(Fᵢ/countᵢ, ``fisher_floor``).
 
     Entries whose Fisher mass is zero in every model (floor 0) and parameters with no Fisher at all
@@ -65,21 +60,11 @@ class FisherMerge(MergeMethod):
             raise ValueError(f"fisher_floor must be a number >= 0, got {fisher_floor!r}")
         self.fisher_floor = float(fisher_floor)
 
-    def merge(
-        self,
-        sources: Sequence[nn.Module],
-        *,
-        graph: MergeGraph | None = None,
-        stats: Statistics | None = None,
-        base: nn.Module | None = None,
-        data: Iterable[Any] | None = None,
-    ) -> nn.Module:
-        self.check_stats(stats)
-        states = sb.check_sources(sources, base, self.name)
-        fishers = mean_fisher(stats, len(states), self.name)
-        params = sb.parameter_names(sources[0])
-        merged = sb.buffers_rule(states, params)
-        for name in params:
+    def merge_parameters(self, inputs: sb.SameBaseInputs) -> sb.State:
+        states = inputs.states
+        fishers = mean_fisher(inputs.stats, len(states), self.name)
+        merged: sb.State = {}
+        for name in inputs.params:
             f = fisher_of(fishers, name, states[0][name].shape, self.name)
             if f is None:
                 merged[name] = sb.average(states, name)
@@ -89,4 +74,4 @@ class FisherMerge(MergeMethod):
             w = torch.where(mass > 0, f / torch.where(mass > 0, mass, 1.0), 1.0 / len(states))
             theta = sb.stack(states, name)
             merged[name] = theta[0] + (w * (theta - theta[0])).sum(0)
-        return sb.build(sources[0], merged)
+        return merged

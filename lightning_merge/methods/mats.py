@@ -3,16 +3,15 @@ model i's "task parameter subspace" — a Gram (RegMean), diagonal Fisher or K-F
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 
 from lightning_merge.apply.cg import CGResult, Operator, conjugate_gradient
-from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.methods import same_base as sb
-from lightning_merge.methods.base import MergeMethod, register_method
+from lightning_merge.methods.base import register_method
 from lightning_merge.methods.fisher_merge import fisher_of, mean_fisher
 from lightning_merge.methods.regmean import check_alpha, gram_layers, scaled_grams
 from lightning_merge.stats.container import Statistics
@@ -40,7 +39,7 @@ def kfac_factors(
 
 
 @register_method("mats")
-class MaTS(MergeMethod):
+class MaTS(sb.SameBaseMethod):
     """Conjugate-gradient merge in one task parameter subspace, ``iterations`` steps from ``init``.
 
     * ``subspace="regmean"``: per Linear/Conv layer, (Σ G'ᵢ) Xᵀ = Σ G'ᵢ Wᵢᵀ on the rows of [W | b]
@@ -148,27 +147,15 @@ class MaTS(MergeMethod):
             done.update(sb.layer_params(states[0], layer))
         return done
 
-    def merge(
-        self,
-        sources: Sequence[nn.Module],
-        *,
-        graph: MergeGraph | None = None,
-        stats: Statistics | None = None,
-        base: nn.Module | None = None,
-        data: Iterable[Any] | None = None,
-    ) -> nn.Module:
-        self.check_stats(stats)
-        if self.init == "task_arithmetic" and base is None:
+    def merge_parameters(self, inputs: sb.SameBaseInputs) -> sb.State:
+        if self.init == "task_arithmetic" and inputs.base is None:
             raise ValueError(
                 "mats: init='task_arithmetic' needs the base model (base=...); or use init='average'"
             )
-        states = sb.check_sources(sources, base, self.name)
-        base_st = sb.base_state(base)
-        params = sb.parameter_names(sources[0])
+        states = inputs.states
         scaling = self.scaling if self.init == "task_arithmetic" else None
-        merged = sb.buffers_rule(states, params)
-        merged.update({name: sb.fallback(states, base_st, name, scaling) for name in params})
+        merged = {name: sb.fallback(states, inputs.base, name, scaling) for name in inputs.params}
         self.cg_results = {}
         solve = {"regmean": self._solve_regmean, "fisher": self._solve_fisher, "kfac": self._solve_kfac}
-        solve[self.subspace](sources, states, stats, merged)
-        return sb.build(sources[0], merged)
+        solve[self.subspace](inputs.sources, states, inputs.stats, merged)
+        return merged

@@ -4,15 +4,13 @@ own inputs, W = (Σᵢ Gᵢ)⁻¹ Σᵢ Gᵢ Wᵢ, from the Gram matrices Gᵢ o
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.methods import same_base as sb
-from lightning_merge.methods.base import MergeMethod, register_method
+from lightning_merge.methods.base import register_method
 from lightning_merge.stats.container import Statistics
 from lightning_merge.stats.gram import supported_layers
 
@@ -73,7 +71,7 @@ def solve_regmean(
 
 
 @register_method("regmean")
-class RegMean(MergeMethod):
+class RegMean(sb.SameBaseMethod):
     """Closed-form RegMean on every Linear / ungrouped Conv2d layer with Gram statistics.
 
     Each layer is solved in the augmented [W | b] layout (the Gram has a constant-1 column when the
@@ -91,28 +89,17 @@ class RegMean(MergeMethod):
         self.alpha = float(alpha)
         self.scaling = None if scaling is None else float(scaling)
 
-    def merge(
-        self,
-        sources: Sequence[nn.Module],
-        *,
-        graph: MergeGraph | None = None,
-        stats: Statistics | None = None,
-        base: nn.Module | None = None,
-        data: Iterable[Any] | None = None,
-    ) -> nn.Module:
-        self.check_stats(stats)
-        states = sb.check_sources(sources, base, self.name)
-        base_st = sb.base_state(base)
-        params = sb.parameter_names(sources[0])
-        merged = sb.buffers_rule(states, params)
+    def merge_parameters(self, inputs: sb.SameBaseInputs) -> sb.State:
+        states, base_st, stats = inputs.states, inputs.base, inputs.stats
+        merged: sb.State = {}
         done: set[str] = set()
-        for layer in gram_layers(sources, stats, self.name):
+        for layer in gram_layers(inputs.sources, stats, self.name):
             weights = [sb.layer_matrix(s, layer) for s in states]
             grams = scaled_grams(stats, layer, self.alpha, weights[0].shape[1], self.name)
             init = fallback_layer(states, base_st, layer, self.scaling)
             merged.update(sb.split_layer_matrix(solve_regmean(grams, weights, init), states[0], layer))
             done.update(sb.layer_params(states[0], layer))
-        for name in params:
+        for name in inputs.params:
             if name not in done:
                 merged[name] = sb.fallback(states, base_st, name, self.scaling)
-        return sb.build(sources[0], merged)
+        return merged

@@ -15,12 +15,63 @@ Rules common to these methods:
 from __future__ import annotations
 
 import copy
+from abc import abstractmethod
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_merge.graph.spec import MergeGraph
+from lightning_merge.methods.base import MergeMethod
+from lightning_merge.stats.container import Statistics
+
 State = dict[str, torch.Tensor]
+
+
+@dataclass
+class SameBaseInputs:
+    """What every same-base merge reads, checked once by :meth:`SameBaseMethod.merge`."""
+
+    sources: Sequence[nn.Module]
+    states: list[State]  # the sources' state dicts, names and shapes checked to agree
+    params: list[str]  # parameter (not buffer) names, state-dict order
+    base: State | None  # the shared base's state dict, when given
+    stats: Statistics | None
+
+
+class SameBaseMethod(MergeMethod):
+    """``merge`` = checks → buffers rule → :meth:`merge_parameters` → a copy of source 0.
+
+    A new same-base method only writes :meth:`merge_parameters`; the checks (base present when
+    ``needs_base``, statistics present for ``requires``, identical names and shapes) live here.
+    """
+
+    def merge(
+        self,
+        sources: Sequence[nn.Module],
+        *,
+        graph: MergeGraph | None = None,
+        stats: Statistics | None = None,
+        base: nn.Module | None = None,
+        data: Iterable[Any] | None = None,
+    ) -> nn.Module:
+        if self.needs_base and base is None:
+            raise ValueError(
+                f"{self.name}: the method works on task vectors θᵢ − θ₀ and needs the shared base "
+                "model: pass base=..."
+            )
+        self.check_stats(stats)
+        states = check_sources(sources, base, self.name)
+        params = parameter_names(sources[0])
+        merged = buffers_rule(states, params)
+        merged.update(self.merge_parameters(SameBaseInputs(sources, states, params, base_state(base), stats)))
+        return build(sources[0], merged)
+
+    @abstractmethod
+    def merge_parameters(self, inputs: SameBaseInputs) -> State:
+        """The merged value (float64 is fine) of every name in ``inputs.params``."""
 
 
 def _label(i: int | None) -> str:

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
-
 import torch
-from torch import nn
 
-from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.methods import same_base as sb
-from lightning_merge.methods.base import MergeMethod, register_method
-from lightning_merge.stats.container import Statistics
+from lightning_merge.methods.base import register_method
 
 
 def ties_vector(tau: torch.Tensor, k: float) -> torch.Tensor:
@@ -31,7 +25,7 @@ def ties_vector(tau: torch.Tensor, k: float) -> torch.Tensor:
 
 
 @register_method("ties")
-class TIES(MergeMethod):
+class TIES(sb.SameBaseMethod):
     """θ = θ₀ + λ · TIES(τ₁ … τ_N) over all parameters; buffers averaged.
 
     Following the paper, trimming is *global*: the top-``k``% magnitudes are taken over each model's
@@ -47,26 +41,13 @@ class TIES(MergeMethod):
         self.k = float(k)
         self.scaling = float(scaling)
 
-    def merge(
-        self,
-        sources: Sequence[nn.Module],
-        *,
-        graph: MergeGraph | None = None,
-        stats: Statistics | None = None,
-        base: nn.Module | None = None,
-        data: Iterable[Any] | None = None,
-    ) -> nn.Module:
-        if base is None:
-            raise ValueError(
-                "ties: TIES works on task vectors θᵢ − θ₀ and needs the shared base model: pass base=..."
-            )
-        states = sb.check_sources(sources, base, self.name)
-        base_st = sb.base_state(base)
-        params = sb.parameter_names(sources[0])
+    def merge_parameters(self, inputs: sb.SameBaseInputs) -> sb.State:
+        base_st, params = inputs.base, inputs.params
+        assert base_st is not None  # needs_base: checked by SameBaseMethod.merge
         flat0 = torch.cat([base_st[p].to(torch.float64).flatten() for p in params])
-        tau = torch.stack([torch.cat([s[p].to(torch.float64).flatten() for p in params]) for s in states])
+        tau = torch.stack(
+            [torch.cat([s[p].to(torch.float64).flatten() for p in params]) for s in inputs.states]
+        )
         merged_flat = flat0 + self.scaling * ties_vector(tau - flat0, self.k)
-        merged = sb.buffers_rule(states, params)
-        for p, chunk in zip(params, merged_flat.split([base_st[p].numel() for p in params]), strict=True):
-            merged[p] = chunk.reshape(base_st[p].shape)
-        return sb.build(sources[0], merged)
+        chunks = merged_flat.split([base_st[p].numel() for p in params])
+        return {p: chunk.reshape(base_st[p].shape) for p, chunk in zip(params, chunks, strict=True)}
