@@ -23,6 +23,7 @@ from torch import nn
 
 from lightning_merge.apply.module import resize_to_state_dict
 from lightning_merge.stats.container import Statistics
+from lightning_merge.stats.store import sha256_file
 
 FORMAT = "lightning_merge.merged"
 VERSION = 1
@@ -103,7 +104,7 @@ def export_merged(module: Any, directory: str | os.PathLike) -> Path:
     recipe = recipe_of(module)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.merged.state_dict().items()}
     save_file(state, str(directory / WEIGHTS), metadata={"format": FORMAT})
-    recipe["weights_sha256"] = _sha256(directory / WEIGHTS)
+    recipe["weights_sha256"] = sha256_file(directory / WEIGHTS)
     (directory / RECIPE).write_text(yaml.safe_dump(recipe, sort_keys=False))
     return directory
 
@@ -117,7 +118,7 @@ def read_recipe(directory: str | os.PathLike) -> dict[str, Any]:
     recipe = yaml.safe_load((directory / RECIPE).read_text())
     if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
         raise ValueError(f"{directory / RECIPE} is not a lightning_merge merge recipe (format {FORMAT!r})")
-    if recipe.get("weights_sha256") != _sha256(directory / WEIGHTS):
+    if recipe.get("weights_sha256") != sha256_file(directory / WEIGHTS):
         raise ValueError(
             f"{directory / WEIGHTS} does not match the checksum in its recipe: modified or truncated"
         )
@@ -171,11 +172,3 @@ def _partial_skeleton(template: nn.Module, cut: dict[str, Any], num_sources: int
     ]
     unmerges = [Unmerge(torch.zeros(1, 1), cut["channel_dim"]) for _ in range(num_sources)]
     return PartialZipModel(trunk, unmerges, tails)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()

@@ -86,7 +86,7 @@ def save_statistics(
         "num_kfac": len(stats.kfac),
         "keys": list(tensors),
         "num_tensors": len(tensors),
-        "sha256": _sha256_file(tmp),
+        "sha256": sha256_file(tmp),
     }
     os.replace(tmp, path)
     side = sidecar_path(path)
@@ -108,7 +108,7 @@ def load_statistics(
         raise FileNotFoundError(f"no statistics file at {path}")
     meta = _read_sidecar(path)
     _check_origin(path, meta, graph, models)
-    if _sha256_file(path) != meta["sha256"]:
+    if sha256_file(path) != meta["sha256"]:
         raise StatisticsFileError(
             f"statistics file {path} does not match the checksum in its sidecar: "
             "it is truncated, partially written or was modified"
@@ -222,7 +222,8 @@ def _check_origin(
             )
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 16 MiB chunks (statistics files and exported weights)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
