@@ -37,8 +37,8 @@ from lightning_merge.data.datamodule import DEFAULT_ROOT
 from lightning_merge.methods import get_method
 from lightning_merge.methods.base import MergeMethod
 from lightning_merge.models import SourceClassifier
-from lightning_merge.models.sources import DEFAULT_CACHE_DIR, DEFAULT_PAIR, SourceSpec
-from lightning_merge.models.training import quiet_lightning, train_source
+from lightning_merge.models.sources import DEFAULT_CACHE_DIR, DEFAULT_PAIR, SourceSpec, train_spec
+from lightning_merge.models.training import quiet_lightning
 from lightning_merge.module import MergeModule
 
 COLUMNS = (
@@ -98,19 +98,7 @@ def pair_sources(
         replace(spec, seed=seed, arch=arch, width=width)
         for spec, seed in zip(DEFAULT_PAIR, seeds, strict=True)
     ]
-    return [
-        train_source(
-            s.arch,
-            list(s.classes),
-            s.seed,
-            width=s.width,
-            max_epochs=s.max_epochs,
-            cache_dir=cache_dir,
-            root=root,
-            **s.model_kwargs,
-        )
-        for s in specs
-    ]
+    return [train_spec(s, cache_dir, root) for s in specs]
 
 
 def count_params(model: nn.Module) -> int:

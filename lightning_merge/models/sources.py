@@ -40,7 +40,10 @@ DEFAULT_PAIR: tuple[SourceSpec, ...] = (
 )
 
 
-def _train(spec: SourceSpec, cache_dir: str | Path, root: str, progress_bar: bool) -> SourceClassifier:
+def train_spec(
+    spec: SourceSpec, cache_dir: str | Path, root: str, progress_bar: bool = False
+) -> SourceClassifier:
+    """Train (or load from ``cache_dir``) one source exactly as its spec says."""
     return train_source(
         spec.arch,
         list(spec.classes),
@@ -66,7 +69,7 @@ def default_pair(
     cache_dir: str | Path = DEFAULT_CACHE_DIR, root: str = DEFAULT_ROOT, progress_bar: bool = False
 ) -> list[SourceClassifier]:
     """The default source models (trained on first use, then loaded from ``cache_dir``)."""
-    return [_train(spec, cache_dir, root, progress_bar) for spec in DEFAULT_PAIR]
+    return [train_spec(spec, cache_dir, root, progress_bar) for spec in DEFAULT_PAIR]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{action} source {i}: {spec.arch}×{spec.width}, classes {list(spec.classes)}, seed {spec.seed}"
         )
         start = time.perf_counter()
-        model = _train(spec, args.cache_dir, args.root, progress_bar=console.is_terminal)
+        model = train_spec(spec, args.cache_dir, args.root, progress_bar=console.is_terminal)
         seconds = time.perf_counter() - start
         accuracy = task_accuracy(model, data.task_test_dataloader(i))
         rows.append({**asdict(spec), "test_acc": accuracy, "seconds": seconds, "checkpoint": str(path)})
