@@ -6,7 +6,7 @@ N = 2 models, correlation of random Gaussian features (2n samples), ZipIt! with 
 α = 0.3, β = 0.125 down to m = n. Median wall time of ``--repeats`` runs; the reference also checks
 that both implementations made the same fusions. "fast" runs its loop on NumPy views of the CPU
 matrix (the default on CPU); "torch loop" is the same loop in torch ops (the path used on GPUs).
-Prints a Markdown table.
+Prints a Markdown table; with ``--out benchmarks/results`` also writes matchers.md / matchers.json.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_io import Column, command_line, machine_description, markdown_table, write_results  # noqa: E402
 from zipit_reference import zipit_reference  # noqa: E402
 
 from lightning_merge.match import match_permute  # noqa: E402
@@ -50,7 +52,37 @@ def median_time(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def main(argv: list[str] | None = None) -> None:
+COLUMNS = [
+    Column("n", "n"),
+    Column("dim", "N·n"),
+    Column("fast_s", "fast ZipIt! (s)", ".3f"),
+    Column("torch_loop_s", "fast, torch loop (s)", ".3f"),
+    Column("reference_s", "reference (s)", ".2f"),
+    Column("speedup", "speed-up (×)", ".0f"),
+    Column("same_fusions", "same fusions"),
+    Column("permute_s", "Permute (s)", ".3f"),
+]
+
+
+def bench_size(n: int, args: argparse.Namespace) -> dict:
+    """One table row (raw seconds) for features of size n per model."""
+    corr = random_corr(n, device=args.device)
+    zip_fast = functools.partial(zipit_fusions, corr, 2, n, args.alpha, args.beta)
+    fast_s, fast = median_time(zip_fast, args.repeats)
+    torch_s, fast_torch = median_time(functools.partial(zip_fast, backend="torch"), args.repeats)
+    if fast_torch != fast:
+        raise RuntimeError(f"n={n}: the NumPy and torch loops made different fusions")
+    perm_s, _ = median_time(functools.partial(match_permute, corr, 2), args.repeats)
+    row = {"n": n, "dim": 2 * n, "fast_s": fast_s, "torch_loop_s": torch_s, "permute_s": perm_s}
+    row |= {"reference_s": None, "speedup": None, "same_fusions": None}
+    if n <= args.ref_max_n:
+        zip_ref = functools.partial(zipit_reference, corr.cpu(), 2, n, args.alpha, args.beta)
+        ref_s, (ref, _) = median_time(zip_ref, args.repeats)
+        row |= {"reference_s": ref_s, "speedup": ref_s / fast_s, "same_fusions": ref == fast}
+    return row
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 1024, 2048])
     parser.add_argument("--ref-max-n", type=int, default=1024, help="largest n the reference runs at")
@@ -59,38 +91,49 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--beta", type=float, default=0.125)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--out", default=None, help="folder for matchers.md/.json (default: stdout only)")
     args = parser.parse_args(argv)
+    if any(n < 1 for n in args.sizes) or args.repeats < 1:
+        parser.error(f"sizes and repeats must be positive, got sizes={args.sizes} repeats={args.repeats}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}, device {args.device}"
     )
     print(f"load average before: {os.getloadavg()[0]:.1f}")
-    print(
-        "| n | N·n | fast ZipIt! (s) | fast, torch loop (s) | reference (s) | speed-up "
-        "| same fusions | Permute (s) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    machine = machine_description(args.device)  # before the runs: the load average they started under
+    print(markdown_table(COLUMNS, []))
+    rows = []
     for n in args.sizes:
-        corr = random_corr(n, device=args.device)
-        zip_fast = functools.partial(zipit_fusions, corr, 2, n, args.alpha, args.beta)
-        fast_s, fast = median_time(zip_fast, args.repeats)
-        zip_torch = functools.partial(zip_fast, backend="torch")
-        torch_s, fast_torch = median_time(zip_torch, args.repeats)
-        assert fast_torch == fast
-        perm_s, _ = median_time(functools.partial(match_permute, corr, 2), args.repeats)
-        if n <= args.ref_max_n:
-            zip_ref = functools.partial(zipit_reference, corr.cpu(), 2, n, args.alpha, args.beta)
-            ref_s, (ref, _) = median_time(zip_ref, args.repeats)
-            ref_txt, speed, same = f"{ref_s:.2f}", f"{ref_s / fast_s:.0f}×", str(ref == fast)
-        else:
-            ref_txt, speed, same = "skipped", "–", "–"
-        print(
-            f"| {n} | {2 * n} | {fast_s:.3f} | {torch_s:.3f} | {ref_txt} | {speed} | {same} | {perm_s:.3f} |",
-            flush=True,
+        rows.append(bench_size(n, args))
+        print(markdown_table(COLUMNS, rows[-1:]).splitlines()[-1], flush=True)
+    if args.out is not None:
+        notes = (
+            f"N = 2 models, correlation of random Gaussian features (2n samples), ZipIt! α = {args.alpha}, "
+            f"β = {args.beta} down to m = n, on {args.device}; median of {args.repeats} runs. "
+            '"fast" runs the greedy loop on NumPy views (the CPU default), "torch loop" the same loop '
+            "in torch ops (the GPU path); the reference is the literal greedy algorithm "
+            "(tests/zipit_reference.py), run up to n = "
+            f'{args.ref_max_n}; "same fusions" compares its fusions with the fast one\'s.'
         )
+        paths = write_results(
+            args.out,
+            "matchers",
+            title="Matcher times: fast ZipIt! vs the literal reference, and Permute",
+            columns=COLUMNS,
+            rows=rows,
+            command=command_line("benchmarks/matchers.py", argv),
+            machine=machine,
+            notes=notes,
+        )
+        print("wrote " + ", ".join(map(str, paths)))
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
-"""The ZipIt!-style results table on Fashion-MNIST 5+5: every merge method on pairs of source models.
+"""The ZipIt!-style results table on Fashion-MNIST: every merge method on groups of source models.
 
-    .venv/bin/python benchmarks/merge_table.py --arch resnet20 --width 1 --pairs 0:1 [2:3 ...]
+    .venv/bin/python benchmarks/merge_table.py --arch resnet20 --width 1 --split 2 --seeds 0:1 2:3 4:5
+    .venv/bin/python benchmarks/merge_table.py --split 3 --seeds 0:1:2 3:4:5 6:7:8
 
-A pair ``a:b`` is task [0..4] trained with seed a and task [5..9] with seed b, with the settings of
-the default pair (``lightning_merge.models.sources.DEFAULT_PAIR``) and its cache ``artifacts/sources``,
-so seeds 0:1 at ResNet-20×1 load instead of training. Each row is one ``MergeModule`` validation run
-through the Python API; the statistics pass runs once per pair (one ``stats_path`` file per pair).
-Writes ``merge_table_<arch>x<w>.{csv,json,md}`` (raw per-pair rows, and mean ± std over pairs).
+``--split 2``: tasks [0..4] / [5..9]; ``--split 3``: [0,1,2] / [3,4,5] / [6..9]. A seed group
+``a:b[:c]`` trains task t with seed number t of the group, with the settings of the default pair
+(``lightning_merge.models.sources.DEFAULT_PAIR``) and its cache ``artifacts/sources``, so cached
+sources load instead of training. Each row is one ``MergeModule`` validation run through the Python
+API; the statistics pass runs once per seed group and set of statistics (one file each).
+
+Resumable: rows already in the output JSON for the same seed group, label and method settings are
+reused (``--fresh`` ignores them), and the outputs are rewritten after every row, so an interrupted
+run continues where it stopped. A row that raises is recorded as failed (with the error) instead of
+ending the run. Writes ``merge_table_<arch>x<w>_split<N>.{csv,json,md}``.
 """
 
 from __future__ import annotations
@@ -15,13 +21,15 @@ import argparse
 import csv
 import json
 import logging
+import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,66 +47,128 @@ from lightning_merge.methods.base import MergeMethod
 from lightning_merge.models import SourceClassifier
 from lightning_merge.models.sources import DEFAULT_CACHE_DIR, DEFAULT_PAIR, SourceSpec, train_spec
 from lightning_merge.models.training import quiet_lightning
-from lightning_merge.module import MergeModule
+from lightning_merge.module import MergeModule, method_config
 
-COLUMNS = (
-    "pair",
-    "method",
-    "joint_acc",
-    "task_a_acc",
-    "task_b_acc",
-    "avg_task_acc",
-    "rel_params",
-    "rel_flops",
-    "seconds",
-    "stats",
-)
-ACCURACY_COLUMNS = ("joint_acc", "task_a_acc", "task_b_acc", "avg_task_acc")
-ZIP = {"alpha": 0.3, "beta": 0.125}
-
+#: ``--split N`` → the N tasks (global class ids); 2 is the default pair's split.
+SPLITS: dict[int, tuple[tuple[int, ...], ...]] = {
+    2: tuple(s.classes for s in DEFAULT_PAIR),
+    3: ((0, 1, 2), (3, 4, 5), (6, 7, 8, 9)),
+}
+LETTERS = "ABCDEFGHIJ"
+MetricRow = dict[str, Any]
 #: (row label, method factory); the arguments are those of configs/merge/*_fmnist_resnet20x1.yaml.
 MethodRow = tuple[str, Callable[[], MergeMethod]]
 
 
-def method_rows(with_pleas: bool = False, stops: Sequence[float] = (0.3, 0.6)) -> list[MethodRow]:
-    """The table's merge rows in order (PLeaS only on request: minutes per ResNet merge on a CPU)."""
-    rows: list[MethodRow] = [
-        ("average", lambda: get_method("average")),
-        ("weight_matching", lambda: get_method("weight_matching", max_iter=100, seed=0)),
-        ("permute", lambda: get_method("permute", anchor="first")),
-        ("zipit", lambda: get_method("zipit", **ZIP)),
+def task_columns(num_tasks: int) -> list[str]:
+    return [f"task_{t}_acc" for t in range(num_tasks)]
+
+
+def accuracy_columns(num_tasks: int) -> list[str]:
+    return ["joint_acc", *task_columns(num_tasks), "avg_task_acc"]
+
+
+def columns(num_tasks: int) -> list[str]:
+    """CSV columns: generic per-task accuracies, so 2- and 3-way tables share one layout."""
+    return [
+        "seeds",
+        "method",
+        *accuracy_columns(num_tasks),
+        "rel_params",
+        "rel_flops",
+        "seconds",
+        "stats",
+        "error",
     ]
-    rows += [(f"zipit partial@{s:g}", _factory("zipit", **ZIP, stop_at=s)) for s in stops]
-    rows.append(("mudsc", lambda: get_method("mudsc", lam=0.5, matcher="zipit", **ZIP)))
-    if with_pleas:
-        rows += [
-            (f"pleas w={w:g}", _factory("pleas", width=w, ridge=1e-4, refit=True)) for w in (1.0, 1.5, 2.0)
-        ]
-    rows.append(("zipit w=1.5", _factory("zipit", **ZIP, width=1.5)))
-    return rows
+
+
+def reference_labels(num_tasks: int) -> list[str]:
+    return [f"model {LETTERS[t]}" for t in range(num_tasks)] + ["ensemble"]
+
+
+def zip_settings(num_models: int) -> dict[str, float]:
+    """ZipIt!'s α/β: the paper's two-model β = 0.125 can leave 3 models unable to reach width n."""
+    return {"alpha": 0.3, "beta": 0.125 if num_models == 2 else 0.5}
 
 
 def _factory(name: str, **kwargs: Any) -> Callable[[], MergeMethod]:
     return lambda: get_method(name, **kwargs)
 
 
-def parse_pair(text: str) -> tuple[int, int]:
-    """``"0:1"`` → ``(0, 1)``: the seeds of the task-A and task-B source models."""
-    parts = text.split(":")
-    if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"a pair is SEED_A:SEED_B (e.g. 0:1), got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
-def pair_sources(
-    seeds: tuple[int, int], arch: str, width: float, cache_dir: str | Path, root: str = DEFAULT_ROOT
-) -> list[SourceClassifier]:
-    """The pair's two source models, trained like ``DEFAULT_PAIR`` (loaded when cached)."""
-    specs: list[SourceSpec] = [
-        replace(spec, seed=seed, arch=arch, width=width)
-        for spec, seed in zip(DEFAULT_PAIR, seeds, strict=True)
+def method_rows(
+    num_models: int = 2,
+    stops: Sequence[float] = (0.3, 0.6),
+    pleas_widths: Sequence[float] = (1.25, 1.5, 1.75),
+) -> list[MethodRow]:
+    """The table's merge rows in order (``pleas_widths=()`` leaves PLeaS out: minutes per CPU merge)."""
+    zip_ = zip_settings(num_models)
+    rows: list[MethodRow] = [
+        ("average", _factory("average")),
+        ("weight_matching", _factory("weight_matching", max_iter=100, seed=0)),
+        ("permute", _factory("permute", anchor="first")),
+        ("zipit", _factory("zipit", **zip_)),
     ]
-    return [train_spec(s, cache_dir, root) for s in specs]
+    rows += [(f"zipit partial@{s:g}", _factory("zipit", **zip_, stop_at=s)) for s in stops]
+    rows.append(("mudsc", _factory("mudsc", lam=0.5, matcher="zipit", **zip_)))
+    rows += [(f"pleas w={w:g}", _factory("pleas", width=w, ridge=1e-4, refit=True)) for w in pleas_widths]
+    rows.append(("zipit w=1.5", _factory("zipit", **zip_, width=1.5)))
+    rows.append(("regmean (aligned)", _factory("aligned", align="permute", merger="regmean")))
+    mats = {"subspace": "regmean", "iterations": 100}
+    rows.append(("mats (aligned)", _factory("aligned", align="permute", merger="mats", merger_kwargs=mats)))
+    return rows
+
+
+def select_rows(rows: Sequence[MethodRow], patterns: Sequence[str] | None) -> list[MethodRow]:
+    """Rows whose label equals, or contains, one of ``patterns`` (None: all); unmatched patterns raise."""
+    if not patterns:
+        return list(rows)
+    labels = [label for label, _ in rows]
+    unknown = [p for p in patterns if not any(p == x or p in x for x in labels)]
+    if unknown:
+        raise ValueError(f"--rows {unknown} match no row; the rows are {labels}")
+    return [r for r in rows if any(p == r[0] or p in r[0] for p in patterns)]
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0:1"`` → ``(0, 1)``, ``"0:1:2"`` → ``(0, 1, 2)``: the seed of each task's source model."""
+    parts = text.split(":")
+    if len(parts) < 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"a seed group is SEED_A:SEED_B[:SEED_C] (e.g. 0:1), got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def seeds_label(seeds: Sequence[int]) -> str:
+    return ":".join(str(s) for s in seeds)
+
+
+def source_width(width: float) -> int | float:
+    """1.0 → 1: the cache key holds the width as given, and the sources are trained with ``width=1``."""
+    return int(width) if float(width).is_integer() else float(width)
+
+
+def group_specs(
+    seeds: Sequence[int], tasks: Sequence[Sequence[int]], arch: str, width: float
+) -> list[SourceSpec]:
+    """One spec per task (seed ``seeds[t]``), otherwise ``DEFAULT_PAIR``'s settings (same cache keys)."""
+    if len(seeds) != len(tasks):
+        raise ValueError(f"seed group {seeds_label(seeds)} has {len(seeds)} seeds for {len(tasks)} tasks")
+    template: SourceSpec = DEFAULT_PAIR[0]
+    return [
+        replace(template, classes=tuple(task), seed=seed, arch=arch, width=source_width(width))
+        for task, seed in zip(tasks, seeds, strict=True)
+    ]
+
+
+def group_sources(
+    seeds: Sequence[int],
+    tasks: Sequence[Sequence[int]],
+    arch: str,
+    width: float,
+    cache_dir: str | Path,
+    root: str = DEFAULT_ROOT,
+) -> list[SourceClassifier]:
+    """The group's sources, loaded from ``cache_dir`` (trained there first when absent)."""
+    return [train_spec(s, cache_dir, root) for s in group_specs(seeds, tasks, arch, width)]
 
 
 def count_params(model: nn.Module) -> int:
@@ -118,25 +188,34 @@ def count_flops(model: nn.Module, image_shape: Sequence[int]) -> int:
 
 
 def _row(
-    pair: str, label: str, acc: dict[str, float], params: float, flops: float, seconds: float, stats: str
-) -> dict:
-    a, b = 100 * acc["task0_acc"], 100 * acc["task1_acc"]
-    return {
-        "pair": pair,
-        "method": label,
-        "joint_acc": 100 * acc["joint_acc"],
-        "task_a_acc": a,
-        "task_b_acc": b,
-        "avg_task_acc": (a + b) / 2,
-        "rel_params": params,
-        "rel_flops": flops,
-        "seconds": seconds,
-        "stats": stats,
-    }
+    seeds: str,
+    label: str,
+    acc: dict[str, float],
+    num_tasks: int,
+    rel: tuple[float, float],
+    seconds: float,
+    stats: str,
+    config: dict | None,
+) -> MetricRow:
+    tasks = [100 * acc[f"task{t}_acc"] for t in range(num_tasks)]
+    row: MetricRow = {"seeds": seeds, "method": label, "joint_acc": 100 * acc["joint_acc"]}
+    row |= dict(zip(task_columns(num_tasks), tasks, strict=True))
+    row |= {"avg_task_acc": statistics.fmean(tasks), "rel_params": rel[0], "rel_flops": rel[1]}
+    return row | {"seconds": seconds, "stats": stats, "error": None, "config": config}
+
+
+def failed_row(seeds: str, label: str, error: BaseException, config: dict | None) -> MetricRow:
+    """A row whose merge raised: no numbers, the error's type and message."""
+    return {"seeds": seeds, "method": label, "error": f"{type(error).__name__}: {error}", "config": config}
 
 
 def _metrics(results: dict[str, float], model: str) -> dict[str, float]:
     return {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(f"{model}/")}
+
+
+def _jsonable(config: dict) -> dict:
+    """The config as it reads back from JSON (tuples → lists), so stored and fresh ones compare equal."""
+    return json.loads(json.dumps(config, default=str))
 
 
 def evaluate_merge(
@@ -145,18 +224,20 @@ def evaluate_merge(
     sources: Sequence[nn.Module],
     datamodule: TaskSplitDataModule,
     *,
-    pair: str = "0:1",
+    seeds: str = "0:1",
     stats_path: str | None = None,
     references: bool = False,
-) -> tuple[list[dict], MergeModule]:
-    """One merge run → its table row (and, with ``references``, the model A / B / ensemble rows).
+) -> tuple[list[MetricRow], MergeModule]:
+    """One merge run → its table row (and, with ``references``, the source and ensemble rows first).
 
-    Relative parameters and FLOPs are against one source (a partial zip counts trunk + N tails);
-    ``seconds`` is the whole run (statistics pass or cache load, merge, test-set evaluation, counts);
-    ``stats`` says whether the statistics came from a ``"pass"``, the ``"cache"`` file or ``"none"``.
+    Relative parameters and FLOPs are against one source (a partial zip counts trunk + N tails, the
+    ensemble is N); ``seconds`` is the whole run (statistics pass or cache load, merge, test-set
+    evaluation, counts); ``stats`` says whether the statistics came from a ``"pass"``, the
+    ``"cache"`` file or ``"none"``.
     """
-    if len(sources) != 2:
-        raise ValueError(f"the table compares pairs of sources, got {len(sources)} sources")
+    n = datamodule.num_tasks
+    if len(sources) != n:
+        raise ValueError(f"{len(sources)} sources for the data module's {n} tasks: give one source per task")
     start = time.perf_counter()
     pl.seed_everything(0, verbose=False)
     module = MergeModule(
@@ -167,109 +248,236 @@ def evaluate_merge(
         evaluate_ensemble=references,
         heatmaps=0,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-    )
     with quiet_lightning(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=False,
+        )
         trainer.validate(module, datamodule=datamodule, verbose=False)
     shape = datamodule.image_shape
     one = module.sources[0]
     params, flops = count_params(one), count_flops(one, shape)
-    rel_params, rel_flops = count_params(module.merged) / params, count_flops(module.merged, shape) / flops
+    rel = (count_params(module.merged) / params, count_flops(module.merged, shape) / flops)
     seconds = time.perf_counter() - start
     stats = next((c.source for c in trainer.callbacks if isinstance(c, MergeStatistics)), None) or "none"
-    acc = _metrics(module.results, "merged")
-    rows = [_row(pair, label, acc, rel_params, rel_flops, seconds, stats)]
+    config = _jsonable(method_config(method))
+    rows = [_row(seeds, label, _metrics(module.results, "merged"), n, rel, seconds, stats, config)]
     if references:
-        refs = [("model A", "source0", 1.0), ("model B", "source1", 1.0), ("ensemble", "ensemble", 2.0)]
-        rows = [_row(pair, n, _metrics(module.results, k), r, r, 0.0, "none") for n, k, r in refs] + rows
+        keys = [f"source{t}" for t in range(n)] + ["ensemble"]
+        refs = [(1.0, 1.0)] * n + [(float(n), float(n))]
+        rows = [
+            _row(seeds, name, _metrics(module.results, key), n, r, 0.0, "none", None)
+            for name, key, r in zip(reference_labels(n), keys, refs, strict=True)
+        ] + rows
     return rows, module
 
 
-def run_pair(
-    seeds: tuple[int, int],
+def stats_file(stats_dir: Path, stem: str, seeds: Sequence[int], method: MergeMethod, size: int) -> str:
+    """One statistics file per seed group and set of statistics (so rows never overwrite each other's)."""
+    needs = "-".join(sorted(method.requires)) or "none"
+    return str(stats_dir / f"{stem}_s{'-'.join(map(str, seeds))}_{needs}_cal{size}.safetensors")
+
+
+class ResultStore:
+    """The rows of one output stem: reused from its JSON when present, rewritten after every row."""
+
+    def __init__(self, stem: Path, meta: dict[str, Any], fresh: bool = False) -> None:
+        self.stem, self.meta = stem, meta
+        path = stem.with_suffix(".json")
+        old = json.loads(path.read_text()) if path.is_file() and not fresh else {}
+        self.rows: list[MetricRow] = list(old.get("rows", []))
+        self.commands: list[str] = [c for c in old.get("commands", []) if c != meta["command"]]
+        self.commands.append(meta["command"])
+
+    def find(self, seeds: str, label: str, config: dict | None = None) -> MetricRow | None:
+        """A successful stored row for ``(seeds, label)`` with the same method settings, if any."""
+        for r in self.rows:
+            same = r["seeds"] == seeds and r["method"] == label and not r.get("error")
+            if same and (config is None or r.get("config") == _jsonable(config)):
+                return r
+        return None
+
+    def put(self, rows: Iterable[MetricRow]) -> None:
+        for row in rows:
+            self.rows = [r for r in self.rows if (r["seeds"], r["method"]) != (row["seeds"], row["method"])]
+            self.rows.append(row)
+
+    def save(self, order: Sequence[str], title: str, num_tasks: int) -> None:
+        rows = ordered(self.rows, order)
+        write_csv(rows, self.stem.with_suffix(".csv"), num_tasks)
+        meta = {**self.meta, "command": self.commands[-1], "commands": self.commands, "rows": rows}
+        self.stem.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+        self.stem.with_suffix(".md").write_text(summary_markdown(rows, meta, title))
+
+
+def ordered(rows: Sequence[MetricRow], order: Sequence[str]) -> list[MetricRow]:
+    """Seed groups in first-seen order, each in ``order`` (labels not in it last, as stored)."""
+    groups = list(dict.fromkeys(r["seeds"] for r in rows))
+    rank = {label: i for i, label in enumerate(order)}
+    return sorted(rows, key=lambda r: (groups.index(r["seeds"]), rank.get(r["method"], len(rank))))
+
+
+def run_group(
+    seeds: Sequence[int],
     rows: Sequence[MethodRow],
     datamodule: TaskSplitDataModule,
-    arch: str,
-    width: float,
-    cache_dir: str | Path,
-    stats_dir: Path,
+    sources: Callable[[], Sequence[nn.Module]],
+    stats_path: Callable[[MergeMethod], str],
+    store: ResultStore,
+    save: Callable[[], None],
     echo: Callable[[str], None] = print,
-) -> list[dict]:
-    """Every row for one pair of seeds; the sources and the ensemble are scored in the first run."""
-    pair = f"{seeds[0]}:{seeds[1]}"
-    sources = pair_sources(seeds, arch, width, cache_dir, datamodule.root)
-    stats_path = str(stats_dir / f"{arch}x{width:g}_s{seeds[0]}-{seeds[1]}_moments.safetensors")
-    out: list[dict] = []
-    for i, (label, factory) in enumerate(rows):
-        got, _ = evaluate_merge(
-            label, factory(), sources, datamodule, pair=pair, stats_path=stats_path, references=i == 0
-        )
+) -> None:
+    """Every row for one seed group, reusing the stored ones; sources and ensemble scored once."""
+    group = seeds_label(seeds)
+    refs = reference_labels(datamodule.num_tasks)
+    loaded: list[Sequence[nn.Module]] = []
+    for label, factory in rows:
+        try:
+            method = factory()
+        except Exception as err:  # e.g. a method not registered yet: record it, go on
+            store.put([failed_row(group, label, err, None)])
+            echo(f"seeds {group} {label:>20}: failed ({err})")
+            save()
+            continue
+        config = method_config(method)
+        need_refs = not all(store.find(group, r) for r in refs)
+        if store.find(group, label, config) and not need_refs:
+            echo(f"seeds {group} {label:>20}: reused")
+            continue
+        if not loaded:
+            loaded.append(sources())
+        try:
+            got, _ = evaluate_merge(
+                label,
+                method,
+                loaded[0],
+                datamodule,
+                seeds=group,
+                stats_path=stats_path(method),
+                references=need_refs,
+            )
+        except Exception as err:  # a failing method is a result too; the table goes on
+            got = [failed_row(group, label, err, _jsonable(config))]
+        store.put(got)
         for r in got:
-            echo(f"pair {pair} {r['method']:>20}: joint {r['joint_acc']:.2f}%  ({r['seconds']:.0f} s)")
-        out += got
-    return out
+            done = f"failed: {r['error']}" if r.get("error") else f"joint {r['joint_acc']:.2f}%"
+            echo(f"seeds {group} {r['method']:>20}: {done}  ({r.get('seconds', 0):.0f} s)")
+        save()
 
 
-def write_csv(rows: Sequence[dict], path: Path) -> None:
+def write_csv(rows: Sequence[MetricRow], path: Path, num_tasks: int) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns(num_tasks), extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
-def _mean_std(values: Sequence[float], digits: int) -> str:
+def mean_std(values: Sequence[float], digits: int = 2) -> str:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def summary_markdown(rows: Sequence[dict], command: str, machine: str, title: str) -> str:
-    """Mean ± std over pairs of every column, the command that made it and the machine."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    pairs = sorted({r["pair"] for r in rows})
+def short_error(error: str, limit: int = 70) -> str:
+    first = error.splitlines()[0] if error else "unknown error"
+    return first if len(first) <= limit else first[: limit - 1] + "…"
+
+
+def mean_joint(rows: Sequence[MetricRow], label: str) -> float:
+    """Mean joint accuracy of ``label`` over its successful rows (NaN when there are none)."""
+    values = [r["joint_acc"] for r in rows if r["method"] == label and not r.get("error")]
+    return statistics.fmean(values) if values else math.nan
+
+
+def verdict(rows: Sequence[MetricRow], num_tasks: int) -> dict[str, Any]:
+    """The best merge and its fraction of the ensemble's joint accuracy; merges not above averaging."""
+    refs = set(reference_labels(num_tasks))
+    merges = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in refs]
+    scored = {m: mean_joint(rows, m) for m in merges}
+    scored = {m: v for m, v in scored.items() if not math.isnan(v)}
+    best = max(scored, key=scored.get, default=None)
+    ensemble = mean_joint(rows, "ensemble")
+    average = scored.get("average", math.nan)
+    return {
+        "best": best,
+        "best_joint": scored.get(best, math.nan) if best else math.nan,
+        "ensemble_joint": ensemble,
+        "best_of_ensemble": scored[best] / ensemble if best and not math.isnan(ensemble) else math.nan,
+        "not_above_average": [m for m, v in scored.items() if m != "average" and not v > average],
+        "failed": [m for m in merges if m not in scored],
+        "has_average": not math.isnan(average),
+    }
+
+
+def _cells(sel: Sequence[MetricRow], num_tasks: int, is_ref: bool) -> list[str]:
+    ok = [r for r in sel if not r.get("error")]
+    if not ok:
+        return [f"failed: {short_error(sel[0]['error'])}"] + ["–"] * (num_tasks + 4)
+    cells = [mean_std([r[c] for r in ok]) for c in accuracy_columns(num_tasks)]
+    cells += [mean_std([r[c] for r in ok]) for c in ("rel_params", "rel_flops")]
+    cells.append("–" if is_ref else f"{statistics.fmean(r['seconds'] for r in ok):.0f}")
+    return cells
+
+
+def _settings(rows: Sequence[MetricRow]) -> list[str]:
+    """One line per merge row: the method and its arguments (α/β included), from the stored config."""
+    out = []
+    for label in dict.fromkeys(r["method"] for r in rows):
+        config = next((r["config"] for r in rows if r["method"] == label and r.get("config")), None)
+        if config:
+            args = ", ".join(f"{k}={v}" for k, v in config.get("init_args", {}).items())
+            out.append(f"- {label}: `{config['name']}({args})`")
+    return out
+
+
+def summary_markdown(rows: Sequence[MetricRow], meta: dict[str, Any], title: str) -> str:
+    """Mean ± std over seed groups of every column, each row's settings, the command and the machine."""
+    num_tasks = len(meta["tasks"])
+    refs = reference_labels(num_tasks)
+    groups = list(dict.fromkeys(r["seeds"] for r in rows))
+    tasks = " : ".join(str(list(t)) for t in meta["tasks"])
     lines = [
         f"# {title}",
         "",
-        f"Pairs of seeds (task [0..4] : task [5..9]): {', '.join(pairs)}; "
-        + ("mean ± std over pairs." if len(pairs) > 1 else "one pair, so no std."),
-        "Accuracies in % on the Fashion-MNIST test set; relative params / FLOPs against one source "
-        "(FLOPs: torch.utils.flop_counter on one 28×28 image; a partial zip counts trunk + 2 tails; "
-        "the ensemble's are 2 by definition). s / run: one MergeModule validation (statistics pass "
-        "when the pair has none yet, merge, REPAIR, 10k test images; the first run also scores the "
-        "sources and the ensemble).",
+        f"Seed groups (task {tasks}): {', '.join(groups)}; "
+        + ("mean ± std over seed groups." if len(groups) > 1 else "one seed group, so no std."),
+        "Accuracies in % on the Fashion-MNIST test set (joint: argmax over all 10 classes; task X: "
+        "argmax within the task's classes on its images); relative params / FLOPs against one source "
+        f"(FLOPs: torch.utils.flop_counter on one 28×28 image; a partial zip counts trunk + {num_tasks} "
+        f"tails; the ensemble's are {num_tasks} by definition). s / run: one MergeModule validation "
+        "(statistics pass when the seed group has none yet, merge, REPAIR where the method uses it, "
+        "10k test images).",
         "",
-        "| method | joint | task A | task B | avg | rel. params | rel. FLOPs | s / run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | joint | " + " | ".join(f"task {LETTERS[t]}" for t in range(num_tasks)) + " | avg | "
+        "rel. params | rel. FLOPs | s / run |",
+        "|---" * (num_tasks + 6) + "|",
     ]
-    for m in methods:
+    for m in dict.fromkeys(r["method"] for r in rows):
         sel = [r for r in rows if r["method"] == m]
-        cells = [_mean_std([r[c] for r in sel], 2) for c in ACCURACY_COLUMNS]
-        cells += [_mean_std([r[c] for r in sel], 2) for c in ("rel_params", "rel_flops")]
-        cells.append(
-            "–"
-            if m in ("model A", "model B", "ensemble")
-            else f"{statistics.fmean(r['seconds'] for r in sel):.0f}"
+        failed = sum(bool(r.get("error")) for r in sel)
+        name = m if not failed or failed == len(sel) else f"{m} ({failed} of {len(sel)} failed)"
+        lines.append(f"| {name} | " + " | ".join(_cells(sel, num_tasks, m in refs)) + " |")
+    v = verdict(rows, num_tasks)
+    if v["best"] and not math.isnan(v["best_of_ensemble"]):
+        lines += [
+            "",
+            f"Best merge by joint accuracy: **{v['best']}**, {100 * v['best_of_ensemble']:.1f}% of "
+            "the ensemble's.",
+        ]
+    if v["has_average"]:
+        lose = v["not_above_average"]
+        lines.append(
+            "Every merge row beats weight averaging." if not lose else f"Not above weight averaging: {lose}."
         )
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    best = max(
-        (m for m in methods if m not in ("model A", "model B", "ensemble")),
-        default=None,
-        key=lambda m: statistics.fmean(r["joint_acc"] for r in rows if r["method"] == m),
-    )
-    ens = [r["joint_acc"] for r in rows if r["method"] == "ensemble"]
-    if best is not None and ens:
-        ratio = statistics.fmean(r["joint_acc"] for r in rows if r["method"] == best) / statistics.fmean(ens)
-        lines += ["", f"Best merge by joint accuracy: **{best}**, {100 * ratio:.1f}% of the ensemble's."]
-    lines += ["", "Command:", "", "```", command, "```", "", f"Machine: {machine}", ""]
+    lines += ["", "Row settings:", "", *_settings(rows), "", "Commands:", "", "```"]
+    lines += [*meta.get("commands", [meta["command"]]), "```", "", f"Machine: {meta['machine']}", ""]
     return "\n".join(lines)
 
 
@@ -281,54 +489,107 @@ def machine_description() -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def table_stem(arch: str, width: float, split: int) -> str:
+    return f"merge_table_{arch}x{width:g}_split{split}"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet20", help="source architecture (registry name)")
+    p.add_argument("--width", type=float, default=1, help="source width multiplier")
+    p.add_argument("--split", type=int, choices=sorted(SPLITS), default=2, help="number of tasks / models")
+    p.add_argument(
+        "--seeds",
+        "--pairs",
+        dest="seeds",
+        type=parse_seeds,
+        nargs="+",
+        default=None,
+        help="seed groups, one seed per task: 0:1 ... (split 2) or 0:1:2 ... (split 3)",
     )
-    parser.add_argument("--arch", default="resnet20", help="source architecture (registry name)")
-    parser.add_argument("--width", type=float, default=1, help="source width multiplier")
-    parser.add_argument("--pairs", type=parse_pair, nargs="+", default=[(0, 1)], help="SEED_A:SEED_B ...")
-    parser.add_argument("--with-pleas", action="store_true", help="add PLeaS at widths 1, 1.5, 2")
-    parser.add_argument("--stops", type=float, nargs="+", default=[0.3, 0.6], help="partial-zip depths")
-    parser.add_argument(
-        "--cache-dir", default=DEFAULT_CACHE_DIR, help="source checkpoints (trained if absent)"
+    p.add_argument("--stops", type=float, nargs="+", default=[0.3, 0.6], help="partial-zip depths")
+    p.add_argument(
+        "--pleas-widths", type=float, nargs="+", default=[1.25, 1.5, 1.75], help="PLeaS merged widths"
     )
-    parser.add_argument(
-        "--stats-dir", default="artifacts/merge_table/stats", help="per-pair statistics files"
-    )
-    parser.add_argument("--out-dir", default="benchmarks/results", help="where the csv / json / md go")
-    parser.add_argument("--root", default=DEFAULT_ROOT, help="folder with the Fashion-MNIST IDX files")
-    parser.add_argument("--calibration-size", type=int, default=2000, help="images in the statistics pass")
-    args = parser.parse_args(argv)
-    logging.getLogger("lightning_merge").setLevel(logging.WARNING)
-    data = TaskSplitDataModule(
+    p.add_argument("--no-pleas", action="store_true", help="leave the PLeaS rows out")
+    p.add_argument("--rows", nargs="+", default=None, help="only rows whose label equals / contains these")
+    p.add_argument("--fresh", action="store_true", help="ignore rows already in the output JSON")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="source checkpoints (trained if absent)")
+    p.add_argument("--stats-dir", default="artifacts/merge_table/stats", help="statistics files")
+    p.add_argument("--out-dir", default="benchmarks/results", help="where the csv / json / md go")
+    p.add_argument("--root", default=DEFAULT_ROOT, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--calibration-size", type=int, default=2000, help="images in the statistics pass")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parsed arguments; seed groups must hold one seed per task of the split."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [tuple(range(args.split))]
+    bad = [seeds_label(s) for s in args.seeds if len(s) != args.split]
+    if bad:
+        p.error(f"--split {args.split} needs {args.split} seeds per group (one per task), got {bad}")
+    if args.no_pleas:
+        args.pleas_widths = []
+    try:
+        args.method_rows = select_rows(method_rows(args.split, args.stops, args.pleas_widths), args.rows)
+    except ValueError as err:
+        p.error(str(err))
+    return args
+
+
+def datamodule_for(args: argparse.Namespace) -> TaskSplitDataModule:
+    return TaskSplitDataModule(
         root=args.root,
-        tasks=[list(s.classes) for s in DEFAULT_PAIR],
+        tasks=[list(t) for t in SPLITS[args.split]],
         eval_batch_size=500,
         calibration_size=args.calibration_size,
         calibration_seed=0,
     )
+
+
+def script_command(script: str, argv: list[str] | None) -> str:
+    return shlex.join([".venv/bin/python", script, *(argv if argv is not None else sys.argv[1:])])
+
+
+def main(argv: list[str] | None = None) -> list[MetricRow]:
+    args = parse_args(argv)
+    logging.getLogger("lightning_merge").setLevel(logging.WARNING)
+    data = datamodule_for(args)
     stats_dir, out_dir = Path(args.stats_dir), Path(args.out_dir)
     stats_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows_spec = method_rows(args.with_pleas, args.stops)
+    name = table_stem(args.arch, args.width, args.split)
+    tasks = SPLITS[args.split]
+    meta = {
+        "command": script_command("benchmarks/merge_table.py", argv),
+        "machine": machine_description(),
+        "arch": args.arch,
+        "width": args.width,
+        "split": args.split,
+        "tasks": [list(t) for t in tasks],
+        "zip": zip_settings(args.split),
+    }
+    store = ResultStore(out_dir / name, meta, fresh=args.fresh)
+    every = method_rows(args.split, args.stops, args.pleas_widths)
+    order = reference_labels(args.split) + [label for label, _ in every]
+    title = f"Merging {args.arch}×{args.width:g} on Fashion-MNIST, {args.split} tasks"
     start = time.perf_counter()
-    rows: list[dict] = []
-    for seeds in args.pairs:
-        rows += run_pair(seeds, rows_spec, data, args.arch, args.width, args.cache_dir, stats_dir)
-    total = time.perf_counter() - start
-    stem = out_dir / f"merge_table_{args.arch}x{args.width:g}"
-    command = " ".join(
-        [".venv/bin/python benchmarks/merge_table.py", *(argv if argv is not None else sys.argv[1:])]
-    )
-    machine = machine_description()
-    write_csv(rows, stem.with_suffix(".csv"))
-    meta = {"command": command, "machine": machine, "total_seconds": total, "rows": rows}
-    stem.with_suffix(".json").write_text(json.dumps(meta, indent=2))
-    title = f"Merging {args.arch}×{args.width:g} pairs on Fashion-MNIST 5+5 ({total / 60:.1f} min in all)"
-    stem.with_suffix(".md").write_text(summary_markdown(rows, command, machine, title))
-    print(f"wrote {stem}.{{csv,json,md}} in {total:.0f} s")
-    return rows
+    for seeds in args.seeds:
+        run_group(
+            seeds,
+            args.method_rows,
+            data,
+            lambda s=seeds: group_sources(s, tasks, args.arch, args.width, args.cache_dir, data.root),
+            lambda m, s=seeds: stats_file(stats_dir, name, s, m, args.calibration_size),
+            store,
+            lambda: store.save(order, title, args.split),
+        )
+    store.save(order, title, args.split)
+    print(f"wrote {out_dir / name}.{{csv,json,md}} in {time.perf_counter() - start:.0f} s")
+    return store.rows
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ For each architecture: N=2 randomly initialised sources (timing does not depend 
 the merge graph from ``trace_graph``, and the same in-memory 28×28 batches (Fashion-MNIST-shaped).
 "forward" runs every model over every batch under ``torch.no_grad``; "pass" is
 ``collect_statistics`` over the same batches. Both get one warm-up run; the table reports medians.
+With ``--out benchmarks/results`` it also writes stats_pass.md / stats_pass.json.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,6 +26,9 @@ from lightning_merge.graph import trace_graph
 from lightning_merge.models import VGG11BN, ResNet20
 from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.moments import FeatureMomentsCollector, moments_memory_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_io import Column, command_line, machine_description, markdown_table, write_results  # noqa: E402
 
 ARCHS: dict[str, Callable[[], nn.Module]] = {
     "resnet20x1": lambda: ResNet20(width=1),
@@ -56,7 +62,8 @@ def medians(fns: dict[str, Callable[[], object]], runs: int, device: torch.devic
     return {k: tuple(statistics.median(t[i] for t in v) for i in (0, 1)) for k, v in times.items()}
 
 
-def bench(arch: str, args: argparse.Namespace, device: torch.device) -> dict[str, str]:
+def bench(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """One row of raw numbers (seconds, ratios) for ``arch``."""
     torch.manual_seed(0)
     models = [ARCHS[arch]().to(device).eval() for _ in range(2)]
     graph = trace_graph(models[0], torch.randn(2, 1, 28, 28, device=device))
@@ -79,22 +86,42 @@ def bench(arch: str, args: argparse.Namespace, device: torch.device) -> dict[str
     if args.f32_batch:
         variants["f32batch"] = stats_pass(torch.float32)
     t = medians(variants, args.runs, device)
-    row = {
+    row: dict = {
         "arch": arch,
-        "taps": str(len(graph.taps)),
-        "state MiB": f"{moments_memory_bytes(graph, 2) / 2**20:.1f}",
-        "forward s (wall/cpu)": f"{t['forward'][0]:.2f} / {t['forward'][1]:.2f}",
+        "device": str(device),
+        "taps": len(graph.taps),
+        "state_mib": moments_memory_bytes(graph, 2) / 2**20,
+        "forward_wall_s": t["forward"][0],
+        "forward_cpu_s": t["forward"][1],
     }
     for name in variants:
         if name != "forward":
-            row[f"pass {name} s (wall/cpu)"] = f"{t[name][0]:.2f} / {t[name][1]:.2f}"
-            row[f"ratio {name} (wall/cpu)"] = "{:.2f} / {:.2f}".format(
-                *(t[name][i] / t["forward"][i] for i in (0, 1))
-            )
+            row[f"pass_{name}_wall_s"], row[f"pass_{name}_cpu_s"] = t[name]
+            row[f"ratio_{name}_wall"] = t[name][0] / t["forward"][0]
+            row[f"ratio_{name}_cpu"] = t[name][1] / t["forward"][1]
     return row
 
 
-def main() -> None:
+def columns(f32_batch: bool) -> list[Column]:
+    cols = [
+        Column("arch", "arch"),
+        Column("device", "device"),
+        Column("taps", "taps"),
+        Column("state_mib", "state MiB", ".1f"),
+        Column("forward_wall_s", "forward s (wall)", ".2f"),
+        Column("forward_cpu_s", "forward s (cpu)", ".2f"),
+    ]
+    for name in ["f64"] + (["f32batch"] if f32_batch else []):
+        cols += [
+            Column(f"pass_{name}_wall_s", f"pass {name} s (wall)", ".2f"),
+            Column(f"pass_{name}_cpu_s", f"pass {name} s (cpu)", ".2f"),
+            Column(f"ratio_{name}_wall", f"ratio {name} (wall)", ".2f"),
+            Column(f"ratio_{name}_cpu", f"ratio {name} (cpu)", ".2f"),
+        ]
+    return cols
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument(
         "--archs", default=",".join(ARCHS), help="comma-separated subset of " + ",".join(ARCHS)
@@ -105,19 +132,49 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--f32-batch", action="store_true", help="also time float32 per-batch products")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None, help="folder for stats_pass.md/.json (default: stdout only)")
+    args = parser.parse_args(argv)
+    unknown = [a for a in args.archs.split(",") if a not in ARCHS]
+    if unknown:
+        parser.error(f"unknown --archs {unknown}; choose from {list(ARCHS)}")
+    if min(args.runs, args.batches, args.batch_size) < 1:
+        parser.error("--runs, --batches and --batch-size must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    machine = machine_description(device)  # before the runs: the load average they started under
     rows = [bench(arch, args, device) for arch in args.archs.split(",")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"N=2 models, {args.batches} batches of {args.batch_size}×1×28×28, median of {args.runs} runs")
-    header = list(rows[0])
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(str(row[k]) for k in header) + " |")
+    setup = f"N=2 models, {args.batches} batches of {args.batch_size}×1×28×28, median of {args.runs} runs"
+    print(setup)
+    cols = columns(args.f32_batch)
+    print(markdown_table(cols, rows))
+    if args.out is not None:
+        notes = (
+            f"{setup}, randomly initialised sources (the time does not depend on the weights). "
+            "forward: every model over every batch under torch.no_grad; pass: collect_statistics with "
+            "the feature-moments collector over the same batches (float64 accumulators; f32batch: "
+            "float32 per-batch products). One warm-up each, runs interleaved; wall and process CPU "
+            "seconds; ratio = pass / forward."
+        )
+        paths = write_results(
+            args.out,
+            "stats_pass",
+            title="Statistics pass vs a plain forward",
+            columns=cols,
+            rows=rows,
+            command=command_line("benchmarks/stats_pass.py", argv),
+            machine=machine,
+            notes=notes,
+        )
+        print("wrote " + ", ".join(map(str, paths)))
+    return rows
 
 
 if __name__ == "__main__":

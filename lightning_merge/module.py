@@ -354,10 +354,19 @@ def method_config(method: MergeMethod) -> dict[str, Any]:
     for name in list(inspect.signature(cls.__init__).parameters)[1:]:
         if hasattr(method, name):
             value = getattr(method, name)
-            args[name] = (
-                value if isinstance(value, (bool, int, float, str, type(None), list, tuple)) else repr(value)
-            )
+            args[name] = _plain(value)
     return {"name": method.name, "class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
+
+
+def _plain(value: Any) -> Any:
+    """A YAML-safe copy of an ``__init__`` argument (dicts and lists kept, other objects as repr)."""
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return repr(value)
 
 
 def _describe(source: Source) -> str:

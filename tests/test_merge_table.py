@@ -1,10 +1,11 @@
-"""benchmarks/merge_table.py: its row function on the quick MLP pair, the CSV it writes, the summary."""
+"""benchmarks/merge_table.py on the quick MLP sources: rows, 3-way split, failures, resuming, CLI checks."""
 
 from __future__ import annotations
 
-import argparse
 import csv
-import importlib.util
+import importlib
+import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,85 +15,205 @@ import pytest
 
 from lightning_merge.data import TaskSplitDataModule
 from lightning_merge.methods import get_method
+from lightning_merge.models.sources import DEFAULT_PAIR, SourceSpec, checkpoint_of
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_table.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _aligned_registered() -> bool:
+    try:
+        get_method("aligned", align="permute", merger="regmean")
+    except KeyError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
-def merge_table() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("merge_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["merge_table"] = module
-    spec.loader.exec_module(module)
-    return module
+def mt() -> ModuleType:
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module("merge_table")
 
 
 @pytest.fixture(scope="module")
-def table(merge_table: ModuleType, source_pair: Callable, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+def table(mt: ModuleType, source_pair: Callable, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     pair = source_pair("mlp", width=0.25)
     dm = TaskSplitDataModule(calibration_size=256, eval_batch_size=1000)
     stats = str(tmp_path_factory.mktemp("stats") / "pair.safetensors")
-    rows, first = merge_table.evaluate_merge(
+    rows, first = mt.evaluate_merge(
         "average", get_method("average"), pair, dm, stats_path=stats, references=True
     )
-    zipped, _ = merge_table.evaluate_merge(
+    zipped, _ = mt.evaluate_merge(
         "zipit partial@0.5", get_method("zipit", stop_at=0.5), pair, dm, stats_path=stats
     )
-    again, _ = merge_table.evaluate_merge("zipit", get_method("zipit"), pair, dm, stats_path=stats)
+    again, _ = mt.evaluate_merge("zipit", get_method("zipit"), pair, dm, stats_path=stats)
     return rows + zipped + again, first
 
 
 def test_rows_hold_the_module_results_and_valid_numbers(table: tuple) -> None:
     rows, module = table
-    assert [r["method"] for r in rows] == [
-        "model A",
-        "model B",
-        "ensemble",
-        "average",
-        "zipit partial@0.5",
-        "zipit",
-    ]
+    labels = ["model A", "model B", "ensemble", "average", "zipit partial@0.5", "zipit"]
+    assert [r["method"] for r in rows] == labels
     by = {r["method"]: r for r in rows}
     res = module.results
     for label, key in [("ensemble", "ensemble"), ("model A", "source0"), ("average", "merged")]:
         assert by[label]["joint_acc"] == pytest.approx(100 * res[f"{key}/joint_acc"])
-        assert by[label]["task_a_acc"] == pytest.approx(100 * res[f"{key}/task0_acc"])
-        assert by[label]["task_b_acc"] == pytest.approx(100 * res[f"{key}/task1_acc"])
+        assert by[label]["task_0_acc"] == pytest.approx(100 * res[f"{key}/task0_acc"])
+        assert by[label]["task_1_acc"] == pytest.approx(100 * res[f"{key}/task1_acc"])
     for r in rows:
-        for c in ("joint_acc", "task_a_acc", "task_b_acc", "avg_task_acc"):
+        for c in ("joint_acc", "task_0_acc", "task_1_acc", "avg_task_acc"):
             assert 0 <= r[c] <= 100, (r["method"], c)
-        assert r["avg_task_acc"] == pytest.approx((r["task_a_acc"] + r["task_b_acc"]) / 2)
+        assert r["avg_task_acc"] == pytest.approx((r["task_0_acc"] + r["task_1_acc"]) / 2)
+        assert r["error"] is None
     assert by["average"]["rel_params"] == 1 and by["average"]["rel_flops"] == pytest.approx(1)
+    assert by["ensemble"]["rel_params"] == 2 and by["ensemble"]["config"] is None
     # a partial zip keeps one tail per source: more parameters and FLOPs than one model, fewer than two
     assert 1 < by["zipit partial@0.5"]["rel_params"] < 2 and 1 < by["zipit partial@0.5"]["rel_flops"] < 2
+    assert by["zipit partial@0.5"]["config"]["init_args"]["stop_at"] == 0.5
     assert by["ensemble"]["joint_acc"] > by["average"]["joint_acc"]
     # the statistics pass runs once for the pair; the next row loads the file
     assert [by[m]["stats"] for m in ("average", "zipit partial@0.5", "zipit")] == ["none", "pass", "cache"]
 
 
-def test_csv_and_summary(merge_table: ModuleType, table: tuple, tmp_path: Path) -> None:
+def test_csv_and_summary(mt: ModuleType, table: tuple, tmp_path: Path) -> None:
     rows, _ = table
     path = tmp_path / "t.csv"
-    merge_table.write_csv(rows, path)
+    mt.write_csv(rows, path, 2)
     with path.open() as f:
         read = list(csv.DictReader(f))
-    assert tuple(read[0]) == merge_table.COLUMNS and len(read) == len(rows)
+    assert list(read[0]) == mt.columns(2) and len(read) == len(rows)
     assert float(read[2]["joint_acc"]) == pytest.approx(rows[2]["joint_acc"], abs=1e-4)
-    md = merge_table.summary_markdown(rows + [{**r, "pair": "2:3"} for r in rows], "cmd", "box", "T")
+    meta = {"command": "cmd", "machine": "box", "tasks": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]}
+    failed = mt.failed_row("2:3", "zipit", ValueError("stuck at width 12"), None)
+    md = mt.summary_markdown(rows + [{**r, "seeds": "2:3"} for r in rows[:-1]] + [failed], meta, "T")
     line = next(x for x in md.splitlines() if x.startswith("| ensemble |"))
-    assert f"{rows[2]['joint_acc']:.2f} ± 0.00" in line  # two equal pairs: zero spread
+    assert f"{rows[2]['joint_acc']:.2f} ± 0.00" in line  # two equal groups: zero spread
+    assert next(x for x in md.splitlines() if x.startswith("| zipit (1 of 2 failed) |"))
+    assert "| method | joint | task A | task B | avg |" in md and "task C" not in md
     assert "of the ensemble's" in md and "cmd" in md and "Machine: box" in md
+    alone = mt.summary_markdown(rows[:3] + [failed], meta, "T")
+    assert "| zipit | failed: ValueError: stuck at width 12 | – |" in alone
 
 
-def test_pair_argument(merge_table: ModuleType) -> None:
-    assert merge_table.parse_pair("2:3") == (2, 3)
-    with pytest.raises(argparse.ArgumentTypeError, match="SEED_A:SEED_B.*'2-3'"):
-        merge_table.parse_pair("2-3")
+def test_three_models_every_row_kind_succeeds(mt: ModuleType, source_pair: Callable, tmp_path: Path) -> None:
+    three = source_pair("mlp", width=0.25, tasks=mt.SPLITS[3], seeds=(0, 1, 2))
+    dm = TaskSplitDataModule(
+        tasks=[list(t) for t in mt.SPLITS[3]], calibration_size=256, eval_batch_size=1000
+    )
+    wanted = ["zipit", "zipit partial@0.5", "pleas w=1.5"]
+    if _aligned_registered():
+        wanted.append("regmean (aligned)")
+    rows = [r for r in mt.method_rows(3, stops=(0.5,), pleas_widths=(1.5,)) if r[0] in wanted]
+    meta = {"command": "cmd", "machine": "box", "tasks": [list(t) for t in mt.SPLITS[3]]}
+    store = mt.ResultStore(tmp_path / "t3", meta)
+    stats = lambda m: mt.stats_file(tmp_path, "t3", (0, 1, 2), m, 256)  # noqa: E731
+    mt.run_group((0, 1, 2), rows, dm, lambda: three, stats, store, lambda: store.save([], "T", 3), echo=print)
+    by = {r["method"]: r for r in store.rows}
+    assert list(by) == ["model A", "model B", "model C", "ensemble", *wanted]
+    assert all(r["error"] is None for r in store.rows), [r["error"] for r in store.rows]
+    assert by["ensemble"]["rel_params"] == 3 and by["zipit"]["config"]["init_args"]["beta"] == 0.5
+    for r in store.rows:
+        tasks = [r[f"task_{t}_acc"] for t in range(3)]
+        assert r["avg_task_acc"] == pytest.approx(sum(tasks) / 3)
+    assert by["model C"]["task_2_acc"] > by["model A"]["task_2_acc"]  # C owns task C
+    assert 1 < by["zipit partial@0.5"]["rel_flops"] < 3 and by["pleas w=1.5"]["rel_params"] > 1
+    md = (tmp_path / "t3.md").read_text()
+    assert "| task A | task B | task C |" in md and "beta=0.5" in md
 
 
-def test_rows_include_pleas_only_on_request(merge_table: ModuleType) -> None:
-    plain = [label for label, _ in merge_table.method_rows()]
-    assert not any(label.startswith("pleas") for label in plain)
-    assert plain[:4] == ["average", "weight_matching", "permute", "zipit"]
-    with_pleas = [label for label, _ in merge_table.method_rows(with_pleas=True)]
-    assert [x for x in with_pleas if x.startswith("pleas")] == ["pleas w=1", "pleas w=1.5", "pleas w=2"]
+def test_failed_rows_are_recorded_and_stored_rows_reused(
+    mt: ModuleType, source_pair: Callable, tmp_path: Path
+) -> None:
+    pair = source_pair("mlp", width=0.25)
+    dm = TaskSplitDataModule(calibration_size=256, eval_batch_size=1000)
+    meta = {"command": "cmd 1", "machine": "box", "tasks": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]}
+    rows = [
+        ("permute", lambda: get_method("permute")),
+        ("broken", lambda: get_method("zipit", widths={"no_such_point": 4})),
+        ("unknown", lambda: get_method("no_such_method")),
+    ]
+    store = mt.ResultStore(tmp_path / "t", meta)
+    stats = lambda m: mt.stats_file(tmp_path, "t", (0, 1), m, 256)  # noqa: E731
+    loads: list[int] = []
+
+    def sources() -> list:
+        loads.append(1)
+        return pair
+
+    run = lambda st, rs: mt.run_group((0, 1), rs, dm, sources, stats, st, lambda: st.save([], "T", 2), print)  # noqa: E731
+    run(store, rows)
+    by = {r["method"]: r for r in store.rows}
+    assert "KeyError" in by["broken"]["error"] and "no_such_point" in by["broken"]["error"]
+    assert "no_such_method" in by["unknown"]["error"] and by["permute"]["error"] is None
+    first = by["permute"]
+    # a second run (reading the JSON back) reuses the stored row and references, retries the failures
+    again = mt.ResultStore(tmp_path / "t", {**meta, "command": "cmd 2"})
+    assert again.commands == ["cmd 1", "cmd 2"]
+    run(again, rows[:1])
+    assert len(loads) == 1 and again.find("0:1", "permute") == first
+    # other settings under the same label are recomputed
+    run(again, [("permute", lambda: get_method("permute", anchor="mean"))])
+    assert len(loads) == 2 and again.find("0:1", "permute")["config"]["init_args"]["anchor"] == "mean"
+    assert mt.ResultStore(tmp_path / "t", meta, fresh=True).rows == []
+
+
+def test_seed_groups_and_split_arguments(mt: ModuleType, capsys: pytest.CaptureFixture) -> None:
+    assert mt.parse_seeds("2:3") == (2, 3) and mt.parse_seeds("0:1:2") == (0, 1, 2)
+    with pytest.raises(Exception, match=r"SEED_A:SEED_B\[:SEED_C\].*'2-3'"):
+        mt.parse_seeds("2-3")
+    args = mt.parse_args(["--split", "3", "--pairs", "0:1:2", "3:4:5", "--no-pleas", "--rows", "zipit"])
+    assert args.seeds == [(0, 1, 2), (3, 4, 5)]
+    assert [x for x, _ in args.method_rows] == [
+        "zipit",
+        "zipit partial@0.3",
+        "zipit partial@0.6",
+        "zipit w=1.5",
+    ]
+    assert mt.parse_args([]).seeds == [(0, 1)]
+    for argv, message in [
+        (["--split", "3", "--seeds", "0:1"], "--split 3 needs 3 seeds per group.*'0:1'"),
+        (["--rows", "nope"], r"--rows \['nope'\] match no row"),
+        (["--split", "4"], "invalid choice: 4"),
+    ]:
+        with pytest.raises(SystemExit):
+            mt.parse_args(argv)
+        assert re.search(message, capsys.readouterr().err), argv
+
+
+def test_default_rows(mt: ModuleType) -> None:
+    labels = [x for x, _ in mt.method_rows()]
+    assert labels[:4] == ["average", "weight_matching", "permute", "zipit"]
+    assert [x for x in labels if x.startswith("pleas")] == ["pleas w=1.25", "pleas w=1.5", "pleas w=1.75"]
+    assert labels[-2:] == ["regmean (aligned)", "mats (aligned)"]
+    assert not any(x.startswith("pleas") for x, _ in mt.method_rows(pleas_widths=()))
+    if _aligned_registered():
+        factories = dict(mt.method_rows())
+        assert factories["mats (aligned)"]().merger_kwargs == {"subspace": "regmean", "iterations": 100}
+
+
+def test_sources_share_the_cache_keys_of_the_trained_specs(mt: ModuleType) -> None:
+    two = mt.group_specs((0, 1), mt.SPLITS[2], "resnet20", 1.0)
+    assert [checkpoint_of(s) for s in two] == [checkpoint_of(s) for s in DEFAULT_PAIR]
+    three = mt.group_specs((3, 4, 5), mt.SPLITS[3], "resnet20", 1.0)
+    expected = [SourceSpec(classes=c, seed=s) for c, s in zip(mt.SPLITS[3], (3, 4, 5), strict=True)]
+    assert [checkpoint_of(s) for s in three] == [checkpoint_of(s) for s in expected]
+    vgg = mt.group_specs((2, 3), mt.SPLITS[2], "vgg11_bn", 0.5)
+    assert vgg[1] == SourceSpec(classes=(5, 6, 7, 8, 9), seed=3, arch="vgg11_bn", width=0.5)
+    with pytest.raises(ValueError, match="seed group 0:1 has 2 seeds for 3 tasks"):
+        mt.group_specs((0, 1), mt.SPLITS[3], "resnet20", 1)
+
+
+def test_main_writes_the_three_files_and_resumes(
+    mt: ModuleType, source_pair: Callable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pair = source_pair("mlp", width=0.25)
+    monkeypatch.setattr(mt, "group_sources", lambda *a, **k: pair)  # the quick pair instead of training
+    argv = ["--arch", "mlp", "--width", "0.25", "--rows", "average", "--out-dir", str(tmp_path)]
+    argv += ["--stats-dir", str(tmp_path), "--calibration-size", "256"]
+    rows = mt.main(argv)
+    stem = tmp_path / "merge_table_mlpx0.25_split2"
+    assert [r["method"] for r in rows] == ["model A", "model B", "ensemble", "average"]
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert data["rows"] == rows and data["command"].endswith(" ".join(argv)) and data["zip"]["beta"] == 0.125
+    assert stem.with_suffix(".csv").is_file() and "| average |" in stem.with_suffix(".md").read_text()
+    assert mt.main(argv) == rows  # everything reused: identical rows, seconds included

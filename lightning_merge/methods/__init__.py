@@ -14,3 +14,7 @@ from lightning_merge.methods import fisher_merge, mats, regmean, task_arithmetic
 # different-initialisation merges (issue 5)
 from lightning_merge.methods import average, mudsc, permute, pleas, weight_matching, zipit  # noqa: E402, F401
 from lightning_merge.methods.transform_base import TransformMethod  # noqa: E402, F401
+
+# isort: split
+# RegMean / MaTS / Fisher after a one-to-one alignment (uses the methods above)
+from lightning_merge.methods import aligned  # noqa: E402, F401

@@ -1,0 +1,182 @@
+"""Assemble BENCHMARKS.md from the files in benchmarks/results/ (no number is typed by hand).
+
+    .venv/bin/python benchmarks/report.py [--results-dir benchmarks/results] [--out BENCHMARKS.md]
+
+Reads the merge tables (``merge_table_*.{json,md}``), the sweeps (``sweep_*.{json,md,png}``) and the
+performance notes other scripts leave there (``perf*.md``, ``matchers*.md``, ``stats_pass*.md``).
+The intro lists, per table, the command that regenerates it (from its JSON), the machine, the best
+merge as a fraction of the ensemble's joint accuracy and whether every merge beats weight averaging.
+A missing input becomes a line ``not run yet: <command>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import merge_table as mt
+
+PY = ".venv/bin/python"
+TABLE_CMD = f"{PY} benchmarks/merge_table.py"
+#: (heading, output stem, command that writes it), in the order they appear.
+TABLES: tuple[tuple[str, str, str], ...] = (
+    (
+        "ResNet-20×1, 2 models (5+5 classes)",
+        "merge_table_resnet20x1_split2",
+        f"{TABLE_CMD} --arch resnet20 --width 1 --split 2 --seeds 0:1 2:3 4:5",
+    ),
+    (
+        "ResNet-20×4, 2 models (5+5 classes)",
+        "merge_table_resnet20x4_split2",
+        f"{TABLE_CMD} --arch resnet20 --width 4 --split 2 --seeds 0:1",
+    ),
+    (
+        "VGG-11 (BN, width ×0.5), 2 models (5+5 classes)",
+        "merge_table_vgg11_bnx0.5_split2",
+        f"{TABLE_CMD} --arch vgg11_bn --width 0.5 --split 2 --seeds 0:1 2:3 4:5",
+    ),
+    (
+        "ResNet-20×1, 3 models (3+3+4 classes)",
+        "merge_table_resnet20x1_split3",
+        f"{TABLE_CMD} --arch resnet20 --width 1 --split 3 --seeds 0:1:2 3:4:5 6:7:8",
+    ),
+)
+SWEEPS: tuple[tuple[str, str, str], ...] = (
+    (
+        "ResNet-20×1 sweeps: merged width and partial-zip depth",
+        "sweep_resnet20x1_split2",
+        f"{PY} benchmarks/sweeps.py --arch resnet20 --width 1 --seeds 0:1",
+    ),
+)
+#: Other scripts' notes, included in this order (files of one prefix sorted by name).
+EXTRA_PREFIXES = ("perf", "matchers", "stats_pass")
+
+
+def demote(markdown: str, levels: int = 2) -> str:
+    """Push every heading ``levels`` deeper (outside code fences), so an included file nests."""
+    out, fenced = [], False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        out.append("#" * levels + line if not fenced and line.startswith("#") else line)
+    return "\n".join(out).strip() + "\n"
+
+
+def not_run(command: str) -> str:
+    return f"not run yet: `{command}`"
+
+
+def load_json(path: Path) -> dict[str, Any] | None:
+    """The results JSON, or None when absent; a corrupt file names itself in the error."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); rerun the command that writes it") from err
+
+
+def table_summary(heading: str, data: dict[str, Any]) -> list[str]:
+    """The intro lines of one table: commands, best merge vs ensemble, merges vs weight averaging."""
+    v = mt.verdict(data["rows"], len(data["tasks"]))
+    groups = list(dict.fromkeys(r["seeds"] for r in data["rows"]))
+    lines = [f"- **{heading}** ({len(groups)} seed group{'s' * (len(groups) != 1)}: {', '.join(groups)})"]
+    if v["best"] and not math.isnan(v["best_of_ensemble"]):
+        lines.append(
+            f"  - best merge: **{v['best']}**, joint {v['best_joint']:.2f}% = "
+            f"{100 * v['best_of_ensemble']:.1f}% of the ensemble's {v['ensemble_joint']:.2f}%"
+        )
+    if v["has_average"]:
+        lose = v["not_above_average"]
+        lines.append(
+            "  - every merge row beats weight averaging: "
+            + ("yes" if not lose else f"no ({', '.join(lose)} do not)")
+        )
+    if v["failed"]:
+        lines.append(f"  - failed rows: {', '.join(v['failed'])}")
+    lines += [f"  - regenerate: `{c}`" for c in data.get("commands", [data["command"]])]
+    return lines
+
+
+def _section(heading: str, results: Path, stem: str, command: str) -> list[str]:
+    md = results / f"{stem}.md"
+    body = demote(md.read_text()) if md.is_file() else not_run(command) + "\n"
+    return [f"## {heading}", "", body]
+
+
+def _sweep_images(results: Path, stem: str, out_dir: Path) -> list[str]:
+    name = stem.removeprefix("sweep_")
+    lines = []
+    for kind, what in (("pleas_width", "merged width"), ("zip_depth", "partial-zip depth")):
+        png = results / f"sweep_{kind}_{name}.png"
+        if png.is_file():
+            lines += [f"![joint accuracy vs {what}]({Path(os.path.relpath(png, out_dir)).as_posix()})", ""]
+    return lines
+
+
+def extra_files(results: Path) -> list[Path]:
+    """``perf*.md``, ``matchers*.md``, ``stats_pass*.md`` in that order (sorted within a prefix)."""
+    return [p for prefix in EXTRA_PREFIXES for p in sorted(results.glob(f"{prefix}*.md"))]
+
+
+def build_report(
+    results: Path,
+    out_dir: Path,
+    tables: Sequence[tuple[str, str, str]] = TABLES,
+    sweeps: Sequence[tuple[str, str, str]] = SWEEPS,
+) -> str:
+    """BENCHMARKS.md's text from ``results`` (image links relative to ``out_dir``)."""
+    data = {stem: load_json(results / f"{stem}.json") for _, stem, _ in (*tables, *sweeps)}
+    machines = list(dict.fromkeys(d["machine"] for d in data.values() if d))
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `.venv/bin/python benchmarks/report.py` from the files in `benchmarks/results/`; "
+        "every number comes from the command listed with its table. Fashion-MNIST, sources trained "
+        "for one epoch from different seeds on disjoint class splits (`artifacts/sources`), merged "
+        "without training.",
+        "",
+        "Machine: " + ("; ".join(machines) if machines else "no results yet"),
+        "",
+        "## Summary",
+        "",
+    ]
+    for heading, stem, command in tables:
+        lines += (
+            table_summary(heading, data[stem]) if data[stem] else [f"- **{heading}**: {not_run(command)}"]
+        )
+    for heading, stem, command in sweeps:
+        got = data[stem]
+        regen = [f"  - regenerate: `{c}`" for c in got.get("commands", [got["command"]])] if got else []
+        lines += [f"- **{heading}**" + ("" if got else f": {not_run(command)}"), *regen]
+    lines.append("")
+    for heading, stem, command in tables:
+        lines += _section(heading, results, stem, command)
+    for heading, stem, command in sweeps:
+        lines += _section(heading, results, stem, command) + _sweep_images(results, stem, out_dir)
+    for path in extra_files(results):
+        lines += [f"## {path.stem}", "", demote(path.read_text())]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results-dir", default="benchmarks/results", help="where the scripts wrote their files")
+    p.add_argument("--out", default="BENCHMARKS.md", help="the markdown file to write")
+    args = p.parse_args(argv)
+    results, out = Path(args.results_dir), Path(args.out)
+    if not results.is_dir():
+        p.error(f"--results-dir {results} is not a directory")
+    text = build_report(results, out.parent)
+    out.write_text(text)
+    print(f"wrote {out} ({len(text.splitlines())} lines)")
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""benchmarks/sweeps.py and benchmarks/report.py on tiny tables made from the quick MLP pair."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from lightning_merge.data import TaskSplitDataModule
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def results(source_pair: Callable, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A results folder with the first table (two rows), one sweep with its PNGs and a perf note."""
+    mt, sweeps = _load("merge_table"), _load("sweeps")
+    out = tmp_path_factory.mktemp("results")
+    pair = source_pair("mlp", width=0.25)
+    dm = TaskSplitDataModule(calibration_size=256, eval_batch_size=1000)
+    tasks = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    stats = lambda m: mt.stats_file(out, "s", (0, 1), m, 256)  # noqa: E731
+    table = mt.ResultStore(
+        out / "merge_table_resnet20x1_split2", {"command": "cmd T", "machine": "box", "tasks": tasks}
+    )
+    rows = mt.select_rows(mt.method_rows(2), ["average", "permute"])
+    mt.run_group((0, 1), rows, dm, lambda: pair, stats, table, lambda: table.save([], "T", 2), print)
+    cuts = sweeps.depth_cuts(pair[0], dm.image_shape, [0.3, 0.35])  # both resolve to the first cut
+    rows, points = sweeps.sweep_rows(2, [1.5], cuts)
+    meta = {"command": "cmd S", "machine": "box", "tasks": tasks, "points": points}
+    sweep = mt.ResultStore(out / "sweep_resnet20x1_split2", meta)
+    mt.run_group((0, 1), rows, dm, lambda: pair, stats, sweep, lambda: sweep.save([], "S", 2), print)
+    for kind in ("width", "depth"):
+        name = "pleas_width" if kind == "width" else "zip_depth"
+        assert sweeps.plot_sweep(
+            sweep.rows, points, kind, 2, kind, out / f"sweep_{name}_resnet20x1_split2.png"
+        )
+    (out / "perf_merge.md").write_text("# Merge speed\n\n```\n# not a heading\n```\n| a | 1.5 |\n")
+    (out / "matchers_zip.md").write_text("# Matchers\n")
+    return out
+
+
+def test_sweep_rows_and_cut_points(results: Path) -> None:
+    data = json.loads((results / "sweep_resnet20x1_split2.json").read_text())
+    points = data["points"]
+    assert [p for p in points if points[p]["sweep"] == "depth"] == ["zipit partial@layers_1", "zipit"]
+    assert points["zipit partial@layers_1"]["x"] == pytest.approx(1 / 3)
+    assert {points[p]["series"] for p in points if points[p]["sweep"] == "width"} == {"PLeaS", "ZipIt!"}
+    by = {r["method"]: r for r in data["rows"]}
+    assert all(r["error"] is None for r in data["rows"])
+    assert by["pleas w=1.5"]["rel_params"] > 1 and 1 < by["zipit partial@layers_1"]["rel_flops"] < 2
+    for kind in ("pleas_width", "zip_depth"):
+        png = results / f"sweep_{kind}_resnet20x1_split2.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_report_carries_the_json_numbers_and_missing_lines(results: Path, tmp_path: Path) -> None:
+    report, mt = _load("report"), _load("merge_table")
+    text = report.main(["--results-dir", str(results), "--out", str(tmp_path / "BENCHMARKS.md")])
+    assert (tmp_path / "BENCHMARKS.md").read_text() == text
+    data = json.loads((results / "merge_table_resnet20x1_split2.json").read_text())
+    for r in data["rows"]:
+        line = next(x for x in text.splitlines() if x.startswith(f"| {r['method']} |"))
+        assert f"| {r['joint_acc']:.2f} | {r['task_0_acc']:.2f} | {r['task_1_acc']:.2f} |" in line
+    v = mt.verdict(data["rows"], 2)
+    assert f"{100 * v['best_joint'] / v['ensemble_joint']:.1f}% of the ensemble's" in text
+    beats = "yes" if not v["not_above_average"] else "no"
+    assert f"every merge row beats weight averaging: {beats}" in text
+    assert "regenerate: `cmd T`" in text and "regenerate: `cmd S`" in text and "Machine: box" in text
+    for _, stem, command in report.TABLES[1:]:
+        assert f"not run yet: `{command}`" in text, stem
+    assert "](" in text and "sweep_pleas_width_resnet20x1_split2.png)" in text
+    # notes are included in a fixed order with nested headings; a '#' inside a code fence stays
+    assert text.index("## perf_merge") < text.index("## matchers_zip")
+    assert "### Merge speed" in text and "\n# not a heading\n" in text
+
+
+def test_report_errors(tmp_path: Path) -> None:
+    report = _load("report")
+    with pytest.raises(SystemExit):
+        report.main(["--results-dir", str(tmp_path / "none")])
+    (tmp_path / "merge_table_resnet20x1_split2.json").write_text("{broken")
+    with pytest.raises(ValueError, match="merge_table_resnet20x1_split2.json is not valid JSON"):
+        report.build_report(tmp_path, tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    text = report.build_report(empty, tmp_path)
+    assert text.count("not run yet:") == 2 * (len(report.TABLES) + len(report.SWEEPS))
+
+
+def test_sweep_arguments(capsys: pytest.CaptureFixture) -> None:
+    sweeps = _load("sweeps")
+    assert sweeps.parse_args(["--seeds", "2:3"]).seeds == (2, 3)
+    for argv, message in [
+        (["--widths", "2.5"], r"--widths must lie in \[1, 2\].*2.5"),
+        (["--depths", "1.5"], r"--depths are fractions in \[0, 1\], got \[1.5\]"),
+        (["--split", "3", "--seeds", "0:1"], "--split 3 needs 3 seeds"),
+    ]:
+        with pytest.raises(SystemExit):
+            sweeps.parse_args(argv)
+        assert message.split(".*")[0].replace("\\", "") in capsys.readouterr().err, argv
