@@ -284,22 +284,37 @@ def stats_file(stats_dir: Path, stem: str, seeds: Sequence[int], method: MergeMe
 
 
 class ResultStore:
-    """The rows of one output stem: reused from its JSON when present, rewritten after every row."""
+    """The rows of one output stem: reused from its JSON when present, rewritten after every row.
 
-    def __init__(self, stem: Path, meta: dict[str, Any], fresh: bool = False) -> None:
+    ``borrow``: other result JSONs (e.g. a sweep borrowing the table's PLeaS rows) whose rows with the
+    same seeds, label and method settings are copied in instead of being recomputed, marked with
+    ``"borrowed_from"``; unless ``fresh``.
+    """
+
+    def __init__(
+        self, stem: Path, meta: dict[str, Any], fresh: bool = False, borrow: Sequence[Path] = ()
+    ) -> None:
         self.stem, self.meta = stem, meta
         path = stem.with_suffix(".json")
         old = json.loads(path.read_text()) if path.is_file() and not fresh else {}
         self.rows: list[MetricRow] = list(old.get("rows", []))
         self.commands: list[str] = [c for c in old.get("commands", []) if c != meta["command"]]
         self.commands.append(meta["command"])
+        self.borrowed: list[MetricRow] = []
+        for other in () if fresh else borrow:
+            if Path(other).is_file():
+                rows = json.loads(Path(other).read_text()).get("rows", [])
+                self.borrowed += [{**r, "borrowed_from": Path(other).name} for r in rows]
 
     def find(self, seeds: str, label: str, config: dict | None = None) -> MetricRow | None:
-        """A successful stored row for ``(seeds, label)`` with the same method settings, if any."""
-        for r in self.rows:
-            same = r["seeds"] == seeds and r["method"] == label and not r.get("error")
-            if same and (config is None or r.get("config") == _jsonable(config)):
-                return r
+        """A successful row for ``(seeds, label)`` with the same method settings, stored or borrowed."""
+        for rows in (self.rows, self.borrowed):
+            for r in rows:
+                same = r["seeds"] == seeds and r["method"] == label and not r.get("error")
+                if same and (config is None or r.get("config") == _jsonable(config)):
+                    if rows is self.borrowed:
+                        self.put([r])
+                    return r
         return None
 
     def put(self, rows: Iterable[MetricRow]) -> None:

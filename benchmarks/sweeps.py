@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "zip": mt.zip_settings(args.split),
         "points": points,
     }
-    store = mt.ResultStore(out_dir / f"sweep_{name}", meta, fresh=args.fresh)
+    table = out_dir / f"{mt.table_stem(args.arch, args.width, args.split)}.json"
+    store = mt.ResultStore(out_dir / f"sweep_{name}", meta, fresh=args.fresh, borrow=[table])
     order = mt.reference_labels(args.split) + [label for label, _ in rows]
     title = f"Sweeps: {args.arch}×{args.width:g}, {args.split} tasks, seeds {mt.seeds_label(args.seeds)}"
     start = time.perf_counter()

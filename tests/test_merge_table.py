@@ -155,6 +155,13 @@ def test_failed_rows_are_recorded_and_stored_rows_reused(
     run(again, [("permute", lambda: get_method("permute", anchor="mean"))])
     assert len(loads) == 2 and again.find("0:1", "permute")["config"]["init_args"]["anchor"] == "mean"
     assert mt.ResultStore(tmp_path / "t", meta, fresh=True).rows == []
+    # another stem borrows the stored rows (same seeds, label, settings) without recomputing them
+    other = mt.ResultStore(tmp_path / "sweep", meta, borrow=[tmp_path / "t.json", tmp_path / "absent.json"])
+    run(other, [("permute", lambda: get_method("permute", anchor="mean"))])
+    got = other.find("0:1", "permute")
+    assert len(loads) == 2 and got["borrowed_from"] == "t.json"
+    assert got["joint_acc"] == again.find("0:1", "permute")["joint_acc"] and got in other.rows
+    assert mt.ResultStore(tmp_path / "s2", meta, fresh=True, borrow=[tmp_path / "t.json"]).borrowed == []
 
 
 def test_seed_groups_and_split_arguments(mt: ModuleType, capsys: pytest.CaptureFixture) -> None:
