@@ -411,8 +411,14 @@ def mean_joint(rows: Sequence[MetricRow], label: str) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
+def _mean_of(rows: Sequence[MetricRow], label: str, column: str) -> float:
+    values = [r[column] for r in rows if r["method"] == label and not r.get("error")]
+    return statistics.fmean(values) if values else math.nan
+
+
 def verdict(rows: Sequence[MetricRow], num_tasks: int) -> dict[str, Any]:
-    """The best merge and its fraction of the ensemble's joint accuracy; merges not above averaging."""
+    """The best merge (overall, and at one source's size: the widened merges cost more than the
+    ensemble) and its fraction of the ensemble's joint accuracy; merges not above averaging."""
     refs = set(reference_labels(num_tasks))
     merges = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in refs]
     scored = {m: mean_joint(rows, m) for m in merges}
@@ -420,11 +426,18 @@ def verdict(rows: Sequence[MetricRow], num_tasks: int) -> dict[str, Any]:
     best = max(scored, key=scored.get, default=None)
     ensemble = mean_joint(rows, "ensemble")
     average = scored.get("average", math.nan)
+    one_size = {m: v for m, v in scored.items() if _mean_of(rows, m, "rel_params") <= 1 + 1e-9}
+    best_1x = max(one_size, key=one_size.get, default=None)
     return {
         "best": best,
         "best_joint": scored.get(best, math.nan) if best else math.nan,
         "ensemble_joint": ensemble,
         "best_of_ensemble": scored[best] / ensemble if best and not math.isnan(ensemble) else math.nan,
+        "best_1x": best_1x,
+        "best_1x_joint": one_size.get(best_1x, math.nan) if best_1x else math.nan,
+        "best_1x_of_ensemble": (
+            one_size[best_1x] / ensemble if best_1x and not math.isnan(ensemble) else math.nan
+        ),
         "not_above_average": [m for m, v in scored.items() if m != "average" and not v > average],
         "failed": [m for m in merges if m not in scored],
         "has_average": not math.isnan(average),
@@ -486,6 +499,11 @@ def summary_markdown(rows: Sequence[MetricRow], meta: dict[str, Any], title: str
             f"Best merge by joint accuracy: **{v['best']}**, {100 * v['best_of_ensemble']:.1f}% of "
             "the ensemble's.",
         ]
+    if v["best_1x"] and not math.isnan(v["best_1x_of_ensemble"]):
+        lines.append(
+            f"Best merge of one source's size (rel. params ≤ 1): **{v['best_1x']}**, "
+            f"{100 * v['best_1x_of_ensemble']:.1f}% of the ensemble's joint accuracy."
+        )
     if v["has_average"]:
         lose = v["not_above_average"]
         lines.append(

@@ -91,6 +91,11 @@ def table_summary(heading: str, data: dict[str, Any]) -> list[str]:
             f"  - best merge: **{v['best']}**, joint {v['best_joint']:.2f}% = "
             f"{100 * v['best_of_ensemble']:.1f}% of the ensemble's {v['ensemble_joint']:.2f}%"
         )
+    if v["best_1x"] and not math.isnan(v["best_1x_of_ensemble"]):
+        lines.append(
+            f"  - best merge of one source's size: **{v['best_1x']}**, joint {v['best_1x_joint']:.2f}% = "
+            f"{100 * v['best_1x_of_ensemble']:.1f}% of the ensemble's"
+        )
     if v["has_average"]:
         lose = v["not_above_average"]
         lines.append(

@@ -75,6 +75,9 @@ def test_report_carries_the_json_numbers_and_missing_lines(results: Path, tmp_pa
         assert f"| {r['joint_acc']:.2f} | {r['task_0_acc']:.2f} | {r['task_1_acc']:.2f} |" in line
     v = mt.verdict(data["rows"], 2)
     assert f"{100 * v['best_joint'] / v['ensemble_joint']:.1f}% of the ensemble's" in text
+    one_size = [r for r in data["rows"] if r["method"] == v["best_1x"]]
+    assert one_size and all(r["rel_params"] <= 1 + 1e-9 for r in one_size)
+    assert f"**{v['best_1x']}**, joint {v['best_1x_joint']:.2f}%" in text
     beats = "yes" if not v["not_above_average"] else "no"
     assert f"every merge row beats weight averaging: {beats}" in text
     assert "regenerate: `cmd T`" in text and "regenerate: `cmd S`" in text and "Machine: box" in text
