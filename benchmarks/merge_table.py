@@ -295,7 +295,7 @@ class ResultStore:
         self, stem: Path, meta: dict[str, Any], fresh: bool = False, borrow: Sequence[Path] = ()
     ) -> None:
         self.stem, self.meta = stem, meta
-        path = stem.with_suffix(".json")
+        path = self.file(".json")
         old = json.loads(path.read_text()) if path.is_file() and not fresh else {}
         self.rows: list[MetricRow] = list(old.get("rows", []))
         self.commands: list[str] = [c for c in old.get("commands", []) if c != meta["command"]]
@@ -324,10 +324,14 @@ class ResultStore:
 
     def save(self, order: Sequence[str], title: str, num_tasks: int) -> None:
         rows = ordered(self.rows, order)
-        write_csv(rows, self.stem.with_suffix(".csv"), num_tasks)
+        write_csv(rows, self.file(".csv"), num_tasks)
         meta = {**self.meta, "command": self.commands[-1], "commands": self.commands, "rows": rows}
-        self.stem.with_suffix(".json").write_text(json.dumps(meta, indent=2))
-        self.stem.with_suffix(".md").write_text(summary_markdown(rows, meta, title))
+        self.file(".json").write_text(json.dumps(meta, indent=2))
+        self.file(".md").write_text(summary_markdown(rows, meta, title))
+
+    def file(self, suffix: str) -> Path:
+        """``<stem><suffix>``: appended, since a stem like ``..._vgg11_bnx0.5_split2`` has a dot."""
+        return self.stem.parent / f"{self.stem.name}{suffix}"
 
 
 def ordered(rows: Sequence[MetricRow], order: Sequence[str]) -> list[MetricRow]:

@@ -224,3 +224,15 @@ def test_main_writes_the_three_files_and_resumes(
     assert data["rows"] == rows and data["command"].endswith(" ".join(argv)) and data["zip"]["beta"] == 0.125
     assert stem.with_suffix(".csv").is_file() and "| average |" in stem.with_suffix(".md").read_text()
     assert mt.main(argv) == rows  # everything reused: identical rows, seconds included
+
+
+def test_store_files_keep_a_dotted_stem(mt: ModuleType, tmp_path: Path) -> None:
+    """A width of 0.5 puts a dot in the stem; the files must not lose the text after it."""
+    meta = {"command": "c", "machine": "m", "tasks": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]}
+    store = mt.ResultStore(tmp_path / "merge_table_vgg11_bnx0.5_split2", meta)
+    store.put([mt.failed_row("0:1", "zipit", ValueError("boom"), None)])
+    store.save([], "T", 2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"merge_table_vgg11_bnx0.5_split2.{ext}" for ext in ("csv", "json", "md")]
+    again = mt.ResultStore(tmp_path / "merge_table_vgg11_bnx0.5_split2", meta)
+    assert [r["method"] for r in again.rows] == ["zipit"] and "boom" in again.rows[0]["error"]
