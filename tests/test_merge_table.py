@@ -220,9 +220,10 @@ def test_main_writes_the_three_files_and_resumes(
     rows = mt.main(argv)
     stem = tmp_path / "merge_table_mlpx0.25_split2"
     assert [r["method"] for r in rows] == ["model A", "model B", "ensemble", "average"]
-    data = json.loads(stem.with_suffix(".json").read_text())
+    files = {ext: tmp_path / f"{stem.name}.{ext}" for ext in ("json", "csv", "md")}
+    data = json.loads(files["json"].read_text())
     assert data["rows"] == rows and data["command"].endswith(" ".join(argv)) and data["zip"]["beta"] == 0.125
-    assert stem.with_suffix(".csv").is_file() and "| average |" in stem.with_suffix(".md").read_text()
+    assert files["csv"].is_file() and "| average |" in files["md"].read_text()
     assert mt.main(argv) == rows  # everything reused: identical rows, seconds included
 
 
