@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning
 import torch
 
 
@@ -36,7 +37,7 @@ def machine_description(device: str | torch.device = "cpu") -> str:
     return (
         f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
         f"{load}; {accel}; Python {platform.python_version()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads"
+        f"lightning {lightning.__version__}, {torch.get_num_threads()} torch threads"
     )
 
 

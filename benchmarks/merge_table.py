@@ -22,9 +22,6 @@ import csv
 import json
 import logging
 import math
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -39,7 +36,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_merge.callbacks.statistics import MergeStatistics
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_io import command_line, machine_description  # noqa: E402
+
+from lightning_merge.callbacks.statistics import MergeStatistics  # noqa: E402
 from lightning_merge.data import TaskSplitDataModule
 from lightning_merge.data.datamodule import DEFAULT_ROOT
 from lightning_merge.methods import get_method
@@ -518,14 +518,6 @@ def summary_markdown(rows: Sequence[MetricRow], meta: dict[str, Any], title: str
     return "\n".join(lines)
 
 
-def machine_description() -> str:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (CPU run)"
-    return (
-        f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"{device}; Python {platform.python_version()}, torch {torch.__version__}, lightning {pl.__version__}"
-    )
-
-
 def table_stem(arch: str, width: float, split: int) -> str:
     return f"merge_table_{arch}x{width:g}_split{split}"
 
@@ -587,10 +579,6 @@ def datamodule_for(args: argparse.Namespace) -> TaskSplitDataModule:
     )
 
 
-def script_command(script: str, argv: list[str] | None) -> str:
-    return shlex.join([".venv/bin/python", script, *(argv if argv is not None else sys.argv[1:])])
-
-
 def main(argv: list[str] | None = None) -> list[MetricRow]:
     args = parse_args(argv)
     logging.getLogger("lightning_merge").setLevel(logging.WARNING)
@@ -601,8 +589,8 @@ def main(argv: list[str] | None = None) -> list[MetricRow]:
     name = table_stem(args.arch, args.width, args.split)
     tasks = SPLITS[args.split]
     meta = {
-        "command": script_command("benchmarks/merge_table.py", argv),
-        "machine": machine_description(),
+        "command": command_line("benchmarks/merge_table.py", argv),
+        "machine": machine_description("cuda" if torch.cuda.is_available() else "cpu"),
         "arch": args.arch,
         "width": args.width,
         "split": args.split,

@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"{args.arch}x{args.width:g}_split{args.split}"
     meta = {
-        "command": mt.script_command("benchmarks/sweeps.py", argv),
-        "machine": mt.machine_description(),
+        "command": mt.command_line("benchmarks/sweeps.py", argv),
+        "machine": mt.machine_description("cuda" if torch.cuda.is_available() else "cpu"),
         "arch": args.arch,
         "width": args.width,
         "split": args.split,
