@@ -147,14 +147,27 @@ def source_width(width: float) -> int | float:
 
 
 def group_specs(
-    seeds: Sequence[int], tasks: Sequence[Sequence[int]], arch: str, width: float
+    seeds: Sequence[int],
+    tasks: Sequence[Sequence[int]],
+    arch: str,
+    width: float,
+    precision: str | None = None,
 ) -> list[SourceSpec]:
-    """One spec per task (seed ``seeds[t]``), otherwise ``DEFAULT_PAIR``'s settings (same cache keys)."""
+    """One spec per task (seed ``seeds[t]``), otherwise ``DEFAULT_PAIR``'s settings (same cache keys).
+
+    ``precision`` is the sources' training precision (None: float32, the default pair's)."""
     if len(seeds) != len(tasks):
         raise ValueError(f"seed group {seeds_label(seeds)} has {len(seeds)} seeds for {len(tasks)} tasks")
     template: SourceSpec = DEFAULT_PAIR[0]
     return [
-        replace(template, classes=tuple(task), seed=seed, arch=arch, width=source_width(width))
+        replace(
+            template,
+            classes=tuple(task),
+            seed=seed,
+            arch=arch,
+            width=source_width(width),
+            precision=precision,
+        )
         for task, seed in zip(tasks, seeds, strict=True)
     ]
 
@@ -166,9 +179,11 @@ def group_sources(
     width: float,
     cache_dir: str | Path,
     root: str = DEFAULT_ROOT,
+    precision: str | None = None,
 ) -> list[SourceClassifier]:
     """The group's sources, loaded from ``cache_dir`` (trained there first when absent)."""
-    return [train_spec(s, cache_dir, root) for s in group_specs(seeds, tasks, arch, width)]
+    specs = group_specs(seeds, tasks, arch, width, precision)
+    return [train_spec(s, cache_dir, root) for s in specs]
 
 
 def count_params(model: nn.Module) -> int:
@@ -548,6 +563,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="benchmarks/results", help="where the csv / json / md go")
     p.add_argument("--root", default=DEFAULT_ROOT, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--calibration-size", type=int, default=2000, help="images in the statistics pass")
+    p.add_argument(
+        "--train-precision",
+        default=None,
+        help="Lightning precision for training missing sources (e.g. bf16-mixed); part of their cache key",
+    )
     return p
 
 
@@ -596,6 +616,7 @@ def main(argv: list[str] | None = None) -> list[MetricRow]:
         "split": args.split,
         "tasks": [list(t) for t in tasks],
         "zip": zip_settings(args.split),
+        "train_precision": args.train_precision or "32-true",
     }
     store = ResultStore(out_dir / name, meta, fresh=args.fresh)
     every = method_rows(args.split, args.stops, args.pleas_widths)
@@ -607,7 +628,9 @@ def main(argv: list[str] | None = None) -> list[MetricRow]:
             seeds,
             args.method_rows,
             data,
-            lambda s=seeds: group_sources(s, tasks, args.arch, args.width, args.cache_dir, data.root),
+            lambda s=seeds: group_sources(
+                s, tasks, args.arch, args.width, args.cache_dir, data.root, args.train_precision
+            ),
             lambda m, s=seeds: stats_file(stats_dir, name, s, m, args.calibration_size),
             store,
             lambda: store.save(order, title, args.split),

@@ -208,13 +208,18 @@ def test_sources_share_the_cache_keys_of_the_trained_specs(mt: ModuleType) -> No
     assert vgg[1] == SourceSpec(classes=(5, 6, 7, 8, 9), seed=3, arch="vgg11_bn", width=0.5)
     with pytest.raises(ValueError, match="seed group 0:1 has 2 seeds for 3 tasks"):
         mt.group_specs((0, 1), mt.SPLITS[3], "resnet20", 1)
+    mixed = mt.group_specs((0, 1), mt.SPLITS[2], "resnet20", 4, precision="bf16-mixed")
+    assert [s.precision for s in mixed] == ["bf16-mixed"] * 2
+    plain = mt.group_specs((0, 1), mt.SPLITS[2], "resnet20", 4)
+    assert {checkpoint_of(s) for s in mixed}.isdisjoint(checkpoint_of(s) for s in plain)
 
 
 def test_main_writes_the_three_files_and_resumes(
     mt: ModuleType, source_pair: Callable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pair = source_pair("mlp", width=0.25)
-    monkeypatch.setattr(mt, "group_sources", lambda *a, **k: pair)  # the quick pair instead of training
+    calls: list[tuple] = []
+    monkeypatch.setattr(mt, "group_sources", lambda *a, **k: calls.append(a) or pair)  # no training
     argv = ["--arch", "mlp", "--width", "0.25", "--rows", "average", "--out-dir", str(tmp_path)]
     argv += ["--stats-dir", str(tmp_path), "--calibration-size", "256"]
     rows = mt.main(argv)
@@ -224,7 +229,10 @@ def test_main_writes_the_three_files_and_resumes(
     data = json.loads(files["json"].read_text())
     assert data["rows"] == rows and data["command"].endswith(" ".join(argv)) and data["zip"]["beta"] == 0.125
     assert files["csv"].is_file() and "| average |" in files["md"].read_text()
+    assert data["train_precision"] == "32-true" and calls[0][-1] is None
     assert mt.main(argv) == rows  # everything reused: identical rows, seconds included
+    mt.main([*argv, "--train-precision", "bf16-mixed", "--fresh"])
+    assert calls[-1][-1] == "bf16-mixed"  # the sources' training precision reaches group_sources
 
 
 def test_store_files_keep_a_dotted_stem(mt: ModuleType, tmp_path: Path) -> None:

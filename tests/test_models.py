@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -24,6 +25,7 @@ from lightning_merge.models import (
     task_accuracy,
     train_source,
 )
+from lightning_merge.models.training import cache_path, source_key
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -205,3 +207,25 @@ def test_quick_mlp_pair_learns_its_tasks(
         assert task_accuracy(model, fmnist.task_test_dataloader(task)) > 0.85
     # the two sources were trained from different seeds
     assert not torch.equal(mlp_pair[0].model.layers[0].weight, mlp_pair[1].model.layers[0].weight)
+
+
+def test_train_source_precision_is_in_the_cache_key_only_when_set(tmp_path: Path) -> None:
+    plain = source_key("mlp", [3, 8], 5)
+    assert "precision" not in plain  # keys (and file names) of float32 checkpoints stay as they were
+    bf16 = source_key("mlp", [3, 8], 5, precision="bf16-mixed")
+    assert bf16 == {**plain, "precision": "bf16-mixed"}
+    assert cache_path(tmp_path, plain) != cache_path(tmp_path, bf16)
+
+    kw = {"max_epochs": 1, "limit_train_batches": 2, "cache_dir": tmp_path, "lr": 0.05}
+    full = train_source("mlp", [3, 8], seed=5, **kw)
+    mixed = train_source("mlp", [3, 8], seed=5, precision="bf16-mixed", **kw)
+    records = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
+    assert sorted(r.get("precision", "32-true") for r in records) == ["32-true", "bf16-mixed"]
+    weights = [m.model.state_dict() for m in (full, mixed)]
+    assert all(v.dtype == torch.float32 for w in weights for v in w.values() if v.is_floating_point())
+    assert any(not torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values(), strict=True))
+
+
+def test_train_source_rejects_unknown_precision() -> None:
+    with pytest.raises(ValueError, match="fp7"):
+        train_source("mlp", [0, 1], seed=0, limit_train_batches=1, precision="fp7")

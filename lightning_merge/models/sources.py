@@ -31,6 +31,7 @@ class SourceSpec:
     arch: str = "resnet20"
     width: float = 1
     max_epochs: int = 1
+    precision: str | None = None
     model_kwargs: dict = field(default_factory=lambda: {"head": "embedding", "lr": 0.1})
 
 
@@ -50,6 +51,7 @@ def train_spec(
         spec.seed,
         width=spec.width,
         max_epochs=spec.max_epochs,
+        precision=spec.precision,
         cache_dir=cache_dir,
         root=root,
         progress_bar=progress_bar,
@@ -60,7 +62,13 @@ def train_spec(
 def checkpoint_of(spec: SourceSpec, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
     """Where ``spec``'s checkpoint lives in ``cache_dir`` (it may not exist yet)."""
     key = source_key(
-        spec.arch, spec.classes, spec.seed, width=spec.width, max_epochs=spec.max_epochs, **spec.model_kwargs
+        spec.arch,
+        spec.classes,
+        spec.seed,
+        width=spec.width,
+        max_epochs=spec.max_epochs,
+        precision=spec.precision,
+        **spec.model_kwargs,
     )
     return cache_path(cache_dir, key)
 

@@ -86,10 +86,14 @@ def source_key(
     init_state_dict: Mapping[str, torch.Tensor] | None = None,
     dataset: str = "fashion_mnist",
     batch_size: int = 128,
+    precision: str | None = None,
     **model_kwargs: Any,
 ) -> dict[str, Any]:
-    """Everything that determines a trained source model (the cache key of ``train_source``)."""
-    return {
+    """Everything that determines a trained source model (the cache key of ``train_source``).
+
+    ``precision`` enters the key only when set, so checkpoints trained before it existed keep their names.
+    """
+    key = {
         "version": CACHE_VERSION,
         "arch": arch,
         "classes": [int(c) for c in classes],
@@ -102,6 +106,9 @@ def source_key(
         "batch_size": batch_size,
         "model_kwargs": dict(sorted(model_kwargs.items())),
     }
+    if precision is not None:
+        key["precision"] = str(precision)
+    return key
 
 
 def train_source(
@@ -118,6 +125,7 @@ def train_source(
     dataset: str = "fashion_mnist",
     batch_size: int = 128,
     progress_bar: bool = False,
+    precision: str | None = None,
     **model_kwargs: Any,
 ) -> SourceClassifier:
     """Train one source model on ``classes`` (all their training images) and return it in eval mode.
@@ -125,6 +133,8 @@ def train_source(
     ``model_kwargs`` go to :class:`SourceClassifier` (``head``, ``lr``, ``in_channels``, ...).
     ``init_state_dict`` starts from given weights (e.g. to fine-tune copies of one base model).
     With ``cache_dir`` the checkpoint is written there and reused by later calls with equal arguments.
+    ``precision`` is Lightning's Trainer precision (None: full float32); ``"bf16-mixed"`` trains the
+    wide nets about 2x faster on a CPU with AVX512-BF16.
     """
     key = source_key(
         arch,
@@ -136,6 +146,7 @@ def train_source(
         init_state_dict=init_state_dict,
         dataset=dataset,
         batch_size=batch_size,
+        precision=precision,
         **model_kwargs,
     )
     path = cache_path(cache_dir, key) if cache_dir is not None else None
@@ -161,6 +172,7 @@ def train_source(
             devices=1,
             max_epochs=max_epochs,
             limit_train_batches=limit_train_batches,
+            precision=precision if precision is not None else "32-true",
             limit_val_batches=0,
             num_sanity_val_steps=0,
             logger=False,
