@@ -484,6 +484,14 @@ def _settings(rows: Sequence[MetricRow]) -> list[str]:
     return out
 
 
+def _precision_note(meta: dict[str, Any]) -> str:
+    """A sentence when the sources were not trained in float32 (merges always run in float32)."""
+    precision = meta.get("train_precision", "32-true")
+    if precision == "32-true":
+        return ""
+    return f" Sources trained with Lightning precision `{precision}`; merging and evaluation in float32."
+
+
 def summary_markdown(rows: Sequence[MetricRow], meta: dict[str, Any], title: str) -> str:
     """Mean ± std over seed groups of every column, each row's settings, the command and the machine."""
     num_tasks = len(meta["tasks"])
@@ -500,7 +508,7 @@ def summary_markdown(rows: Sequence[MetricRow], meta: dict[str, Any], title: str
         f"(FLOPs: torch.utils.flop_counter on one 28×28 image; a partial zip counts trunk + {num_tasks} "
         f"tails; the ensemble's are {num_tasks} by definition). s / run: one MergeModule validation "
         "(statistics pass when the seed group has none yet, merge, REPAIR where the method uses it, "
-        "10k test images).",
+        "10k test images)." + _precision_note(meta),
         "",
         "| method | joint | " + " | ".join(f"task {LETTERS[t]}" for t in range(num_tasks)) + " | avg | "
         "rel. params | rel. FLOPs | s / run |",

@@ -33,7 +33,7 @@ TABLES: tuple[tuple[str, str, str], ...] = (
     (
         "ResNet-20×4, 2 models (5+5 classes)",
         "merge_table_resnet20x4_split2",
-        f"{TABLE_CMD} --arch resnet20 --width 4 --split 2 --seeds 0:1",
+        f"{TABLE_CMD} --arch resnet20 --width 4 --split 2 --seeds 0:1 2:3 4:5 --train-precision bf16-mixed",
     ),
     (
         "VGG-11 (BN, width ×0.5), 2 models (5+5 classes)",

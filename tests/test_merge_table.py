@@ -93,6 +93,9 @@ def test_csv_and_summary(mt: ModuleType, table: tuple, tmp_path: Path) -> None:
     assert "of the ensemble's" in md and "cmd" in md and "Machine: box" in md
     alone = mt.summary_markdown(rows[:3] + [failed], meta, "T")
     assert "| zipit | failed: ValueError: stuck at width 12 | – |" in alone
+    assert "precision" not in alone  # float32 sources: nothing to say
+    mixed = mt.summary_markdown(rows[:3], {**meta, "train_precision": "bf16-mixed"}, "T")
+    assert "Sources trained with Lightning precision `bf16-mixed`" in mixed
 
 
 def test_three_models_every_row_kind_succeeds(mt: ModuleType, source_pair: Callable, tmp_path: Path) -> None:
