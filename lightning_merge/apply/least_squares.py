@@ -7,24 +7,33 @@ For every Linear / Conv2d layer of the merged model, in forward order,
 
 so every layer corrects the drift its predecessors left. A layer whose output axis is in no merge
 point (the final projection into a fixed space) targets the mean of the sources' outputs. We solve
-the normal equations in closed form: XXᵀ and YXᵀ are accumulated in float64 over the loader (conv:
-unfolded patches, every output position a row; bias: an appended constant-1 column), then
-(XXᵀ + ρ·tr(XXᵀ)/d·I) Wᵀ = (YXᵀ)ᵀ. The official PLeaS code fits the same objective with a few
-hundred Adam steps per layer; the closed form is its exact minimiser and much faster.
+the normal equations in closed form: XXᵀ, Σx, YXᵀ and Σy are accumulated in float64 over the loader
+(conv: unfolded patches, every output position a row; the bias is the constant-1 column, folded in
+through Σx and the row count), then (XXᵀ + ρ·tr(XXᵀ)/d·I) Wᵀ = (YXᵀ)ᵀ on the augmented system. The
+official PLeaS code fits the same objective with a few hundred Adam steps per layer; the closed form
+is its exact minimiser and much faster.
 
-Cost: one pass over ``data`` per layer (each pass runs the merged model and the sources only up to
-that layer, by stopping the forward with an exception in a hook), so a network with L layers costs
-about L²/2 layer-forwards per batch — small for the CNNs and MLPs this is used on.
+Cost: ``data`` is read once and kept; each model runs as a torch.fx graph that pauses before (merged)
+or after (sources) the current layer and resumes there for the next one, keeping only each batch's
+live activations, so the whole refit costs one forward per model and batch (models fx cannot trace
+are re-run from their input per layer, ~L²/2 layer-forwards). The rest is the float64 Gram products,
+formed in blocks of ``CHUNK_ROWS`` rows from strided conv patches. Measured on 2 busy CPU cores,
+ResNet-20×1, one batch of 500 Fashion-MNIST images: 146 s before (re-run per layer, ``F.unfold``,
+one float64 copy of all rows) → 45 s (3.2×); ResNet-20×4, one batch of 100 images: 212 s → 47 s
+(4.5×); the weights agree with the old code to 7e-6 relative.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import copy
+import functools
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from lightning_merge.apply.repair import batch_inputs, model_device
 from lightning_merge.graph.spec import MergeGraph
@@ -56,23 +65,93 @@ def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     return order
 
 
-def _rows_in(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Layer input as a (samples, d) matrix matching ``weight.flatten(1)`` (+1 column for the bias)."""
-    if isinstance(layer, nn.Conv2d):
-        x = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (B, d, L)
-        x = x.transpose(1, 2).reshape(-1, x.shape[1])
-    else:
-        x = x.reshape(-1, x.shape[-1])
-    x = x.to(torch.float64)
-    if layer.bias is not None:
-        x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
-    return x
+#: Rows per product chunk: bounds the float64 copies of the unfolded inputs (a ×4 ResNet stage-1
+#: conv on 500 images unfolds to 392 000 × 577 values) while keeping each product a large GEMM.
+CHUNK_ROWS = 16384
 
 
-def _rows_out(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    if isinstance(layer, nn.Conv2d):
-        return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1]).to(torch.float64)
-    return y.reshape(-1, y.shape[-1]).to(torch.float64)
+def _is_conv(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Conv2d)
+
+
+def _unfold(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Conv input as (samples, d) rows matching ``weight.flatten(1)``; Linear input flattened.
+
+    Conv patches are strided views (``Tensor.unfold``) copied once into row order: ``F.unfold``'s
+    CPU im2col was 5–10× slower and needs a second copy for the transpose."""
+    if not _is_conv(layer):
+        return x.reshape(-1, x.shape[-1])
+    (sh, sw), (dh, dw), (kh, kw) = layer.stride, layer.dilation, layer.kernel_size
+    pad = layer._reversed_padding_repeated_twice  # the conv's own padding, "same" included
+    x = F.pad(x, pad) if any(pad) else x
+    p = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]
+    return p.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)  # (B·Ho·Wo, C·kh·kw)
+
+
+def _as_rows(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """Layer output (or target) as (samples, out) rows in the same order as :func:`_unfold`."""
+    if _is_conv(layer):
+        return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+    return y.reshape(-1, y.shape[-1])
+
+
+def _target(
+    layer: nn.Module, outs: Sequence[torch.Tensor], blocks: Sequence[torch.Tensor] | None
+) -> torch.Tensor:
+    """Y in float64: Σ_i M_i · out_i along the channel axis, or the sources' mean without a merge point."""
+    outs = [o.to(torch.float64) for o in outs]
+    if blocks is None:
+        return torch.stack(outs).mean(0)
+    dim = 1 if _is_conv(layer) else -1
+    return sum(
+        torch.movedim(torch.movedim(o, dim, -1) @ m.T, -1, dim) for o, m in zip(outs, blocks, strict=True)
+    )
+
+
+def _row_chunks(
+    layer: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) row blocks of about CHUNK_ROWS rows: only one block is unfolded at a time."""
+    per_sample = y[:1].numel() // y.shape[1] if _is_conv(layer) else 1
+    lead = x.shape[0] if _is_conv(layer) else x.reshape(-1, x.shape[-1]).shape[0]
+    if not _is_conv(layer):
+        x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    step = max(1, CHUNK_ROWS // per_sample)
+    for i in range(0, lead, step):
+        yield _unfold(layer, x[i : i + step]), _as_rows(layer, y[i : i + step])
+
+
+class _NormalEquations:
+    """float64 sums XᵀX, Σx, YᵀX, Σy and the row count; the bias is the constant-1 column, folded in
+    analytically (its Gram entries are Σx and the count), so no (rows, d+1) copy is ever built."""
+
+    def __init__(self) -> None:
+        self.xx: torch.Tensor | None = None
+        self.yx = self.xs = self.ys = torch.zeros(0)
+        self.rows = 0
+
+    def add(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        for xr, yr in _row_chunks(layer, x, y):
+            xr = xr.to(torch.float64)  # float32 products lose too much for ill-conditioned layers
+            parts = (xr.T @ xr, yr.T @ xr, xr.sum(0), yr.sum(0))
+            if self.xx is None:
+                self.xx, self.yx, self.xs, self.ys = parts
+            else:
+                for acc, part in zip((self.xx, self.yx, self.xs, self.ys), parts, strict=True):
+                    acc.add_(part)
+            self.rows += xr.shape[0]
+
+    def solve(self, ridge: float, bias: bool) -> torch.Tensor:
+        """Ridge solution (out, d [+1]); ridge relative to the mean diagonal of the (augmented) Gram."""
+        assert self.xx is not None
+        xx, yx = self.xx, self.yx
+        if bias:
+            count = xx.new_full((1, 1), float(self.rows))
+            xx = torch.cat([torch.cat([xx, self.xs[:, None]], 1), torch.cat([self.xs[None], count], 1)])
+            yx = torch.cat([yx, self.ys[:, None]], 1)
+        reg = ridge * float(xx.diagonal().mean().clamp_min(1e-12))
+        eye = torch.eye(xx.shape[0], dtype=xx.dtype, device=xx.device)
+        return torch.linalg.solve(xx + reg * eye, yx.T).T
 
 
 def _capture(model: nn.Module, name: str, x: torch.Tensor, *, output: bool) -> torch.Tensor:
@@ -117,6 +196,129 @@ def _check_layer(name: str, layer: nn.Module) -> None:
         raise ValueError(f"least squares supports Conv2d with groups=1 and zero padding; {name!r} is not")
 
 
+class _Replay:
+    """Fallback for models torch.fx cannot trace: every capture re-runs the model from its input."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
+        self.model, self.batches = model, batches
+
+    def capture(self, b: int, name: str, *, output: bool) -> torch.Tensor:
+        return _capture(self.model, name, self.batches[b], output=output)
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps every Linear/Conv2d (subclasses included) a ``call_module`` node we can stop at."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, SOLVABLE) or super().is_leaf_module(m, qualname)
+
+
+class _Stepper:
+    """Runs a traced model node by node and keeps each batch's live values between layers.
+
+    Layer k's pass resumes where layer k−1's stopped, so a network with L layers costs one forward
+    per batch instead of ~L/2. Resuming is exact for the merged model too: the nodes still to run
+    read the weights as they are now (earlier layers already re-fitted). Values are dropped after
+    their last use, so the cache holds only the live activations (a few per batch)."""
+
+    def __init__(
+        self, model: nn.Module, graph: fx.Graph, root: nn.Module, batches: Sequence[torch.Tensor]
+    ) -> None:
+        self.model, self.root, self.batches = model, root, batches
+        self.nodes = list(graph.nodes)
+        index = {n: i for i, n in enumerate(self.nodes)}
+        self.first_call: dict[str, int] = {}
+        for i, n in enumerate(self.nodes):
+            if n.op == "call_module":
+                self.first_call.setdefault(str(n.target), i)
+        self.free_after: list[list[fx.Node]] = [[] for _ in self.nodes]
+        for n in self.nodes:
+            last = max((index[u] for u in n.users), default=index[n])
+            self.free_after[last].append(n)
+        self.state = [(0, {}) for _ in batches]
+
+    def capture(self, b: int, name: str, *, output: bool) -> torch.Tensor:
+        i = self.first_call.get(name)
+        if i is None:
+            return _capture(self.model, name, self.batches[b], output=output)
+        pos, env = self.state[b]
+        if pos > i:  # asked for an earlier layer than the last one: start over
+            pos, env = 0, {}
+        stop = i + 1 if output else i
+        value = None
+        for j in range(pos, stop):
+            node = self.nodes[j]
+            env[node] = self._run(node, env, self.batches[b])
+            if j == i:
+                value = env[node]
+            for dead in self.free_after[j]:
+                env.pop(dead, None)
+        self.state[b] = (stop, env)
+        if output:
+            return value
+        node = self.nodes[i]
+        return fx.node.map_arg(node.args[0], lambda n: env[n])
+
+    def _run(self, node: fx.Node, env: dict[fx.Node, Any], x: torch.Tensor) -> Any:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+        if node.op == "placeholder":
+            return x if node is self.nodes[0] else (args[0] if args else None)
+        if node.op == "call_module":
+            return self.root.get_submodule(str(node.target))(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        if node.op == "get_attr":
+            return functools.reduce(getattr, str(node.target).split("."), self.root)
+        return args[0]  # output
+
+
+def _runner(model: nn.Module, batches: Sequence[torch.Tensor], names: Sequence[str]) -> _Stepper | _Replay:
+    """A :class:`_Stepper` when torch.fx can trace ``model`` with every layer as a node; else replay.
+
+    The trace runs on a shallow copy, so the tensor constants fx stores on its root never land on
+    ``model``; submodules and parameters stay shared, so the steps see every re-fitted weight."""
+    root = copy.copy(model)
+    try:
+        graph = _LeafTracer().trace(root)
+    except Exception:  # noqa: BLE001 — any untraceable forward falls back to the exact replay
+        return _Replay(model, batches)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if (
+        not placeholders
+        or placeholders[0] is not next(iter(graph.nodes))
+        or any(not n.args for n in placeholders[1:])
+    ):
+        return _Replay(model, batches)
+    return _Stepper(model, graph, root, batches)
+
+
+def _fit(
+    layer: nn.Module,
+    name: str,
+    pairs: Iterable[tuple[torch.Tensor, list[torch.Tensor]]],
+    blocks: Sequence[torch.Tensor] | None,
+    ridge: float,
+) -> int:
+    """Accumulate the normal equations over (merged input, source outputs) pairs, solve, write back."""
+    normal = _NormalEquations()
+    for x, outs in pairs:
+        normal.add(layer, x, _target(layer, outs, blocks))
+    if normal.xx is None:
+        raise ValueError(
+            f"least squares for layer {name!r} got no batches: pass a non-empty, re-iterable loader "
+            "(a DataLoader or list; it is read once per layer)"
+        )
+    sol = normal.solve(ridge, layer.bias is not None)  # (out, d [+1])
+    with torch.no_grad():
+        if layer.bias is not None:
+            layer.bias.copy_(sol[:, -1].to(layer.bias.dtype))
+            sol = sol[:, :-1]
+        layer.weight.copy_(sol.reshape(layer.weight.shape).to(layer.weight.dtype))
+    return normal.rows
+
+
 def solve_layer(
     merged: nn.Module,
     sources: Sequence[nn.Module],
@@ -127,38 +329,37 @@ def solve_layer(
     ridge: float,
     max_batches: int | None,
 ) -> int:
-    """Re-fit layer ``name`` of ``merged`` in place; returns the number of rows it was fitted on."""
+    """Re-fit layer ``name`` of ``merged`` in place from one pass over ``data`` (every model re-run
+    from its input); returns the number of rows it was fitted on."""
     layer = merged.get_submodule(name)
     _check_layer(name, layer)
-    device, seen, rows = model_device(merged), 0, 0
-    xx = yx = None
-    for batch in data:
-        if max_batches is not None and seen >= max_batches:
-            break
-        inputs = batch_inputs(batch).to(device)
-        x = _rows_in(layer, _capture(merged, name, inputs, output=False))
-        ys = [_rows_out(layer, _capture(s, name, inputs, output=True)) for s in sources]
-        if merge_blocks is None:
-            y = torch.stack(ys).mean(0)
-        else:
-            y = sum(yi @ mi.T for yi, mi in zip(ys, merge_blocks, strict=True))
-        xx = x.T @ x if xx is None else xx.addmm_(x.T, x)
-        yx = y.T @ x if yx is None else yx.addmm_(y.T, x)
-        seen, rows = seen + 1, rows + x.shape[0]
-    if xx is None or yx is None:
+    device = model_device(merged)
+
+    def pairs() -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        for seen, batch in enumerate(data):
+            if max_batches is not None and seen >= max_batches:
+                return
+            inputs = batch_inputs(batch).to(device)
+            outs = [_capture(s, name, inputs, output=True) for s in sources]
+            yield _capture(merged, name, inputs, output=False), outs
+
+    return _fit(layer, name, pairs(), _blocks64(merge_blocks), ridge)
+
+
+def _blocks64(blocks: Sequence[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    return None if blocks is None else [b.to(torch.float64) for b in blocks]
+
+
+def _read_batches(data: Iterable[Any], device: torch.device, max_batches: int | None) -> list[torch.Tensor]:
+    if iter(data) is data:
         raise ValueError(
-            f"least squares for layer {name!r} got no batches: pass a non-empty, re-iterable loader "
-            "(a DataLoader or list; it is read once per layer)"
+            "least squares got no batches it can re-read: pass a non-empty, re-iterable loader "
+            "(a DataLoader or list), not a one-shot iterator"
         )
-    d = xx.shape[0]
-    reg = ridge * float(xx.diagonal().mean().clamp_min(1e-12))
-    sol = torch.linalg.solve(xx + reg * torch.eye(d, dtype=xx.dtype, device=xx.device), yx.T).T  # (out, d)
-    with torch.no_grad():
-        if layer.bias is not None:
-            layer.bias.copy_(sol[:, -1].to(layer.bias.dtype))
-            sol = sol[:, :-1]
-        layer.weight.copy_(sol.reshape(layer.weight.shape).to(layer.weight.dtype))
-    return rows
+    batches = [batch_inputs(b).to(device) for b in itertools.islice(data, max_batches)]
+    if not batches:
+        raise ValueError("least squares got an empty data loader")
+    return batches
 
 
 def least_squares_refit(
@@ -171,26 +372,39 @@ def least_squares_refit(
     ridge: float = 1e-4,
     max_batches: int | None = None,
 ) -> nn.Module:
-    """Re-fit every Linear/Conv2d of ``merged`` in forward order (in place; eval mode during the fit)."""
+    """Re-fit every Linear/Conv2d of ``merged`` in forward order (in place; eval mode during the fit).
+
+    ``data`` is read once (at most ``max_batches`` batches); every model's forward resumes from the
+    previous layer (see :class:`_Stepper`)."""
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    first = next(iter(data), None)
-    if first is None:
-        raise ValueError("least squares got an empty data loader")
-    example = batch_inputs(first).to(model_device(merged))
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+    batches = _read_batches(data, model_device(merged), max_batches)
     modes = [merged.training] + [s.training for s in sources]
     merged.eval()
     for s in sources:
         s.eval()
     try:
         with torch.no_grad():
-            for name in forward_order(merged, example):
+            names = forward_order(merged, batches[0])
+            runners = [_runner(m, batches, names) for m in (merged, *sources)]
+            for name in names:
+                layer = merged.get_submodule(name)
+                _check_layer(name, layer)
                 space = _out_space(graph, name)
                 blocks = None
                 if space is not None:
                     t = transforms[space]
                     blocks = [t.merge_block(i).to(torch.float64) for i in range(len(sources))]
-                solve_layer(merged, sources, name, blocks, data, ridge=ridge, max_batches=max_batches)
+                pairs = (
+                    (
+                        runners[0].capture(b, name, output=False),
+                        [r.capture(b, name, output=True) for r in runners[1:]],
+                    )
+                    for b in range(len(batches))
+                )
+                _fit(layer, name, pairs, blocks, ridge)
     finally:
         merged.train(modes[0])
         for s, mode in zip(sources, modes[1:], strict=True):
