@@ -435,12 +435,23 @@ def _mean_of(rows: Sequence[MetricRow], label: str, column: str) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
+def missing_groups(rows: Sequence[MetricRow]) -> dict[str, list[str]]:
+    """Per method, the table's seed groups it has no row for yet (a resumed run may stop midway)."""
+    groups = list(dict.fromkeys(r["seeds"] for r in rows))
+    have: dict[str, set[str]] = {}
+    for r in rows:
+        have.setdefault(r["method"], set()).add(r["seeds"])
+    return {m: [g for g in groups if g not in seen] for m, seen in have.items()}
+
+
 def verdict(rows: Sequence[MetricRow], num_tasks: int) -> dict[str, Any]:
     """The best merge (overall, and at one source's size: the widened merges cost more than the
     ensemble) and its fraction of the ensemble's joint accuracy; merges not above averaging."""
     refs = set(reference_labels(num_tasks))
     merges = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in refs]
-    scored = {m: mean_joint(rows, m) for m in merges}
+    missing = missing_groups(rows)
+    complete = [m for m in merges if not missing.get(m)]  # means over different groups don't compare
+    scored = {m: mean_joint(rows, m) for m in complete}
     scored = {m: v for m, v in scored.items() if not math.isnan(v)}
     best = max(scored, key=scored.get, default=None)
     ensemble = mean_joint(rows, "ensemble")
@@ -458,7 +469,8 @@ def verdict(rows: Sequence[MetricRow], num_tasks: int) -> dict[str, Any]:
             one_size[best_1x] / ensemble if best_1x and not math.isnan(ensemble) else math.nan
         ),
         "not_above_average": [m for m, v in scored.items() if m != "average" and not v > average],
-        "failed": [m for m in merges if m not in scored],
+        "failed": [m for m in complete if m not in scored],
+        "incomplete": [m for m in merges if missing.get(m)],
         "has_average": not math.isnan(average),
     }
 
@@ -514,10 +526,13 @@ def summary_markdown(rows: Sequence[MetricRow], meta: dict[str, Any], title: str
         "rel. params | rel. FLOPs | s / run |",
         "|---" * (num_tasks + 6) + "|",
     ]
+    missing = missing_groups(rows)
     for m in dict.fromkeys(r["method"] for r in rows):
         sel = [r for r in rows if r["method"] == m]
         failed = sum(bool(r.get("error")) for r in sel)
         name = m if not failed or failed == len(sel) else f"{m} ({failed} of {len(sel)} failed)"
+        if missing[m]:
+            name += f" (seeds {', '.join(r['seeds'] for r in sel)} only)"
         lines.append(f"| {name} | " + " | ".join(_cells(sel, num_tasks, m in refs)) + " |")
     v = verdict(rows, num_tasks)
     if v["best"] and not math.isnan(v["best_of_ensemble"]):
@@ -535,6 +550,10 @@ def summary_markdown(rows: Sequence[MetricRow], meta: dict[str, Any], title: str
         lose = v["not_above_average"]
         lines.append(
             "Every merge row beats weight averaging." if not lose else f"Not above weight averaging: {lose}."
+        )
+    if v["incomplete"]:
+        lines.append(
+            f"Not yet run on every seed group, so left out of the comparisons above: {v['incomplete']}."
         )
     lines += ["", "Row settings:", "", *_settings(rows), "", "Commands:", "", "```"]
     lines += [*meta.get("commands", [meta["command"]]), "```", "", f"Machine: {meta['machine']}", ""]

@@ -104,6 +104,8 @@ def table_summary(heading: str, data: dict[str, Any]) -> list[str]:
         )
     if v["failed"]:
         lines.append(f"  - failed rows: {', '.join(v['failed'])}")
+    if v["incomplete"]:
+        lines.append(f"  - not yet run on every seed group (left out above): {', '.join(v['incomplete'])}")
     lines += [f"  - regenerate: `{c}`" for c in data.get("commands", [data["command"]])]
     return lines
 

@@ -91,7 +91,7 @@ def test_csv_and_summary(mt: ModuleType, table: tuple, tmp_path: Path) -> None:
     assert next(x for x in md.splitlines() if x.startswith("| zipit (1 of 2 failed) |"))
     assert "| method | joint | task A | task B | avg |" in md and "task C" not in md
     assert "of the ensemble's" in md and "cmd" in md and "Machine: box" in md
-    alone = mt.summary_markdown(rows[:3] + [failed], meta, "T")
+    alone = mt.summary_markdown(rows[:3] + [{**failed, "seeds": "0:1"}], meta, "T")
     assert "| zipit | failed: ValueError: stuck at width 12 | – |" in alone
     assert "precision" not in alone  # float32 sources: nothing to say
     mixed = mt.summary_markdown(rows[:3], {**meta, "train_precision": "bf16-mixed"}, "T")
@@ -248,3 +248,26 @@ def test_store_files_keep_a_dotted_stem(mt: ModuleType, tmp_path: Path) -> None:
     assert names == [f"merge_table_vgg11_bnx0.5_split2.{ext}" for ext in ("csv", "json", "md")]
     again = mt.ResultStore(tmp_path / "merge_table_vgg11_bnx0.5_split2", meta)
     assert [r["method"] for r in again.rows] == ["zipit"] and "boom" in again.rows[0]["error"]
+
+
+def test_rows_missing_a_seed_group_are_left_out_of_the_verdict(mt: ModuleType) -> None:
+    """A resumed run stopped midway: PLeaS has only group 0:1, where it scores highest of all."""
+
+    def row(seeds: str, label: str, joint: float, params: float = 1.0) -> dict:
+        acc = {"joint_acc": joint / 100, "task0_acc": 0.5, "task1_acc": 0.5}
+        return mt._row(seeds, label, acc, 2, (params, params), 1.0, "none", None)
+
+    rows = []
+    for seeds, shift in (("0:1", 0.0), ("2:3", 10.0)):
+        rows += [row(seeds, "model A", 40), row(seeds, "model B", 40), row(seeds, "ensemble", 60, 2)]
+        rows += [row(seeds, "average", 20 + shift), row(seeds, "zipit", 30 + shift)]
+    rows.append(row("0:1", "pleas w=1.5", 90, 2.2))
+    assert mt.missing_groups(rows)["pleas w=1.5"] == ["2:3"] and mt.missing_groups(rows)["zipit"] == []
+    v = mt.verdict(rows, 2)
+    assert v["best"] == "zipit" and v["best_joint"] == pytest.approx(35)
+    assert v["best_of_ensemble"] == pytest.approx(35 / 60) and v["incomplete"] == ["pleas w=1.5"]
+    assert v["not_above_average"] == [] and v["failed"] == []
+    meta = {"command": "cmd", "machine": "box", "tasks": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]}
+    md = mt.summary_markdown(rows, meta, "T")
+    assert "| pleas w=1.5 (seeds 0:1 only) | 90.00 |" in md and "| zipit | 35.00 ± 7.07 |" in md
+    assert "left out of the comparisons above: ['pleas w=1.5']" in md
