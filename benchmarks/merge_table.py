@@ -18,15 +18,18 @@ ending the run. Writes ``merge_table_<arch>x<w>_split<N>.{csv,json,md}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -316,6 +319,7 @@ class ResultStore:
         self.commands: list[str] = [c for c in old.get("commands", []) if c != meta["command"]]
         self.commands.append(meta["command"])
         self.borrowed: list[MetricRow] = []
+        self.mine: set[tuple[str, str]] = set()  # rows this run computed (or borrowed)
         for other in () if fresh else borrow:
             if Path(other).is_file():
                 rows = json.loads(Path(other).read_text()).get("rows", [])
@@ -336,17 +340,42 @@ class ResultStore:
         for row in rows:
             self.rows = [r for r in self.rows if (r["seeds"], r["method"]) != (row["seeds"], row["method"])]
             self.rows.append(row)
+            self.mine.add((row["seeds"], row["method"]))
 
     def save(self, order: Sequence[str], title: str, num_tasks: int) -> None:
-        rows = ordered(self.rows, order)
-        write_csv(rows, self.file(".csv"), num_tasks)
-        meta = {**self.meta, "command": self.commands[-1], "commands": self.commands, "rows": rows}
-        self.file(".json").write_text(json.dumps(meta, indent=2))
-        self.file(".md").write_text(summary_markdown(rows, meta, title))
+        """Write the three files, first taking in rows another run wrote to them since we read them
+        (two runs on different rows of one table then keep both; our own rows win a clash)."""
+        with _locked(self.stem.parent):
+            self._take_in_disk_rows()
+            rows = ordered(self.rows, order)
+            write_csv(rows, self.file(".csv"), num_tasks)
+            meta = {**self.meta, "command": self.commands[-1], "commands": self.commands, "rows": rows}
+            self.file(".json").write_text(json.dumps(meta, indent=2))
+            self.file(".md").write_text(summary_markdown(rows, meta, title))
+
+    def _take_in_disk_rows(self) -> None:
+        path = self.file(".json")
+        disk = json.loads(path.read_text()) if path.is_file() else {}
+        theirs = [r for r in disk.get("rows", []) if (r["seeds"], r["method"]) not in self.mine]
+        keys = {(r["seeds"], r["method"]) for r in theirs}
+        self.rows = theirs + [r for r in self.rows if (r["seeds"], r["method"]) not in keys]
+        commands = [c for c in disk.get("commands", []) if c not in self.commands]
+        self.commands = commands + self.commands
 
     def file(self, suffix: str) -> Path:
         """``<stem><suffix>``: appended, since a stem like ``..._vgg11_bnx0.5_split2`` has a dot."""
         return self.stem.parent / f"{self.stem.name}{suffix}"
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``folder`` while its result files are rewritten."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def ordered(rows: Sequence[MetricRow], order: Sequence[str]) -> list[MetricRow]:

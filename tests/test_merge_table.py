@@ -271,3 +271,30 @@ def test_rows_missing_a_seed_group_are_left_out_of_the_verdict(mt: ModuleType) -
     md = mt.summary_markdown(rows, meta, "T")
     assert "| pleas w=1.5 (seeds 0:1 only) | 90.00 |" in md and "| zipit | 35.00 ± 7.07 |" in md
     assert "left out of the comparisons above: ['pleas w=1.5']" in md
+
+
+def test_two_runs_on_one_table_keep_each_others_rows(mt: ModuleType, tmp_path: Path) -> None:
+    """Runs on different rows of one table (e.g. PLeaS rows beside the rest) save into one file."""
+    meta = {"machine": "box", "tasks": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]}
+    first = mt.ResultStore(tmp_path / "t", {**meta, "command": "run 1"})
+    second = mt.ResultStore(tmp_path / "t", {**meta, "command": "run 2"})  # both read an empty file
+    first.put([mt.failed_row("0:1", "zipit", ValueError("a"), None)])
+    first.save([], "T", 2)
+    second.put([mt.failed_row("0:1", "pleas w=1.5", ValueError("b"), None)])
+    second.save([], "T", 2)
+    first.put([mt.failed_row("2:3", "zipit", ValueError("c"), None)])
+    first.save([], "T", 2)
+    data = json.loads((tmp_path / "t.json").read_text())
+    got = {(r["seeds"], r["method"]): r["error"] for r in data["rows"]}
+    assert got == {
+        ("0:1", "zipit"): "ValueError: a",
+        ("0:1", "pleas w=1.5"): "ValueError: b",
+        ("2:3", "zipit"): "ValueError: c",
+    }
+    assert data["commands"] == ["run 2", "run 1"] and data["command"] == "run 1"
+    # a clash: the saving run's own row wins over what the other run wrote
+    second.put([mt.failed_row("0:1", "zipit", ValueError("d"), None)])
+    second.save([], "T", 2)
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert {(r["seeds"], r["method"]): r["error"] for r in rows}[("0:1", "zipit")] == "ValueError: d"
+    assert len(rows) == 3
