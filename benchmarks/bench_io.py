@@ -29,9 +29,10 @@ class Column:
     format: str = ""
 
 
-def machine_description(device: str | torch.device = "cpu") -> str:
-    """OS, CPU, cores, the accelerator when ``device`` is CUDA, library versions and thread count."""
-    device = torch.device(device)
+def machine_description(device: str | torch.device | None = None) -> str:
+    """OS, CPU, cores, the accelerator when ``device`` is CUDA (None: CUDA when available), library
+    versions and thread count."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     accel = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU run"
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return (

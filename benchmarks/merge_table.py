@@ -453,15 +453,15 @@ def short_error(error: str, limit: int = 70) -> str:
     return first if len(first) <= limit else first[: limit - 1] + "…"
 
 
-def mean_joint(rows: Sequence[MetricRow], label: str) -> float:
-    """Mean joint accuracy of ``label`` over its successful rows (NaN when there are none)."""
-    values = [r["joint_acc"] for r in rows if r["method"] == label and not r.get("error")]
-    return statistics.fmean(values) if values else math.nan
-
-
 def _mean_of(rows: Sequence[MetricRow], label: str, column: str) -> float:
+    """Mean of ``column`` over ``label``'s successful rows (NaN when there are none)."""
     values = [r[column] for r in rows if r["method"] == label and not r.get("error")]
     return statistics.fmean(values) if values else math.nan
+
+
+def mean_joint(rows: Sequence[MetricRow], label: str) -> float:
+    """Mean joint accuracy of ``label`` over its successful rows (NaN when there are none)."""
+    return _mean_of(rows, label, "joint_acc")
 
 
 def missing_groups(rows: Sequence[MetricRow]) -> dict[str, list[str]]:
@@ -666,7 +666,7 @@ def main(argv: list[str] | None = None) -> list[MetricRow]:
     tasks = SPLITS[args.split]
     meta = {
         "command": command_line("benchmarks/merge_table.py", argv),
-        "machine": machine_description("cuda" if torch.cuda.is_available() else "cpu"),
+        "machine": machine_description(),
         "arch": args.arch,
         "width": args.width,
         "split": args.split,

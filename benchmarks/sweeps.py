@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = f"{args.arch}x{args.width:g}_split{args.split}"
     meta = {
         "command": mt.command_line("benchmarks/sweeps.py", argv),
-        "machine": mt.machine_description("cuda" if torch.cuda.is_available() else "cpu"),
+        "machine": mt.machine_description(),
         "arch": args.arch,
         "width": args.width,
         "split": args.split,

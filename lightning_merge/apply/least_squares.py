@@ -274,7 +274,7 @@ class _Stepper:
         return args[0]  # output
 
 
-def _runner(model: nn.Module, batches: Sequence[torch.Tensor], names: Sequence[str]) -> _Stepper | _Replay:
+def _runner(model: nn.Module, batches: Sequence[torch.Tensor]) -> _Stepper | _Replay:
     """A :class:`_Stepper` when torch.fx can trace ``model`` with every layer as a node; else replay.
 
     The trace runs on a shallow copy, so the tensor constants fx stores on its root never land on
@@ -388,15 +388,14 @@ def least_squares_refit(
     try:
         with torch.no_grad():
             names = forward_order(merged, batches[0])
-            runners = [_runner(m, batches, names) for m in (merged, *sources)]
+            runners = [_runner(m, batches) for m in (merged, *sources)]
             for name in names:
                 layer = merged.get_submodule(name)
                 _check_layer(name, layer)
                 space = _out_space(graph, name)
                 blocks = None
                 if space is not None:
-                    t = transforms[space]
-                    blocks = [t.merge_block(i).to(torch.float64) for i in range(len(sources))]
+                    blocks = _blocks64([transforms[space].merge_block(i) for i in range(len(sources))])
                 pairs = (
                     (
                         runners[0].capture(b, name, output=False),
