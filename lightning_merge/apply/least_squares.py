@@ -16,8 +16,10 @@ is its exact minimiser and much faster.
 Cost: ``data`` is read once and kept; each model runs as a torch.fx graph that pauses before (merged)
 or after (sources) the current layer and resumes there for the next one, keeping only each batch's
 live activations, so the whole refit costs one forward per model and batch (models fx cannot trace
-are re-run from their input per layer, ~L²/2 layer-forwards). The rest is the float64 Gram products,
-formed in blocks of ``CHUNK_ROWS`` rows from strided conv patches. Measured on 2 busy CPU cores,
+are re-run from their input per layer, ~L²/2 layer-forwards). The rest is the float64 products: XᵀX
+from :func:`~lightning_merge.stats.patch_gram.input_gram` (stride-1 convs: one batched product per
+kernel-offset difference, no patch rows; see benchmarks/results/patch_gram.md), YᵀX in blocks of
+``CHUNK_ROWS`` rows from strided conv patches. Measured on 2 busy CPU cores,
 ResNet-20×1, one batch of 500 Fashion-MNIST images: 146 s before (re-run per layer, ``F.unfold``,
 one float64 copy of all rows) → 45 s (3.2×); ResNet-20×4, one batch of 100 images: 212 s → 47 s
 (4.5×); the weights agree with the old code to 7e-6 relative.
@@ -32,12 +34,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from lightning_merge.apply.repair import batch_inputs, model_device
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.transform import SpaceTransform
+from lightning_merge.stats.patch_gram import input_gram, unfolded_rows
 
 SOLVABLE = (nn.Linear, nn.Conv2d)
 
@@ -75,17 +77,8 @@ def _is_conv(layer: nn.Module) -> bool:
 
 
 def _unfold(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Conv input as (samples, d) rows matching ``weight.flatten(1)``; Linear input flattened.
-
-    Conv patches are strided views (``Tensor.unfold``) copied once into row order: ``F.unfold``'s
-    CPU im2col was 5–10× slower and needs a second copy for the transpose."""
-    if not _is_conv(layer):
-        return x.reshape(-1, x.shape[-1])
-    (sh, sw), (dh, dw), (kh, kw) = layer.stride, layer.dilation, layer.kernel_size
-    pad = layer._reversed_padding_repeated_twice  # the conv's own padding, "same" included
-    x = F.pad(x, pad) if any(pad) else x
-    p = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]
-    return p.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)  # (B·Ho·Wo, C·kh·kw)
+    """Conv input as (samples, d) rows matching ``weight.flatten(1)``; Linear input flattened."""
+    return unfolded_rows(layer, x) if _is_conv(layer) else x.reshape(-1, x.shape[-1])
 
 
 def _as_rows(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -123,7 +116,9 @@ def _row_chunks(
 
 class _NormalEquations:
     """float64 sums XᵀX, Σx, YᵀX, Σy and the row count; the bias is the constant-1 column, folded in
-    analytically (its Gram entries are Σx and the count), so no (rows, d+1) copy is ever built."""
+    analytically (its Gram entries are Σx and the count), so no (rows, d+1) copy is ever built.
+    XᵀX comes from :func:`~lightning_merge.stats.patch_gram.input_gram` (shifted products for
+    stride-1 convs); YᵀX from row blocks of the unfolded input."""
 
     def __init__(self) -> None:
         self.xx: torch.Tensor | None = None
@@ -131,15 +126,18 @@ class _NormalEquations:
         self.rows = 0
 
     def add(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        xx, xs, rows = input_gram(layer, x)
+        yx = ys = None
         for xr, yr in _row_chunks(layer, x, y):
-            xr = xr.to(torch.float64)  # float32 products lose too much for ill-conditioned layers
-            parts = (xr.T @ xr, yr.T @ xr, xr.sum(0), yr.sum(0))
-            if self.xx is None:
-                self.xx, self.yx, self.xs, self.ys = parts
-            else:
-                for acc, part in zip((self.xx, self.yx, self.xs, self.ys), parts, strict=True):
-                    acc.add_(part)
-            self.rows += xr.shape[0]
+            # float64 products: float32 loses too much for ill-conditioned layers
+            part = (yr.T @ xr.to(torch.float64), yr.sum(0))
+            yx, ys = part if yx is None else (yx + part[0], ys + part[1])
+        if self.xx is None:
+            self.xx, self.xs, self.yx, self.ys = xx, xs, yx, ys
+        else:
+            for acc, part in zip((self.xx, self.xs, self.yx, self.ys), (xx, xs, yx, ys), strict=True):
+                acc.add_(part)
+        self.rows += rows
 
     def solve(self, ridge: float, bias: bool) -> torch.Tensor:
         """Ridge solution (out, d [+1]); ridge relative to the mean diagonal of the (augmented) Gram."""

@@ -3,7 +3,8 @@
 Each row of X is one input vector of the layer in the layout of its flattened weight: a Linear sees
 its last axis (every leading position is a row), a Conv2d sees the unfolded (C_in·kh·kw) patch of
 every output position. A constant-1 column is appended when the layer has a bias, so the merge can
-solve for ``[W | b]`` jointly. Sums are float64.
+solve for ``[W | b]`` jointly. Sums are float64, formed by :mod:`lightning_merge.stats.patch_gram`
+without materialising stride-1 conv patches.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.stats.collect import register_collector
 from lightning_merge.stats.container import Statistics
+from lightning_merge.stats.patch_gram import input_gram, with_bias_column
 
 
 def supported_layers(model: nn.Module) -> Iterator[tuple[str, nn.Linear | nn.Conv2d]]:
@@ -33,26 +34,6 @@ def supported_layers(model: nn.Module) -> Iterator[tuple[str, nn.Linear | nn.Con
 def layer_input_dim(module: nn.Linear | nn.Conv2d) -> int:
     """Width of the augmented input rows: fan-in of the flattened weight, +1 for the bias."""
     return module.weight[0].numel() + (module.bias is not None)
-
-
-def layer_rows(module: nn.Linear | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The layer input as rows (R, fan_in[+1]) in float64, matching ``weight.flatten(1)`` (+ bias)."""
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            # 'same' padding and non-zero modes: pad like Conv2d._conv_forward, then unfold unpadded
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-            padding: int | tuple[int, ...] = 0
-        else:
-            padding = module.padding
-        cols = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # (B, d, L)
-        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    else:
-        rows = x.reshape(-1, x.shape[-1])
-    rows = rows.to(torch.float64)
-    if module.bias is not None:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-    return rows
 
 
 LayerFn = Callable[[int, str, nn.Module, torch.Tensor, torch.Tensor], None]
@@ -116,9 +97,9 @@ class GramCollector:
         self._hooks.detach()
 
     def _accumulate(self, i: int, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
-        rows = layer_rows(module, x.detach())
-        self.grams[i][name].addmm_(rows.T, rows)
-        self.counts[i][name] += rows.shape[0]
+        xx, xs, rows = input_gram(module, x.detach())
+        self.grams[i][name].add_(with_bias_column(module, xx, xs, rows))
+        self.counts[i][name] += rows
 
     def step(self, models: Sequence[nn.Module], inputs: torch.Tensor) -> None:
         self._hooks.active = True

@@ -1,6 +1,6 @@
 """K-FAC factors of every Linear / Conv2d layer (MaTS "kfac" subspace).
 
-For a layer y = W a (a: the augmented input row of :func:`~lightning_merge.stats.gram.layer_rows`),
+For a layer y = W a (a: the augmented input row of :func:`~lightning_merge.stats.patch_gram.input_gram`),
 the Fisher block of ``[W | b]`` is approximated by A ⊗ G with ``A = Σ a aᵀ`` over inputs and
 ``G = Σ g gᵀ`` over the gradients g = ∂ log p(ŷ|x)/∂y of the log-likelihood of the model's own
 prediction ŷ (conv: every output position gives one a and one g). One backward of the *sum* of the
@@ -19,7 +19,8 @@ from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.stats.collect import register_collector
 from lightning_merge.stats.container import Statistics
 from lightning_merge.stats.fisher import Target, check_eval_mode, check_target, model_targets
-from lightning_merge.stats.gram import _LayerHooks, layer_input_dim, layer_rows
+from lightning_merge.stats.gram import _LayerHooks, layer_input_dim
+from lightning_merge.stats.patch_gram import input_gram, with_bias_column
 
 
 def output_rows(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
@@ -62,8 +63,8 @@ class KFACCollector:
         self._hooks.detach()
 
     def _record(self, i: int, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
-        rows = layer_rows(module, x.detach())
-        self.factors[i][name][0].addmm_(rows.T, rows)
+        xx, xs, rows = input_gram(module, x.detach())
+        self.factors[i][name][0].add_(with_bias_column(module, xx, xs, rows))
         self._outputs.append((name, module, out))
 
     def _step_model(self, i: int, model: nn.Module, x: torch.Tensor) -> None:

@@ -1,0 +1,191 @@
+"""XᵀX of a layer's input rows without forming all the rows: the shared kernel of RegMean's Gram
+statistics, K-FAC's input factor and PLeaS' least-squares refit.
+
+A Linear layer's rows are its inputs' last axis; a Conv2d's are the unfolded (C·kh·kw) patches of
+every output position, in ``weight.flatten(1)`` order. For a stride-1 convolution the block of XᵀX
+between kernel offsets p and q is a sum over a window of the per-position products
+x[u]·x[u+δ]ᵀ (δ = q − p), and the window is the same rectangle shifted by p. So one batched product
+per *distinct* non-negative offset difference serves every (p, q) pair: 13 products instead of the 81
+(or 45 using symmetry) C×C blocks of a 3×3 kernel. The products run row by row (a contiguous
+(width·B, C) slice each, so every one is a long GEMM and no patch is copied); a window is the sum of
+its rows minus its missing edge columns. With
+zero padding, positions in the padding ring are skipped (their products are zero). Other convolutions
+(stride > 1) and small inputs fall back to unfolded rows and a block-upper-triangle product.
+
+Everything is float64, because these sums feed ill-conditioned solves.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Bytes of float64 input copied at once: the batch is processed in chunks of images that fit.
+CHUNK_BYTES = 256 * 2**20
+#: Fewest rows (images × output positions) for the shifted products: below it their per-row
+#: overhead loses to one product of the unfolded rows (measured: 0.4× at 128 rows, 1.8× at 1280,
+#: 3–6× at 32 000+).
+SHIFT_MIN_ROWS = 1024
+#: Column block of :func:`sym_gram`; narrower matrices take one plain product.
+SYM_BLOCK = 768
+
+
+def sym_gram(rows: torch.Tensor) -> torch.Tensor:
+    """rowsᵀ·rows in float64, computing only the block upper triangle (≈ half the work when wide)."""
+    rows = rows.to(torch.float64)
+    d = rows.shape[1]
+    if d <= SYM_BLOCK:
+        return rows.T @ rows
+    out = rows.new_empty(d, d)
+    spans = list(itertools.pairwise([*range(0, d, SYM_BLOCK), d]))
+    for i, (a0, a1) in enumerate(spans):
+        for b0, b1 in spans[i:]:
+            block = rows[:, a0:a1].T @ rows[:, b0:b1]
+            out[a0:a1, b0:b1] = block
+            if b0 != a0:
+                out[b0:b1, a0:a1] = block.T
+    return out
+
+
+def _padded(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Input padded like ``Conv2d._conv_forward`` and the (h0, h1, w0, w1) box that can be non-zero."""
+    left, right, top, bottom = conv._reversed_padding_repeated_twice
+    h, w = x.shape[-2:]
+    if not any((left, right, top, bottom)):
+        return x, (0, h, 0, w)
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    xp = F.pad(x, (left, right, top, bottom), mode=mode)
+    if conv.padding_mode == "zeros":
+        return xp, (top, top + h, left, left + w)
+    return xp, (0, xp.shape[-2], 0, xp.shape[-1])
+
+
+def unfolded_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Conv input as (B·Ho·Wo, C·kh·kw) rows in ``weight.flatten(1)`` order (strided views, one copy)."""
+    (sh, sw), (dh, dw), (kh, kw) = conv.stride, conv.dilation, conv.kernel_size
+    xp, _ = _padded(conv, x)
+    p = xp.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]
+    return p.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+
+
+def _offset_pairs(conv: nn.Conv2d) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """Kernel-offset index pairs p ≤ q grouped by their spatial difference δ = offset(q) − offset(p)."""
+    (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
+    offsets = [(a * dh, b * dw) for a in range(kh) for b in range(kw)]
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for p, (pa, pb) in enumerate(offsets):
+        for q in range(p, len(offsets)):
+            qa, qb = offsets[q]
+            groups.setdefault((qa - pa, qb - pb), []).append((p, q))
+    return groups
+
+
+def _row_products(xt: torch.Tensor, delta: tuple[int, int], rows: range, c0: int, c1: int) -> torch.Tensor:
+    """For each row h: Σ over columns w in [c0, c1) and the batch of x[h, w]·x[(h, w) + δ]ᵀ.
+
+    ``xt`` is (Hp, Wp, B, C), so each row's column range is one contiguous (n·B, C) matrix and every
+    product is a single GEMM with a long inner dimension, without copying patches."""
+    da, db = delta
+    c = xt.shape[-1]
+    out = xt.new_empty(len(rows), c, c)
+    for i, h in enumerate(rows):
+        left = xt[h, c0:c1].reshape(-1, c)
+        torch.mm(left.T, xt[h + da, c0 + db : c1 + db].reshape(-1, c), out=out[i])
+    return out
+
+
+def _delta_blocks(
+    xt: torch.Tensor,
+    delta: tuple[int, int],
+    starts: list[tuple[int, int]],
+    live: tuple[int, ...],
+    out: tuple[int, int],
+) -> list[torch.Tensor]:
+    """The XᵀX blocks of the offset pairs (p, p + δ) whose first offsets are ``starts``.
+
+    Block p is the sum of x[u]·x[u+δ]ᵀ over the window u ∈ p + [0, Ho)×[0, Wo), clipped to where both
+    factors can be non-zero. All windows share one product per row over the widest column range;
+    each window then drops its rows outside, and subtracts its missing edge columns (a column or two,
+    cached per range) instead of forming its own product."""
+    (da, db), (lh0, lh1, lw0, lw1), (ho, wo) = delta, live, out
+    h0, h1 = max(lh0, lh0 - da, min(a for a, _ in starts)), min(lh1, lh1 - da, max(a for a, _ in starts) + ho)
+    w0, w1 = max(lw0, lw0 - db, min(b for _, b in starts)), min(lw1, lw1 - db, max(b for _, b in starts) + wo)
+    c = xt.shape[-1]
+    if h0 >= h1 or w0 >= w1:
+        return [xt.new_zeros(c, c) for _ in starts]
+    full = _row_products(xt, delta, range(h0, h1), w0, w1)
+    edges: dict[tuple[int, int], torch.Tensor] = {}
+    blocks = []
+    for pa, pb in starts:
+        r0, r1 = max(pa, h0) - h0, min(pa + ho, h1) - h0
+        c0, c1 = max(pb, w0), min(pb + wo, w1)
+        if r0 >= r1 or c0 >= c1:
+            blocks.append(xt.new_zeros(c, c))
+            continue
+        per_row = full[r0:r1]
+        for lo, hi in ((w0, c0), (c1, w1)):
+            if lo < hi:
+                if (lo, hi) not in edges:
+                    edges[lo, hi] = _row_products(xt, delta, range(h0, h1), lo, hi)
+                per_row = per_row - edges[lo, hi][r0:r1]
+        blocks.append(per_row.sum(0))
+    return blocks
+
+
+def _shift_gram(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """XᵀX and Σx of a stride-1 conv's patches, from one set of row products per offset difference."""
+    (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
+    offsets = [(a * dh, b * dw) for a in range(kh) for b in range(kw)]
+    k, c = len(offsets), x.shape[1]
+    blocks = x.new_zeros(k, k, c, c, dtype=torch.float64)
+    xs = x.new_zeros(c, k, dtype=torch.float64)
+    chunk = max(1, CHUNK_BYTES // (8 * x[0].numel() * 2))  # images per chunk (float64, padded ≤ 2×)
+    for part in x.split(chunk):
+        xp, live = _padded(conv, part.to(torch.float64))
+        ho, wo = xp.shape[2] - (kh - 1) * dh, xp.shape[3] - (kw - 1) * dw
+        xt = xp.permute(2, 3, 0, 1).contiguous()  # (Hp, Wp, B, C)
+        for delta, pairs in _offset_pairs(conv).items():
+            got = _delta_blocks(xt, delta, [offsets[p] for p, _ in pairs], live, (ho, wo))
+            for (p, q), block in zip(pairs, got, strict=True):
+                blocks[p, q] += block
+        total = xp.sum(0)
+        xs += torch.stack([total[:, a : a + ho, b : b + wo].sum((1, 2)) for a, b in offsets], 1)
+    upper = torch.triu(torch.ones(k, k, dtype=torch.bool), 1)
+    blocks.transpose(0, 1)[upper] = blocks[upper].transpose(-1, -2)  # (q, p) = (p, q)ᵀ
+    return blocks.permute(2, 0, 3, 1).reshape(c * k, c * k), xs.reshape(-1)  # index c·K + p
+
+
+def input_gram(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(XᵀX, Σx, number of rows) of ``layer``'s input rows, float64 (no bias column)."""
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            raise ValueError(f"input_gram needs an ungrouped Conv2d, got groups={layer.groups}")
+        rows = x.shape[0] * _output_positions(layer, x)
+        if layer.stride == (1, 1) and rows >= SHIFT_MIN_ROWS:
+            xx, xs = _shift_gram(layer, x)
+            return xx, xs, rows
+        rows = unfolded_rows(layer, x)
+    elif isinstance(layer, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1])
+    else:
+        raise TypeError(f"input_gram supports Linear and Conv2d layers, got {type(layer).__name__}")
+    return sym_gram(rows), rows.sum(0, dtype=torch.float64), rows.shape[0]
+
+
+def _output_positions(conv: nn.Conv2d, x: torch.Tensor) -> int:
+    xp_h = x.shape[-2] + sum(conv._reversed_padding_repeated_twice[2:])
+    xp_w = x.shape[-1] + sum(conv._reversed_padding_repeated_twice[:2])
+    (sh, sw), (dh, dw), (kh, kw) = conv.stride, conv.dilation, conv.kernel_size
+    return ((xp_h - (kh - 1) * dh - 1) // sh + 1) * ((xp_w - (kw - 1) * dw - 1) // sw + 1)
+
+
+def with_bias_column(layer: nn.Module, xx: torch.Tensor, xs: torch.Tensor, rows: int) -> torch.Tensor:
+    """The Gram of the rows with a constant-1 column appended when ``layer`` has a bias:
+    [[XᵀX, Σx], [Σxᵀ, n]], so a merge can solve for ``[W | b]`` jointly."""
+    if getattr(layer, "bias", None) is None:
+        return xx
+    count = xx.new_full((1, 1), float(rows))
+    return torch.cat([torch.cat([xx, xs[:, None]], 1), torch.cat([xs[None], count], 1)])

@@ -1,0 +1,114 @@
+"""patch_gram: XᵀX / Σx of layer inputs equal the plain float64 product of F.unfold rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_merge.stats import patch_gram as pg
+
+
+@pytest.fixture(autouse=True)
+def _shift_on_small_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' inputs are tiny: let them take the shifted-product path anyway."""
+    monkeypatch.setattr(pg, "SHIFT_MIN_ROWS", 1)
+
+
+def _reference(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    if isinstance(layer, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1]).double()
+    else:
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        xp = F.pad(x.double(), layer._reversed_padding_repeated_twice, mode=mode)
+        cols = F.unfold(xp, layer.kernel_size, layer.dilation, 0, layer.stride)
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return rows.T @ rows, rows.sum(0), rows.shape[0]
+
+
+CONVS = [
+    {"kernel_size": 3, "padding": 1},
+    {"kernel_size": 3, "padding": 0},
+    {"kernel_size": 5, "padding": 4, "dilation": 2},
+    {"kernel_size": (3, 1), "padding": (1, 0)},
+    {"kernel_size": (2, 4), "padding": (0, 3)},
+    {"kernel_size": 3, "padding": "same"},
+    {"kernel_size": 3, "padding": 1, "padding_mode": "reflect"},
+    {"kernel_size": 3, "padding": 2, "padding_mode": "circular"},
+    {"kernel_size": 1},
+    {"kernel_size": 3, "padding": 1, "stride": 2},  # unfolded fallback
+    {"kernel_size": 3, "padding": 1, "stride": (1, 2)},
+]
+
+
+@pytest.mark.parametrize("kwargs", CONVS, ids=[str(sorted(c.items())) for c in CONVS])
+def test_conv_gram_matches_unfolded_rows(kwargs: dict) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 4, **kwargs)
+    x = torch.randn(3, 5, 9, 7)
+    xx, xs, n = pg.input_gram(conv, x)
+    ref_xx, ref_xs, ref_n = _reference(conv, x)
+    assert n == ref_n
+    assert xx.dtype == torch.float64 and xx.shape == ref_xx.shape
+    torch.testing.assert_close(xx, ref_xx, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(xs, ref_xs, rtol=1e-12, atol=1e-10)
+
+
+def test_chunks_of_images_add_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A memory cap of one image per chunk gives the same sums as one chunk."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(6, 2, 3, padding=1)
+    x = torch.randn(4, 6, 8, 10)
+    whole = pg.input_gram(conv, x)[0]
+    monkeypatch.setattr(pg, "CHUNK_BYTES", 1)
+    torch.testing.assert_close(pg.input_gram(conv, x)[0], whole, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(whole, _reference(conv, x)[0], rtol=1e-12, atol=1e-10)
+
+
+def test_small_inputs_take_the_rows_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pg, "SHIFT_MIN_ROWS", 100)  # 25 output positions per image
+    calls: list[int] = []
+    monkeypatch.setattr(pg, "_shift_gram", lambda conv, x: calls.append(x.shape[0]) or (None, None))
+    conv = nn.Conv2d(3, 2, 3, padding=1)
+    x = torch.randn(3, 3, 5, 5)
+    xx, _, n = pg.input_gram(conv, x)  # 75 rows < 100: unfolded rows
+    assert calls == [] and n == 75
+    torch.testing.assert_close(xx, _reference(conv, x)[0])
+    pg.input_gram(conv, torch.randn(4, 3, 5, 5))
+    assert calls == [4]
+
+
+def test_linear_gram_over_every_leading_position() -> None:
+    torch.manual_seed(2)
+    lin = nn.Linear(7, 3)
+    x = torch.randn(2, 5, 7)  # (batch, tokens, features): 10 rows
+    xx, xs, n = pg.input_gram(lin, x)
+    ref_xx, ref_xs, ref_n = _reference(lin, x)
+    assert n == ref_n == 10
+    torch.testing.assert_close(xx, ref_xx)
+    torch.testing.assert_close(xs, ref_xs)
+
+
+def test_sym_gram_blocks_equal_plain_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pg, "SYM_BLOCK", 4)  # 11 columns: blocks of 4, 4, 3
+    rows = torch.randn(30, 11, dtype=torch.float32)
+    got = pg.sym_gram(rows)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, rows.double().T @ rows.double(), rtol=1e-12, atol=1e-12)
+
+
+def test_bias_column_appends_sums_and_count() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(6, 4)
+    xx, xs, n = pg.input_gram(nn.Linear(4, 2), x)
+    aug = torch.cat([x.double(), torch.ones(6, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(pg.with_bias_column(nn.Linear(4, 2), xx, xs, n), aug.T @ aug)
+    assert pg.with_bias_column(nn.Linear(4, 2, bias=False), xx, xs, n) is xx
+
+
+def test_unsupported_layers_are_named() -> None:
+    with pytest.raises(ValueError, match="groups=2"):
+        pg.input_gram(nn.Conv2d(4, 4, 3, groups=2), torch.randn(1, 4, 5, 5))
+    with pytest.raises(TypeError, match="Conv1d"):
+        pg.input_gram(nn.Conv1d(4, 4, 3), torch.randn(1, 4, 5))
