@@ -245,13 +245,14 @@ def evaluate_merge(
     seeds: str = "0:1",
     stats_path: str | None = None,
     references: bool = False,
+    repair: bool | str = True,
 ) -> tuple[list[MetricRow], MergeModule]:
     """One merge run → its table row (and, with ``references``, the source and ensemble rows first).
 
     Relative parameters and FLOPs are against one source (a partial zip counts trunk + N tails, the
     ensemble is N); ``seconds`` is the whole run (statistics pass or cache load, merge, test-set
     evaluation, counts); ``stats`` says whether the statistics came from a ``"pass"``, the
-    ``"cache"`` file or ``"none"``.
+    ``"cache"`` file or ``"none"``. ``repair`` is the ``MergeModule``'s (BatchNorm reset / REPAIR).
     """
     n = datamodule.num_tasks
     if len(sources) != n:
@@ -262,6 +263,7 @@ def evaluate_merge(
         sources=list(sources),
         method=method,
         stats_path=stats_path,
+        repair=repair,
         evaluate_sources=references,
         evaluate_ensemble=references,
         heatmaps=0,

@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/report.py [--results-dir benchmarks/results] [--out BENCHMARKS.md]
 
-Reads the merge tables (``merge_table_*.{json,md}``), the sweeps (``sweep_*.{json,md,png}``) and the
-performance notes other scripts leave there (``perf*.md``, ``matchers*.md``, ``stats_pass*.md``).
+Reads the merge tables (``merge_table_*.{json,md}``), the sweeps (``sweep_*.{json,md,png}``), the
+REPAIR comparison (``repair*.md``) and the performance notes other scripts leave there (``perf*.md``,
+``matchers*.md``, ``stats_pass*.md``, ``patch_gram*.md``).
 The intro lists, per table, the command that regenerates it (from its JSON), the machine, the best
 merge as a fraction of the ensemble's joint accuracy and whether every merge beats weight averaging.
 A missing input becomes a line ``not run yet: <command>``.
@@ -54,7 +55,7 @@ SWEEPS: tuple[tuple[str, str, str], ...] = (
     ),
 )
 #: Other scripts' notes, included in this order (files of one prefix sorted by name).
-EXTRA_PREFIXES = ("perf", "matchers", "stats_pass")
+EXTRA_PREFIXES = ("repair", "perf", "matchers", "stats_pass", "patch_gram")
 
 
 def demote(markdown: str, levels: int = 2) -> str:
@@ -127,7 +128,7 @@ def _sweep_images(results: Path, stem: str, out_dir: Path) -> list[str]:
 
 
 def extra_files(results: Path) -> list[Path]:
-    """``perf*.md``, ``matchers*.md``, ``stats_pass*.md`` in that order (sorted within a prefix)."""
+    """The other scripts' notes, by EXTRA_PREFIXES order (sorted by name within a prefix)."""
     return [p for prefix in EXTRA_PREFIXES for p in sorted(results.glob(f"{prefix}*.md"))]
 
 

@@ -87,7 +87,7 @@ def recipe_of(module: Any) -> dict[str, Any]:
         ],
         "base": hp.get("base"),
         "method": method_config(module.method),
-        "repair": bool(module.repair),
+        "repair": module.repair,
         "tasks": [list(t) for t in module.tasks],
         "num_classes": module.heads[0].num_classes,
         "graph_digest": module.merge_graph.digest() if module.merge_graph is not None else None,

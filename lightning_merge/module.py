@@ -21,7 +21,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -29,8 +29,12 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_merge.apply.partial import PartialZipModel
+from lightning_merge.apply.repair import reset_batchnorm
+from lightning_merge.apply.rescale import repair_rescale
 from lightning_merge.evaluation import SourceHead, TaskAccuracies, ensemble_logits, merged_logits
 from lightning_merge.methods.base import MergeMethod, get_method
+from lightning_merge.methods.transform_base import TransformMethod
 from lightning_merge.models.classifier import SourceClassifier
 from lightning_merge.sources import architecture_of, check_same_architecture, load_checkpoint
 from lightning_merge.stats.store import model_fingerprint
@@ -49,7 +53,10 @@ class MergeModule(pl.LightningModule):
         method: a :class:`MergeMethod` instance (YAML: ``class_path`` + ``init_args``) or a
             registered name (``"zipit"``), with ``method_args`` as its keyword arguments.
         base: checkpoint (or module) of the shared pre-trained model for same-base methods.
-        repair: reset the merged model's BatchNorm statistics over the calibration data.
+        repair: after the merge, over the calibration data: ``True`` / ``"reset"`` recomputes the
+            merged model's BatchNorm statistics; ``"rescale"`` first applies REPAIR (rescales every
+            un-normalised merged layer to its sources' merged statistics; matching methods only),
+            then the reset; ``False`` does neither.
         stats_path: statistics file to reuse (when it matches these sources and graph) or write.
         export_dir: write ``model.safetensors`` + ``recipe.yaml`` of the merge there.
         evaluate_sources / evaluate_ensemble: also score each source / the ensemble as references.
@@ -62,7 +69,7 @@ class MergeModule(pl.LightningModule):
         method: MergeMethod | str = "zipit",
         method_args: dict[str, Any] | None = None,
         base: Source | None = None,
-        repair: bool = True,
+        repair: bool | Literal["reset", "rescale"] = True,
         stats_path: str | None = None,
         export_dir: str | None = None,
         evaluate_sources: bool = True,
@@ -83,6 +90,13 @@ class MergeModule(pl.LightningModule):
         if method.needs_base and base is None:
             raise ValueError(
                 f"method {method.name!r} merges task vectors: give base= (the shared pre-trained model)"
+            )
+        if repair not in (True, False, "reset", "rescale"):
+            raise ValueError(f"repair must be True, False, 'reset' or 'rescale', got {repair!r}")
+        if repair == "rescale" and not isinstance(method, TransformMethod):
+            raise ValueError(
+                f"repair='rescale' needs a matching method's transforms; method {method.name!r} has none "
+                "(use repair='reset')"
             )
         if heatmaps < 0:
             raise ValueError(f"heatmaps must be >= 0, got {heatmaps}")
@@ -269,9 +283,11 @@ class MergeModule(pl.LightningModule):
             if self.method.requires:
                 self.method.check_stats(self.statistics)
             merged = self.method.merge(list(self.sources), **kwargs).to(self.device)
+            if self.repair == "rescale":
+                trunk = merged.trunk if isinstance(merged, PartialZipModel) else merged
+                graph, transforms = self.merge_graph, self.method.transforms
+                repair_rescale(trunk, list(self.sources), graph, transforms, self._calibration_inputs())
             if self.repair:
-                from lightning_merge.apply.repair import reset_batchnorm
-
                 reset_batchnorm(merged, self._calibration_inputs())
             self._agree_across_ranks(merged)
         return merged.eval().requires_grad_(False)

@@ -48,6 +48,8 @@ def results(source_pair: Callable, tmp_path_factory: pytest.TempPathFactory) -> 
         )
     (out / "perf_merge.md").write_text("# Merge speed\n\n```\n# not a heading\n```\n| a | 1.5 |\n")
     (out / "matchers_zip.md").write_text("# Matchers\n")
+    (out / "patch_gram.md").write_text("# Conv Gram\n")
+    (out / "repair_mlpx1.md").write_text("# REPAIR\n")
     return out
 
 
@@ -85,7 +87,12 @@ def test_report_carries_the_json_numbers_and_missing_lines(results: Path, tmp_pa
         assert f"not run yet: `{command}`" in text, stem
     assert "](" in text and "sweep_pleas_width_resnet20x1_split2.png)" in text
     # notes are included in a fixed order with nested headings; a '#' inside a code fence stays
-    assert text.index("## perf_merge") < text.index("## matchers_zip")
+    assert (
+        text.index("## repair_mlpx1")
+        < text.index("## perf_merge")
+        < text.index("## matchers_zip")
+        < text.index("## patch_gram")
+    )
     assert "### Merge speed" in text and "\n# not a heading\n" in text
 
 

@@ -205,6 +205,7 @@ def test_config_instantiates_with_command_line_overrides(
     cli = main(args, run=False)
     module = cli.model
     assert isinstance(module, MergeModule) and module.source_specs == checkpoints
+    assert module.repair == parsed["model"]["init_args"]["repair"]
     expected = parsed["model"]["init_args"]["method"]
     assert f"{type(module.method).__module__}.{type(module.method).__qualname__}" == expected["class_path"]
     for key, value in (expected.get("init_args") or {}).items():

@@ -122,7 +122,7 @@ def test_refit_matches_the_float64_reference() -> None:
     ref = copy.deepcopy(merged)
     reference_refit(ref, sources, graph, tr, data, ridge=1e-4)
     ls.least_squares_refit(merged, sources, graph, tr, data, ridge=1e-4)
-    assert ls._runner(merged, data).__class__ is ls._Stepper
+    assert ls.layer_runner(merged, data).__class__ is ls._Stepper
     for key, want in ref.state_dict().items():
         got = merged.state_dict()[key]
         assert (got - want).norm() / want.norm() < 1e-5, key
@@ -131,7 +131,7 @@ def test_refit_matches_the_float64_reference() -> None:
 def test_untraceable_models_fall_back_to_replay_with_the_same_result() -> None:
     graph, tr = graph_and_transforms()
     sources, merged, data = sources_and_merged(Untraceable)
-    assert isinstance(ls._runner(merged, data), ls._Replay)
+    assert isinstance(ls.layer_runner(merged, data), ls._Replay)
     ref = copy.deepcopy(merged)
     reference_refit(ref, sources, graph, tr, data, ridge=1e-3)
     ls.least_squares_refit(merged, sources, graph, tr, data, ridge=1e-3)

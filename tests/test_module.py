@@ -251,3 +251,44 @@ def test_every_registered_method_runs_through_the_module(name: str) -> None:
         f"{m}/{k}" for m in ("merged", "ensemble") for k in ("joint_acc", "task0_acc", "task1_acc")
     }
     assert module.results["merged/joint_acc"] > 0.1  # better than chance over 10 classes
+
+
+# --------------------------------------------------------------------------- REPAIR
+def test_repair_rescale_equals_the_direct_calls_and_is_recorded(tmp_path: Path) -> None:
+    """repair='rescale': the module's merged weights equal ZipIt! → repair_rescale → BatchNorm reset
+    run by hand on the same statistics and calibration batches."""
+    from lightning_merge.apply.rescale import repair_points, repair_rescale
+
+    dm = datamodule()
+    module = MergeModule(
+        sources=small_pair(),
+        method=ZipItMerge(),
+        repair="rescale",
+        export_dir=str(tmp_path),
+        evaluate_sources=False,
+        evaluate_ensemble=False,
+    )
+    trainer().validate(module, datamodule=dm, verbose=False)
+    sources = list(module.sources)
+    method = ZipItMerge()
+    by_hand = method.merge(sources, graph=module.merge_graph, stats=module.statistics)
+    plain = copy.deepcopy(by_hand)
+    assert repair_points(by_hand, module.merge_graph)  # the MLP's hidden layers
+    repair_rescale(
+        by_hand,
+        sources,
+        module.merge_graph,
+        method.transforms,
+        [x for x, _ in module.calibration_dataloader()],
+    )
+    for key, want in by_hand.state_dict().items():
+        torch.testing.assert_close(module.merged.state_dict()[key], want, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(plain.state_dict()[k], v) for k, v in by_hand.state_dict().items())
+    assert "repair: rescale" in (tmp_path / "recipe.yaml").read_text()
+
+
+def test_bad_repair_settings_are_named() -> None:
+    with pytest.raises(ValueError, match="repair must be"):
+        MergeModule(sources=small_pair(), method="zipit", repair="repair")
+    with pytest.raises(ValueError, match="'regmean' has none"):
+        MergeModule(sources=small_pair(), method="regmean", repair="rescale")

@@ -174,3 +174,34 @@ def test_matchers_and_stats_pass_write_matching_json(tmp_path: Path) -> None:
     assert row["taps"] == 19 and row["state_mib"] > 0
     with pytest.raises(SystemExit):
         stats_pass.main(["--archs", "resnet99"])
+
+
+def test_patch_gram_benchmark_agrees_with_the_unfolded_product(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    patch_gram = load("patch_gram")
+    monkeypatch.setattr(patch_gram, "SHAPES", [("tiny", 4, 6), ("tinier", 3, 5)])
+    patch_gram.main(["--batch", "64", "--runs", "1", "--out", str(tmp_path)])
+    payload = check_markdown_matches_json(tmp_path / "patch_gram.md", tmp_path / "patch_gram.json")
+    assert [r["shape"] for r in payload["rows"]] == ["64×4×6×6", "64×3×5×5"]
+    for row in payload["rows"]:
+        assert row["err_shift"] < 1e-12 and row["err_sym"] < 1e-12
+        assert row["speedup"] == pytest.approx(row["unfold_s"] / row["shift_s"])
+
+
+def test_repair_summary_counts_gains_per_seed_group() -> None:
+    repair = load("repair")
+    raw = [{"method": "ensemble", "repair": "reference", "joint_acc": v} for v in (60.0, 62.0)]
+    for method in repair.ROWS:
+        raw += [
+            {"method": method, "repair": "none", "joint_acc": 50.0},
+            {"method": method, "repair": "none", "joint_acc": 52.0},
+            {"method": method, "repair": "rescale", "joint_acc": 55.0},
+            {"method": method, "repair": "rescale", "joint_acc": 51.0},
+        ]
+    lines = repair.summarise(raw)
+    assert lines[0] == {"method": "ensemble", "none": "61.00 ± 1.41", "rescale": "", "gain": None}
+    for line in lines[1:]:
+        assert line["gain"] == pytest.approx(2.0) and line["wins"] == "1/2"
+        assert line["none"] == "51.00 ± 1.41" and line["rescale"] == "53.00 ± 2.83"
+    assert [line["method"] for line in lines[1:]] == repair.ROWS

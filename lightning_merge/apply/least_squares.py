@@ -272,7 +272,7 @@ class _Stepper:
         return args[0]  # output
 
 
-def _runner(model: nn.Module, batches: Sequence[torch.Tensor]) -> _Stepper | _Replay:
+def layer_runner(model: nn.Module, batches: Sequence[torch.Tensor]) -> _Stepper | _Replay:
     """A :class:`_Stepper` when torch.fx can trace ``model`` with every layer as a node; else replay.
 
     The trace runs on a shallow copy, so the tensor constants fx stores on its root never land on
@@ -386,7 +386,7 @@ def least_squares_refit(
     try:
         with torch.no_grad():
             names = forward_order(merged, batches[0])
-            runners = [_runner(m, batches) for m in (merged, *sources)]
+            runners = [layer_runner(m, batches) for m in (merged, *sources)]
             for name in names:
                 layer = merged.get_submodule(name)
                 _check_layer(name, layer)

@@ -4,8 +4,9 @@ Every such method computes one :class:`~lightning_merge.match.transform.SpaceTra
 point (:meth:`TransformMethod.match`) and then applies them all the same way: W = M_out ·
 blockdiag(W_i) · U_in through the merge graph, giving a plain module of the merged architecture, or,
 with ``stop_at``, a partial zip (merged trunk up to a cut point, every source's own tail after it).
-BatchNorm reset is not part of ``merge``: the MergeModule (or the caller) runs
-:func:`lightning_merge.apply.repair.reset_batchnorm` afterwards.
+BatchNorm reset and REPAIR are not part of ``merge``: the MergeModule (or the caller) runs
+:func:`lightning_merge.apply.repair.reset_batchnorm` (and, asked for,
+:func:`lightning_merge.apply.rescale.repair_rescale` with :attr:`TransformMethod.transforms`) afterwards.
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ class TransformMethod(MergeMethod):
 
     ``stop_at``: None for a full merge, or a cut point (its fx node name, or a depth fraction in [0, 1],
     the nearest cut point is used) for a partial zip returning every source's output.
+    ``transforms`` holds the last merge's transforms, for post-merge steps such as REPAIR.
     """
+
+    transforms: Transforms | None = None
 
     def __init__(self, *, stop_at: str | float | None = None) -> None:
         check_stop_at(stop_at)
@@ -113,7 +117,7 @@ class TransformMethod(MergeMethod):
         check_statistics_match(stats, graph, len(sources))
         if self.needs_data and data is None:
             raise ValueError(f"method {self.name!r} needs a data loader (data=None given)")
-        transforms = self.match(sources, graph, stats)
+        transforms = self.transforms = dict(self.match(sources, graph, stats))
         if self.stop_at is not None:
             cut = resolve_cut(graph, self.stop_at)
             partial = build_partial(sources, graph, transforms, cut)
