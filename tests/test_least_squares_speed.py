@@ -13,6 +13,7 @@ from torch import nn
 from lightning_merge.apply import least_squares as ls
 from lightning_merge.graph.spec import AxisRef, MergeGraph, Space
 from lightning_merge.match.transform import SpaceTransform, from_assignment
+from lightning_merge.stats import patch_gram
 
 # the even "same" kernel below is deliberate (asymmetric padding); torch warns about its extra copy
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same.:UserWarning")
@@ -116,7 +117,10 @@ def sources_and_merged(cls: type[nn.Module]) -> tuple[list[nn.Module], nn.Module
     return sources, merged.eval(), [torch.randn(16, 2, 8, 7, generator=gen) for _ in range(3)]
 
 
-def test_refit_matches_the_float64_reference() -> None:
+@pytest.mark.parametrize("min_rows", [1, 10**9], ids=["shifted-windows", "patch-rows"])
+def test_refit_matches_the_float64_reference(min_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways to form the sums (shifted windows for stride-1 convs, unfolded rows) give the reference."""
+    monkeypatch.setattr(patch_gram, "SHIFT_MIN_ROWS", min_rows)
     graph, tr = graph_and_transforms()
     sources, merged, data = sources_and_merged(ResNetLike)
     ref = copy.deepcopy(merged)

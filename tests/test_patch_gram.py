@@ -69,7 +69,7 @@ def test_chunks_of_images_add_up(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_small_inputs_take_the_rows_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pg, "SHIFT_MIN_ROWS", 100)  # 25 output positions per image
     calls: list[int] = []
-    monkeypatch.setattr(pg, "_shift_gram", lambda conv, x: calls.append(x.shape[0]) or (None, None))
+    monkeypatch.setattr(pg, "_shift_sums", lambda conv, x, y: calls.append(x.shape[0]) or (None, None, None))
     conv = nn.Conv2d(3, 2, 3, padding=1)
     x = torch.randn(3, 3, 5, 5)
     xx, _, n = pg.input_gram(conv, x)  # 75 rows < 100: unfolded rows
@@ -112,3 +112,32 @@ def test_unsupported_layers_are_named() -> None:
         pg.input_gram(nn.Conv2d(4, 4, 3, groups=2), torch.randn(1, 4, 5, 5))
     with pytest.raises(TypeError, match="Conv1d"):
         pg.input_gram(nn.Conv1d(4, 4, 3), torch.randn(1, 4, 5))
+
+
+@pytest.mark.parametrize(
+    "kwargs", CONVS[:4] + CONVS[5:9], ids=[str(sorted(c.items())) for c in CONVS[:4] + CONVS[5:9]]
+)
+def test_normal_sums_cross_product_matches_unfolded_rows(
+    kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """YᵀX from shifted windows equals targets times unfolded patch rows (every stride-1 conv above)."""
+    monkeypatch.setattr(pg, "CHUNK_BYTES", 8 * 5 * 9 * 7 * 2 * 2)  # two images per chunk
+    torch.manual_seed(4)
+    conv = nn.Conv2d(5, 4, **kwargs)
+    x = torch.randn(5, 5, 9, 7)
+    y = torch.randn_like(conv(x), dtype=torch.float64)
+    xx, xs, yx, n = pg.normal_sums(conv, x, y)
+    rows = pg.unfolded_rows(conv, x).double()
+    targets = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+    assert n == rows.shape[0]
+    torch.testing.assert_close(yx, targets.T @ rows, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(xx, rows.T @ rows, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(xs, rows.sum(0), rtol=1e-12, atol=1e-10)
+
+
+def test_normal_sums_rejects_what_it_cannot_do() -> None:
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(ValueError, match="stride-1"):
+        pg.normal_sums(nn.Conv2d(3, 2, 3, stride=2), x, torch.zeros(2, 2, 2, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="does not match"):
+        pg.normal_sums(nn.Conv2d(3, 2, 3, padding=1), x, torch.zeros(2, 5, 6, 6, dtype=torch.float64))

@@ -16,10 +16,10 @@ is its exact minimiser and much faster.
 Cost: ``data`` is read once and kept; each model runs as a torch.fx graph that pauses before (merged)
 or after (sources) the current layer and resumes there for the next one, keeping only each batch's
 live activations, so the whole refit costs one forward per model and batch (models fx cannot trace
-are re-run from their input per layer, ~L²/2 layer-forwards). The rest is the float64 products: XᵀX
-from :func:`~lightning_merge.stats.patch_gram.input_gram` (stride-1 convs: one batched product per
-kernel-offset difference, no patch rows; see benchmarks/results/patch_gram.md), YᵀX in blocks of
-``CHUNK_ROWS`` rows from strided conv patches. Measured on 2 busy CPU cores,
+are re-run from their input per layer, ~L²/2 layer-forwards). The rest is the float64 products: for
+stride-1 convs XᵀX and YᵀX come from shifted windows of the input, no patch rows
+(:mod:`lightning_merge.stats.patch_gram`; see benchmarks/results/patch_gram.md), for other layers from
+blocks of ``CHUNK_ROWS`` rows of strided conv patches. Measured on 2 busy CPU cores,
 ResNet-20×1, one batch of 500 Fashion-MNIST images: 146 s before (re-run per layer, ``F.unfold``,
 one float64 copy of all rows) → 45 s (3.2×); ResNet-20×4, one batch of 100 images: 212 s → 47 s
 (4.5×); the weights agree with the old code to 7e-6 relative.
@@ -39,7 +39,7 @@ from torch import fx, nn
 from lightning_merge.apply.repair import batch_inputs, model_device
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.transform import SpaceTransform
-from lightning_merge.stats.patch_gram import input_gram, unfolded_rows
+from lightning_merge.stats.patch_gram import input_gram, normal_sums, shifted_sums_apply, unfolded_rows
 
 SOLVABLE = (nn.Linear, nn.Conv2d)
 
@@ -117,8 +117,9 @@ def _row_chunks(
 class _NormalEquations:
     """float64 sums XᵀX, Σx, YᵀX, Σy and the row count; the bias is the constant-1 column, folded in
     analytically (its Gram entries are Σx and the count), so no (rows, d+1) copy is ever built.
-    XᵀX comes from :func:`~lightning_merge.stats.patch_gram.input_gram` (shifted products for
-    stride-1 convs); YᵀX from row blocks of the unfolded input."""
+    Stride-1 convs take every sum from shifted windows of the input
+    (:func:`~lightning_merge.stats.patch_gram.normal_sums`); other layers take XᵀX from
+    :func:`~lightning_merge.stats.patch_gram.input_gram` and YᵀX from row blocks of unfolded inputs."""
 
     def __init__(self) -> None:
         self.xx: torch.Tensor | None = None
@@ -126,18 +127,28 @@ class _NormalEquations:
         self.rows = 0
 
     def add(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        xx, xs, rows = input_gram(layer, x)
-        yx = ys = None
-        for xr, yr in _row_chunks(layer, x, y):
-            # float64 products: float32 loses too much for ill-conditioned layers
-            part = (yr.T @ xr.to(torch.float64), yr.sum(0))
-            yx, ys = part if yx is None else (yx + part[0], ys + part[1])
+        if shifted_sums_apply(layer, x):  # stride-1 conv: shifted windows, no patch rows
+            xx, xs, yx, rows = normal_sums(layer, x, y)
+            ys = y.sum((0, 2, 3))
+        else:
+            xx, xs, rows = input_gram(layer, x)
+            yx, ys = self._cross(layer, x, y)
         if self.xx is None:
             self.xx, self.xs, self.yx, self.ys = xx, xs, yx, ys
         else:
             for acc, part in zip((self.xx, self.xs, self.yx, self.ys), (xx, xs, yx, ys), strict=True):
                 acc.add_(part)
         self.rows += rows
+
+    @staticmethod
+    def _cross(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """YᵀX and Σy from row blocks of the unfolded input (float64: float32 products lose too much
+        for ill-conditioned layers)."""
+        yx = ys = None
+        for xr, yr in _row_chunks(layer, x, y):
+            part = (yr.T @ xr.to(torch.float64), yr.sum(0))
+            yx, ys = part if yx is None else (yx + part[0], ys + part[1])
+        return yx, ys
 
     def solve(self, ridge: float, bias: bool) -> torch.Tensor:
         """Ridge solution (out, d [+1]); ridge relative to the mean diagonal of the (augmented) Gram."""

@@ -135,16 +135,34 @@ def _delta_blocks(
     return blocks
 
 
-def _shift_gram(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """XᵀX and Σx of a stride-1 conv's patches, from one set of row products per offset difference."""
+def _cross(xt: torch.Tensor, yt: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.Tensor:
+    """YᵀX as (O, C, K): for offset p, Σ over output positions u and the batch of y[u]·x[u + p]ᵀ.
+
+    ``yt`` is (Ho, Wo, B, O) and ``xt`` (Hp, Wp, B, C): the input window of offset p, row by row, is a
+    view whose (Wo, B) axes flatten without a copy, so each offset is one batched product."""
+    ho, wo, _, o = yt.shape
+    c = xt.shape[-1]
+    ys = yt.reshape(ho, -1, o).transpose(1, 2)  # (Ho, O, Wo·B)
+    out = xt.new_empty(o, c, len(offsets))
+    for k, (a, b) in enumerate(offsets):
+        out[:, :, k] = torch.bmm(ys, xt[a : a + ho, b : b + wo].reshape(ho, -1, c)).sum(0)
+    return out
+
+
+def _shift_sums(
+    conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """XᵀX, Σx (and YᵀX for a target ``y`` of the conv's output shape) of a stride-1 conv's patches,
+    from one set of row products per offset difference; no patch is materialised."""
     (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
     offsets = [(a * dh, b * dw) for a in range(kh) for b in range(kw)]
     k, c = len(offsets), x.shape[1]
     blocks = x.new_zeros(k, k, c, c, dtype=torch.float64)
     xs = x.new_zeros(c, k, dtype=torch.float64)
+    yx = None if y is None else x.new_zeros(y.shape[1], c, k, dtype=torch.float64)
     chunk = max(1, CHUNK_BYTES // (8 * x[0].numel() * 2))  # images per chunk (float64, padded ≤ 2×)
-    for part in x.split(chunk):
-        xp, live = _padded(conv, part.to(torch.float64))
+    for start in range(0, x.shape[0], chunk):
+        xp, live = _padded(conv, x[start : start + chunk].to(torch.float64))
         ho, wo = xp.shape[2] - (kh - 1) * dh, xp.shape[3] - (kw - 1) * dw
         xt = xp.permute(2, 3, 0, 1).contiguous()  # (Hp, Wp, B, C)
         for delta, pairs in _offset_pairs(conv).items():
@@ -153,9 +171,38 @@ def _shift_gram(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
                 blocks[p, q] += block
         total = xp.sum(0)
         xs += torch.stack([total[:, a : a + ho, b : b + wo].sum((1, 2)) for a, b in offsets], 1)
+        if yx is not None:
+            yt = y[start : start + chunk].to(torch.float64).permute(2, 3, 0, 1).contiguous()
+            yx += _cross(xt, yt, offsets)
     upper = torch.triu(torch.ones(k, k, dtype=torch.bool), 1)
     blocks.transpose(0, 1)[upper] = blocks[upper].transpose(-1, -2)  # (q, p) = (p, q)ᵀ
-    return blocks.permute(2, 0, 3, 1).reshape(c * k, c * k), xs.reshape(-1)  # index c·K + p
+    xx = blocks.permute(2, 0, 3, 1).reshape(c * k, c * k)  # index c·K + p, as weight.flatten(1)
+    return xx, xs.reshape(-1), None if yx is None else yx.reshape(yx.shape[0], -1)
+
+
+def shifted_sums_apply(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`input_gram` / :func:`normal_sums` use the shifted products for this input."""
+    return (
+        isinstance(layer, nn.Conv2d)
+        and layer.groups == 1
+        and layer.stride == (1, 1)
+        and x.shape[0] * _output_positions(layer, x) >= SHIFT_MIN_ROWS
+    )
+
+
+def normal_sums(
+    conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(XᵀX, Σx, YᵀX, rows) of a stride-1 conv's patches X and a target Y of its output's shape,
+    float64; for least squares (needs :func:`shifted_sums_apply`)."""
+    if not shifted_sums_apply(conv, x):
+        raise ValueError("normal_sums needs an ungrouped stride-1 Conv2d input with enough rows")
+    if y.shape[0] != x.shape[0] or y.shape[1] != conv.out_channels:
+        raise ValueError(
+            f"target of shape {tuple(y.shape)} does not match the conv's output for {tuple(x.shape)}"
+        )
+    xx, xs, yx = _shift_sums(conv, x, y)
+    return xx, xs, yx, x.shape[0] * _output_positions(conv, x)
 
 
 def input_gram(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -163,10 +210,9 @@ def input_gram(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     if isinstance(layer, nn.Conv2d):
         if layer.groups != 1:
             raise ValueError(f"input_gram needs an ungrouped Conv2d, got groups={layer.groups}")
-        rows = x.shape[0] * _output_positions(layer, x)
-        if layer.stride == (1, 1) and rows >= SHIFT_MIN_ROWS:
-            xx, xs = _shift_gram(layer, x)
-            return xx, xs, rows
+        if shifted_sums_apply(layer, x):
+            xx, xs, _ = _shift_sums(layer, x, None)
+            return xx, xs, x.shape[0] * _output_positions(layer, x)
         rows = unfolded_rows(layer, x)
     elif isinstance(layer, nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
