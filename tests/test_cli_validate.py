@@ -210,3 +210,40 @@ def test_config_instantiates_with_command_line_overrides(
     assert f"{type(module.method).__module__}.{type(module.method).__qualname__}" == expected["class_path"]
     for key, value in (expected.get("init_args") or {}).items():
         assert getattr(module.method, key) == value, key
+
+
+def test_repair_rescale_on_two_processes_equals_one(tmp_path: Path, checkpoints: list[str]) -> None:
+    """REPAIR's sums are all-reduced: 2 DDP processes (each on half the calibration batches) give the
+    1-process merge, to float32 rounding of the folded weights."""
+    config = write_config(tmp_path / "config.yaml", checkpoints, tmp_path / "wandb")
+    run_cli(
+        "--config",
+        str(config),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.logger",
+        "false",
+        "--model.init_args.repair",
+        "rescale",
+        "--data.init_args.eval_batch_size",
+        "256",  # 2 calibration batches, one per rank
+        "--model.init_args.export_dir",
+        str(tmp_path / "export"),
+        cwd=REPO,
+    )
+    pl.seed_everything(0)
+    module = MergeModule(sources=checkpoints, method=ZipItMerge(alpha=0.3, beta=0.125), repair="rescale")
+    dm = TaskSplitDataModule(calibration_size=512, eval_batch_size=256)
+    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).validate(
+        module, datamodule=dm, verbose=False
+    )
+    two = load_file(str(tmp_path / "export/model.safetensors"))
+    for key, value in module.merged.state_dict().items():
+        torch.testing.assert_close(two[key], value, rtol=1e-5, atol=1e-6)
+    recipe = yaml.safe_load((tmp_path / "export/recipe.yaml").read_text())
+    assert recipe["repair"] == "rescale"
+    assert recipe["metrics"]["merged/joint_acc"] == pytest.approx(
+        module.results["merged/joint_acc"], abs=2e-4
+    )
