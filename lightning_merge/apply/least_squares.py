@@ -91,14 +91,15 @@ def _as_rows(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
 def _target(
     layer: nn.Module, outs: Sequence[torch.Tensor], blocks: Sequence[torch.Tensor] | None
 ) -> torch.Tensor:
-    """Y in float64: Σ_i M_i · out_i along the channel axis, or the sources' mean without a merge point."""
-    outs = [o.to(torch.float64) for o in outs]
+    """Y = Σ_i M_i · out_i along the channel axis, or the sources' mean without a merge point.
+
+    In the outputs' own precision: each entry mixes a few source features (no sum over data, which
+    the normal equations take in float64); a float64 copy of every output cost a fifth of the refit."""
     if blocks is None:
         return torch.stack(outs).mean(0)
     dim = 1 if _is_conv(layer) else -1
-    return sum(
-        torch.movedim(torch.movedim(o, dim, -1) @ m.T, -1, dim) for o, m in zip(outs, blocks, strict=True)
-    )
+    mixed = sum(torch.movedim(o, dim, -1) @ m.T.to(o.dtype) for o, m in zip(outs, blocks, strict=True))
+    return torch.movedim(mixed, -1, dim)  # a view: channels stay innermost in memory
 
 
 def _row_chunks(
@@ -129,7 +130,7 @@ class _NormalEquations:
     def add(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         if shifted_sums_apply(layer, x):  # stride-1 conv: shifted windows, no patch rows
             xx, xs, yx, rows = normal_sums(layer, x, y)
-            ys = y.sum((0, 2, 3))
+            ys = y.sum((0, 2, 3), dtype=torch.float64)
         else:
             xx, xs, rows = input_gram(layer, x)
             yx, ys = self._cross(layer, x, y)
@@ -146,6 +147,7 @@ class _NormalEquations:
         for ill-conditioned layers)."""
         yx = ys = None
         for xr, yr in _row_chunks(layer, x, y):
+            yr = yr.to(torch.float64)
             part = (yr.T @ xr.to(torch.float64), yr.sum(0))
             yx, ys = part if yx is None else (yx + part[0], ys + part[1])
         return yx, ys
