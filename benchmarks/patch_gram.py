@@ -1,6 +1,8 @@
-"""Time a conv layer's input Gram XᵀX three ways, on the layer shapes of the ResNet-20×4 table.
+"""Time a conv layer's input Gram XᵀX three ways, on the layer shapes of the ResNet-20×4 table, and
+PLeaS' whole least-squares refit with and without the shifted windows.
 
     .venv/bin/python benchmarks/patch_gram.py --batch 500 --out benchmarks/results
+    .venv/bin/python benchmarks/patch_gram.py --sections refit --out benchmarks/results
 
 "unfold": the patches as (B·H·W, 9C) rows (one copy) and one float64 product, which RegMean's
 statistics and PLeaS' refit formed before; "sym": the same rows with only the block upper
@@ -9,11 +11,18 @@ per kernel-offset difference (:func:`~lightning_merge.stats.patch_gram.input_gra
 Inputs are random (the timing does not depend on the values); every layer is a 3×3, stride-1,
 padding-1 conv. Each method gets one warm-up; the table reports the median of ``--runs``, and the
 largest difference to "unfold" relative to its largest entry.
+
+``refit``: PLeaS (w = 1.5) on real sources, matched and averaged, then
+:func:`~lightning_merge.apply.least_squares.least_squares_refit` on one calibration batch twice from
+the same start: with the stride-1 convs' sums from shifted windows (the default) and with every
+layer's sums from unfolded patch rows (``SHIFT_MIN_ROWS`` raised past every layer). Written to
+``patch_gram_refit.{md,json}`` with the largest relative difference of the refitted weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -23,10 +32,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_merge.apply.least_squares import least_squares_refit
+from lightning_merge.apply.module import build_merged_module
+from lightning_merge.apply.weights import merge_state_dicts
+from lightning_merge.data import TaskSplitDataModule
+from lightning_merge.graph import trace_graph
+from lightning_merge.methods import get_method
+from lightning_merge.stats import patch_gram
+from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.patch_gram import input_gram, sym_gram, unfolded_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import merge_table as mt  # noqa: E402
 from bench_io import Column, command_line, machine_description, write_results  # noqa: E402
+
+#: (label, architecture, width, seed group, images in the refit batch) of the refit section.
+REFITS = [
+    ("ResNet-20×1, seeds 0:1", "resnet20", 1, (0, 1), 500),
+    ("ResNet-20×4, seeds 4:5 (bf16-mixed sources)", "resnet20", 4, (4, 5), 100),
+]
 
 #: (label, channels, spatial size): the 3 ResNet-20×4 stages for a source (×1) and for the widest
 #: PLeaS merge in the table (1.75 × the source width).
@@ -75,12 +99,91 @@ def bench(label: str, channels: int, size: int, batch: int, runs: int) -> dict:
     }
 
 
+def refit_row(label: str, arch: str, width: float, seeds: tuple[int, ...], images: int) -> dict:
+    """Seconds of the PLeaS refit with shifted windows and with patch rows, from one merged start."""
+    precision = "bf16-mixed" if width == 4 else None  # how the ×4 table's sources were trained
+    sources = mt.group_sources(
+        seeds, mt.SPLITS[2], arch, width, mt.DEFAULT_CACHE_DIR, mt.DEFAULT_ROOT, precision
+    )
+    models = [s.model.eval().requires_grad_(False) for s in sources]
+    dm = TaskSplitDataModule(
+        tasks=[list(t) for t in mt.SPLITS[2]], calibration_size=images, eval_batch_size=images
+    )
+    dm.setup()
+    batches = [x for x, _ in dm.calibration_dataloader()]
+    graph = trace_graph(models[0], batches[0][:2])
+    method = get_method("pleas", width=1.5, ridge=1e-4, refit=True)
+    stats = collect_statistics(models, graph, batches, requires=sorted(method.requires), progress=False)
+    with torch.no_grad():
+        transforms = method.match(models, graph, stats)
+        start = build_merged_module(
+            models[0], merge_state_dicts([m.state_dict() for m in models], graph, transforms)
+        )
+    out = {}
+    for path, min_rows in (("shift", patch_gram.SHIFT_MIN_ROWS), ("rows", 2**62)):
+        merged = copy.deepcopy(start)
+        saved, patch_gram.SHIFT_MIN_ROWS = patch_gram.SHIFT_MIN_ROWS, min_rows
+        try:
+            begin = time.perf_counter()
+            least_squares_refit(merged, models, graph, transforms, batches, ridge=1e-4)
+            out[f"{path}_s"] = time.perf_counter() - begin
+        finally:
+            patch_gram.SHIFT_MIN_ROWS = saved
+        out[path] = merged.state_dict()
+    diff = max(
+        float((out["shift"][k] - v).norm() / v.norm().clamp_min(1e-12))
+        for k, v in out["rows"].items()
+        if v.is_floating_point()
+    )
+    return {
+        "model": label,
+        "images": images,
+        "rows_s": out["rows_s"],
+        "shift_s": out["shift_s"],
+        "speedup": out["rows_s"] / out["shift_s"],
+        "max_rel_diff": diff,
+    }
+
+
+def write_refit(rows: list[dict], argv: list[str] | None, out: str) -> None:
+    write_results(
+        out,
+        "patch_gram_refit",
+        title="PLeaS least-squares refit (w = 1.5): patch rows vs shifted windows",
+        columns=[
+            Column("model", "sources"),
+            Column("images", "images"),
+            Column("rows_s", "patch rows (s)", ".1f"),
+            Column("shift_s", "shifted windows (s)", ".1f"),
+            Column("speedup", "speed-up", ".1f"),
+            Column("max_rel_diff", "max rel. weight diff", ".1e"),
+        ],
+        rows=rows,
+        command=command_line("benchmarks/patch_gram.py", argv),
+        machine=machine_description("cpu"),
+        notes=(
+            "Both refits start from the same matched and averaged model and fit every Linear/Conv2d in "
+            "forward order on one calibration batch; 'patch rows' forms every layer's sums from unfolded "
+            "patches, 'shifted windows' (the default) takes the stride-1 convs' sums from shifted windows "
+            "of the input. The targets are mixed in float32 in both."
+        ),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=500, help="images per batch (the refit's batch)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per method (median)")
     p.add_argument("--out", default=None, help="folder for patch_gram.md / .json")
+    p.add_argument("--sections", nargs="+", choices=["gram", "refit"], default=["gram"], help="what to time")
     args = p.parse_args(argv)
+    if "refit" in args.sections:
+        refits = [refit_row(*spec) for spec in REFITS]
+        print(refits, flush=True)
+        if args.out:
+            write_refit(refits, argv, args.out)
+    if "gram" not in args.sections:
+        return
     rows = []
     for shape in SHAPES:
         rows.append(bench(*shape, args.batch, args.runs))
