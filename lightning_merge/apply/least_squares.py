@@ -20,9 +20,10 @@ are re-run from their input per layer, ~L²/2 layer-forwards). The rest is the f
 stride-1 convs XᵀX and YᵀX come from shifted windows of the input, no patch rows
 (:mod:`lightning_merge.stats.patch_gram`; see benchmarks/results/patch_gram.md), for other layers from
 blocks of ``CHUNK_ROWS`` rows of strided conv patches. Measured on 2 busy CPU cores,
-ResNet-20×1, one batch of 500 Fashion-MNIST images: 146 s before (re-run per layer, ``F.unfold``,
-one float64 copy of all rows) → 45 s (3.2×); ResNet-20×4, one batch of 100 images: 212 s → 47 s
-(4.5×); the weights agree with the old code to 7e-6 relative.
+ResNet-20×1, one batch of 500 Fashion-MNIST images: 146 s with a re-run per layer, ``F.unfold`` and
+one float64 copy of all rows → 45 s with the resumed forwards and row blocks (3.2×); ResNet-20×4, one
+batch of 100 images: 212 s → 47 s (4.5×). The shifted windows then take another 2.2–2.3× off
+(benchmarks/results/patch_gram_refit.md); the weights agree to 8e-6 relative at every step.
 """
 
 from __future__ import annotations
