@@ -550,7 +550,7 @@ def summary_markdown(rows: Sequence[MetricRow], meta: dict[str, Any], title: str
         "argmax within the task's classes on its images); relative params / FLOPs against one source "
         f"(FLOPs: torch.utils.flop_counter on one 28×28 image; a partial zip counts trunk + {num_tasks} "
         f"tails; the ensemble's are {num_tasks} by definition). s / run: one MergeModule validation "
-        "(statistics pass when the seed group has none yet, merge, REPAIR where the method uses it, "
+        "(statistics pass when the seed group has none yet, merge, BatchNorm reset, "
         "10k test images)." + _precision_note(meta),
         "",
         "| method | joint | " + " | ".join(f"task {LETTERS[t]}" for t in range(num_tasks)) + " | avg | "
