@@ -298,3 +298,42 @@ def test_two_runs_on_one_table_keep_each_others_rows(mt: ModuleType, tmp_path: P
     rows = json.loads((tmp_path / "t.json").read_text())["rows"]
     assert {(r["seeds"], r["method"]): r["error"] for r in rows}[("0:1", "zipit")] == "ValueError: d"
     assert len(rows) == 3
+
+
+def test_averaging_is_compared_on_joint_and_on_the_per_task_average(mt: ModuleType) -> None:
+    """'collapsed' predicts one task only: higher joint than averaging, lower per-task average."""
+
+    def row(label: str, joint: float, t0: float, t1: float) -> dict:
+        acc = {"joint_acc": joint / 100, "task0_acc": t0 / 100, "task1_acc": t1 / 100}
+        return mt._row("0:1", label, acc, 2, (1.0, 1.0), 1.0, "none", None)
+
+    rows = [row("model A", 46, 92, 15), row("model B", 48, 20, 96), row("ensemble", 60, 92, 96)]
+    rows += [row("average", 30, 40, 50), row("collapsed", 40, 10, 80), row("zipit", 35, 60, 70)]
+    v = mt.verdict(rows, 2)
+    assert v["not_above_average"] == [] and v["not_above_average_tasks"] == ["collapsed"]
+    assert mt.beats_average(v) == "on joint accuracy every merge; on the per-task average all but collapsed"
+    md = mt.summary_markdown(
+        rows, {"command": "c", "machine": "m", "tasks": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]}, "T"
+    )
+    assert (
+        "Beats weight averaging: on joint accuracy every merge; on the per-task average all but collapsed."
+        in md
+    )
+
+
+def test_render_rewrites_the_summary_from_the_json_alone(mt: ModuleType, tmp_path: Path) -> None:
+    meta = {"command": "c", "machine": "m", "tasks": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]}
+    meta |= {"arch": "resnet20", "width": 1.0, "split": 2}
+    stem = tmp_path / mt.table_stem("resnet20", 1.0, 2)
+    store = mt.ResultStore(stem, meta)
+    acc = {"joint_acc": 0.5, "task0_acc": 0.6, "task1_acc": 0.7}
+    store.put([mt._row("0:1", "zipit", acc, 2, (1.0, 1.0), 1.0, "none", None)])
+    store.save(["zipit"], "old title", 2)
+    md = tmp_path / f"{stem.name}.md"
+    md.write_text("stale")
+    rows = mt.main(["--render", "--out-dir", str(tmp_path)])
+    assert [r["method"] for r in rows] == ["zipit"]
+    text = md.read_text()
+    assert text.startswith("# Merging resnet20×1 on Fashion-MNIST, 2 tasks") and "| zipit | 50.00 |" in text
+    with pytest.raises(FileNotFoundError, match="merge_table_resnet20x4_split2.json"):
+        mt.main(["--render", "--out-dir", str(tmp_path), "--width", "4"])
