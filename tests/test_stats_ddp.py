@@ -68,3 +68,25 @@ def test_without_process_group_the_loader_is_used_as_is() -> None:
     loader = DataLoader(torch.randn(5, 1, 6, 6), batch_size=2)
     stats = collect_statistics(list(module.sources), module.merge_graph, loader, progress=False)
     assert stats.moments["c1"].count.item() == 5 * 36
+
+
+def test_a_gloo_group_is_destroyed_at_exit_once(tmp_path, monkeypatch) -> None:
+    """Lightning destroys only NCCL groups at exit; the callback's setup registers the gloo one."""
+    import torch.distributed as dist
+
+    from lightning_merge.stats import distributed
+
+    hooks: list = []
+    monkeypatch.setattr(distributed, "_exit_hook_registered", False)
+    monkeypatch.setattr(distributed.atexit, "register", hooks.append)
+    assert distributed.destroy_gloo_group_at_exit() is False and hooks == []  # no group yet
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert distributed.destroy_gloo_group_at_exit() is True
+        assert distributed.destroy_gloo_group_at_exit() is False and len(hooks) == 1
+        hooks[0]()
+        assert not dist.is_initialized()
+        hooks[0]()  # already gone: a no-op, not an error
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

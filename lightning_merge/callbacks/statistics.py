@@ -23,6 +23,7 @@ from torch import nn
 
 from lightning_merge.stats.collect import KNOWN_STATISTICS, collect_statistics
 from lightning_merge.stats.container import Statistics
+from lightning_merge.stats.distributed import destroy_gloo_group_at_exit
 from lightning_merge.stats.moments import moments_memory_bytes
 from lightning_merge.stats.store import (
     StatisticsFileError,
@@ -73,6 +74,10 @@ class MergeStatistics(Callback):
         self.progress = progress
         self.graph_digest: str | None = None  # of the last statistics provided
         self.source: str | None = None  # "pass" or "cache"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Under CPU DDP (gloo), make the process group go before the interpreter does."""
+        destroy_gloo_group_at_exit()
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.ensure_statistics(trainer, pl_module)

@@ -8,6 +8,7 @@ summed statistics equal a single-process run over the same data.
 
 from __future__ import annotations
 
+import atexit
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -28,6 +29,30 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+_exit_hook_registered = False
+
+
+def destroy_gloo_group_at_exit() -> bool:
+    """Destroy a running gloo process group at interpreter exit (once; True when registered now).
+
+    Lightning registers this for NCCL only; a gloo group left to interpreter finalisation can abort
+    every rank with "terminate called without an active exception" (pytorch/pytorch#190489).
+    """
+    global _exit_hook_registered
+    if _exit_hook_registered or not (dist.is_available() and dist.is_initialized()):
+        return False
+    if dist.get_backend() != "gloo":
+        return False
+    atexit.register(_destroy_if_initialized)
+    _exit_hook_registered = True
+    return True
+
+
+def _destroy_if_initialized() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_rank_zero() -> bool:
