@@ -93,7 +93,7 @@ def plot_sweep(
     ]
     if not ok:
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
     flops = ax.twinx()
     for series in dict.fromkeys(points[r["method"]]["series"] for r in ok):
         sel = [r for r in ok if points[r["method"]]["series"] == series]
@@ -110,7 +110,8 @@ def plot_sweep(
     ax.set_ylabel("joint accuracy (%)")
     flops.set_ylabel("relative FLOPs (dotted)")
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower right")
+    # below the axes, so it covers no line
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=5, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
