@@ -43,6 +43,11 @@ TABLES: tuple[tuple[str, str, str], ...] = (
         f"{TABLE_CMD} --arch vgg11_bn --width 0.5 --split 2 --seeds 0:1 2:3 4:5",
     ),
     (
+        "VGG-11 (BN, full width), 2 models (5+5 classes)",
+        "merge_table_vgg11_bnx1_split2",
+        f"{TABLE_CMD} --arch vgg11_bn --width 1 --split 2 --seeds 0:1 2:3 4:5 --train-precision bf16-mixed",
+    ),
+    (
         "ResNet-20×1, 3 models (3+3+4 classes)",
         "merge_table_resnet20x1_split3",
         f"{TABLE_CMD} --arch resnet20 --width 1 --split 3 --seeds 0:1:2 3:4:5 6:7:8",
