@@ -350,10 +350,9 @@ class ResultStore:
         with _locked(self.stem.parent):
             self._take_in_disk_rows()
             rows = ordered(self.rows, order)
-            write_csv(rows, self.file(".csv"), num_tasks)
             meta = {**self.meta, "command": self.commands[-1], "commands": self.commands, "rows": rows}
             self.file(".json").write_text(json.dumps(meta, indent=2))
-            self.file(".md").write_text(summary_markdown(rows, meta, title))
+            write_summaries(self.stem, meta, title, num_tasks)
 
     def _take_in_disk_rows(self) -> None:
         path = self.file(".json")
@@ -365,8 +364,18 @@ class ResultStore:
         self.commands = commands + self.commands
 
     def file(self, suffix: str) -> Path:
-        """``<stem><suffix>``: appended, since a stem like ``..._vgg11_bnx0.5_split2`` has a dot."""
-        return self.stem.parent / f"{self.stem.name}{suffix}"
+        return stem_file(self.stem, suffix)
+
+
+def stem_file(stem: Path, suffix: str) -> Path:
+    """``<stem><suffix>``: appended, since a stem like ``..._vgg11_bnx0.5_split2`` has a dot."""
+    return stem.parent / f"{stem.name}{suffix}"
+
+
+def write_summaries(stem: Path, meta: dict[str, Any], title: str, num_tasks: int) -> None:
+    """The .csv and .md of a table from its JSON content (``meta`` with its ``rows``)."""
+    write_csv(meta["rows"], stem_file(stem, ".csv"), num_tasks)
+    stem_file(stem, ".md").write_text(summary_markdown(meta["rows"], meta, title))
 
 
 @contextlib.contextmanager
@@ -504,10 +513,8 @@ def verdict(rows: Sequence[MetricRow], num_tasks: int) -> dict[str, Any]:
         # joint accuracy rewards a merge that collapses onto one task (about half that task's
         # accuracy), so averaging is also compared on the mean of the per-task accuracies
         "not_above_average_tasks": [
-            m for m, v in per_task.items() if m != "average" and not v > per_task["average"]
-        ]
-        if "average" in per_task
-        else [],
+            m for m, v in per_task.items() if m != "average" and not v > per_task.get("average", math.nan)
+        ],
         "failed": [m for m in complete if m not in scored],
         "incomplete": [m for m in merges if missing.get(m)],
         "has_average": not math.isnan(average),
@@ -683,15 +690,14 @@ def table_title(arch: str, width: float, split: int) -> str:
 
 def render(stem: Path) -> list[MetricRow]:
     """Rewrite ``stem``'s .csv and .md from its JSON alone (after a change to the summary's wording)."""
-    path = stem.parent / f"{stem.name}.json"
+    path = stem_file(stem, ".json")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run the table first")
-    meta = json.loads(path.read_text())
-    rows, split = meta["rows"], len(meta["tasks"])
-    write_csv(rows, stem.parent / f"{stem.name}.csv", split)
-    md = summary_markdown(rows, meta, table_title(meta["arch"], meta["width"], split))
-    (stem.parent / f"{stem.name}.md").write_text(md)
-    return rows
+    with _locked(stem.parent):
+        meta = json.loads(path.read_text())
+        split = len(meta["tasks"])
+        write_summaries(stem, meta, table_title(meta["arch"], meta["width"], split), split)
+    return meta["rows"]
 
 
 def main(argv: list[str] | None = None) -> list[MetricRow]:
