@@ -20,6 +20,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgre
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_merge.stats.distributed import destroy_gloo_group_at_exit
+
 
 class MergeCLI(LightningCLI):
     """LightningCLI with subclass-mode model/data, a rich progress bar and a checkpoint report."""
@@ -63,8 +65,13 @@ def main(args: list[str] | None = None, run: bool = True) -> MergeCLI:
 
 
 def run() -> None:
-    """Console-script entry: runs the CLI and exits 0 (``main`` returns the CLI object for tests)."""
+    """Console-script entry: runs the CLI and exits 0 (``main`` returns the CLI object for tests).
+
+    Every subcommand (``fit`` too, which has no statistics callback) leaves a CPU DDP (gloo) group to
+    be destroyed before the interpreter goes; see :func:`destroy_gloo_group_at_exit`.
+    """
     main()
+    destroy_gloo_group_at_exit()
 
 
 if __name__ == "__main__":

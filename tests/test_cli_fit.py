@@ -90,3 +90,14 @@ def test_module_entry_point_help() -> None:
     )
     assert run.returncode == 0, run.stderr
     assert "--seed_everything" in run.stdout and "--model" in run.stdout
+
+
+def test_console_entry_leaves_a_gloo_group_to_be_destroyed(monkeypatch) -> None:
+    """`lightning-merge fit` has no MergeStatistics callback; the entry point registers the hook."""
+    import lightning_merge.cli as cli
+
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "main", lambda: calls.append("main"))
+    monkeypatch.setattr(cli, "destroy_gloo_group_at_exit", lambda: calls.append("hook") or True)
+    cli.run()
+    assert calls == ["main", "hook"]
