@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_io import Column, command_line, machine_description, markdown_table, write_results  # noqa: E402
 
 from lightning_merge.apply.module import build_merged_module  # noqa: E402
-from lightning_merge.apply.repair import reset_batchnorm  # noqa: E402
+from lightning_merge.apply.batchnorm_reset import reset_batchnorm  # noqa: E402
 from lightning_merge.apply.weights import merge_state_dicts  # noqa: E402
 from lightning_merge.data import TaskSplitDataModule  # noqa: E402
 from lightning_merge.evaluation import SourceHead, evaluate_model  # noqa: E402

@@ -4,7 +4,7 @@
 
 Every method row runs twice per seed group through ``merge_table.evaluate_merge`` (one
 ``MergeModule`` validation run each): ``repair=True`` (the BatchNorm reset only: a no-op for an MLP)
-and ``repair="rescale"`` (REPAIR, :func:`lightning_merge.apply.rescale.repair_rescale`, then the
+and ``repair="rescale"`` (REPAIR, :func:`lightning_merge.apply.repair.repair_rescale`, then the
 reset). Sources are the table's (``merge_table.group_sources``: the default pair's training settings,
 cached in ``artifacts/sources``), Fashion-MNIST 5+5, joint accuracy on the 10k test images; the
 ensemble is the reference. Writes ``repair_<arch>x<w>.{md,json}``: mean ± std over the seed groups.

@@ -24,7 +24,7 @@ _EXPORTS = {
     "get_method": "lightning_merge.methods",
     "METHODS": "lightning_merge.methods",
     "collect_statistics": "lightning_merge.stats",
-    "load_merged": "lightning_merge.export",
+    "load_merged": "lightning_merge.pipeline.export",
 }
 
 __all__ = sorted(_EXPORTS)

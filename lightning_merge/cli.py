@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgre
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_merge.stats.distributed import destroy_gloo_group_at_exit
+from lightning_merge.dataflow import destroy_gloo_group_at_exit
 
 
 class MergeCLI(LightningCLI):

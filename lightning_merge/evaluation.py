@@ -62,6 +62,28 @@ class SourceHead:
         return frozenset(self.classes)
 
 
+def head_of(
+    i: int, model: nn.Module, tasks: Sequence[Sequence[int]], num_classes: int, example: torch.Tensor
+) -> SourceHead:
+    """Source ``i``'s head: a classifier's own record, or (plain module) read from its output width on
+    ``example``: all ``num_classes`` columns (embedding head) or task i's classes (linear head)."""
+    from lightning_merge.models.classifier import SourceClassifier
+
+    if isinstance(model, SourceClassifier):
+        return SourceHead(model.head_kind, tuple(model.classes), model.num_classes)
+    if i >= len(tasks):
+        raise ValueError(f"source {i} is a plain module but the data have only {len(tasks)} tasks")
+    with torch.no_grad():
+        width = model(example[:1]).shape[-1]
+    if width not in (num_classes, len(tasks[i])):
+        raise ValueError(
+            f"source {i} outputs {width} logits: neither all {num_classes} classes (embedding head) "
+            f"nor task {i}'s {len(tasks[i])} classes (linear head)"
+        )
+    kind: HeadKind = "embedding" if width == num_classes else "linear"
+    return SourceHead(kind, tuple(tasks[i]), num_classes)
+
+
 def combine(global_logits: Sequence[torch.Tensor]) -> torch.Tensor:
     """Joint logits of several models: the best score any of them gives each class."""
     if not global_logits:
@@ -140,6 +162,64 @@ class TaskAccuracies(nn.Module):
     def reset(self) -> None:
         self.joint.reset()
         for metric in self.per_task.values():
+            metric.reset()
+
+
+class MergeScores(nn.Module):
+    """Accuracies of a merge and of its references (each source, the ensemble), on every task.
+
+    One :class:`TaskAccuracies` per scored model, keyed ``merged``, ``source<i>``, ``ensemble``.
+    """
+
+    def __init__(
+        self,
+        heads: Sequence[SourceHead],
+        tasks: Sequence[Sequence[int]],
+        *,
+        sources: bool = True,
+        ensemble: bool = True,
+    ) -> None:
+        super().__init__()
+        self.heads = list(heads)
+        covered = {"merged": frozenset().union(*[h.covered() for h in heads])}
+        if sources:
+            covered |= {f"source{i}": h.covered() for i, h in enumerate(heads)}
+        if ensemble:
+            covered["ensemble"] = frozenset().union(*[h.covered(own_only=True) for h in heads])
+        num_classes = heads[0].num_classes
+        self.models = nn.ModuleDict({k: TaskAccuracies(tasks, num_classes, c) for k, c in covered.items()})
+        self.sources, self.ensemble = sources, ensemble
+
+    @property
+    def needs_sources(self) -> bool:
+        """Whether :meth:`update` needs the sources' outputs."""
+        return self.sources or self.ensemble
+
+    def update(
+        self,
+        merged: torch.Tensor | Sequence[torch.Tensor],
+        outputs: Sequence[torch.Tensor] | None,
+        labels: torch.Tensor,
+        task: int,
+    ) -> None:
+        """One batch of task ``task``: the merge's output and (when needed) every source's."""
+        self.models["merged"].update(merged_logits(merged, self.heads), labels, task)
+        if not self.needs_sources:
+            return
+        if outputs is None:
+            raise ValueError("scoring the sources or the ensemble needs the sources' outputs")
+        if self.sources:
+            for i, (out, head) in enumerate(zip(outputs, self.heads, strict=True)):
+                self.models[f"source{i}"].update(head.to_global(out), labels, task)
+        if self.ensemble:
+            self.models["ensemble"].update(ensemble_logits(outputs, self.heads), labels, task)
+
+    def compute(self) -> dict[str, float]:
+        """``{"<model>/joint_acc": .., "<model>/task<t>_acc": ..}`` over every rank's samples."""
+        return {f"{n}/{k}": v for n, metric in self.models.items() for k, v in metric.compute().items()}
+
+    def reset(self) -> None:
+        for metric in self.models.values():
             metric.reset()
 
 

@@ -1,309 +1,162 @@
-"""``MergeModule``: merging as a Lightning validation run.
+"""``MergeModule``: a merge as a Lightning validation run, assembled from the pipeline's stages.
 
-``trainer.validate(MergeModule(sources=[...], method=ZipIt()), datamodule=TaskSplitDataModule(...))``
+``trainer.validate(MergeModule(sources=[...], method=ZipItMerge()), datamodule=MergeDataModule(...))``
 
-1. ``setup``: load the N sources (checkpoint paths or modules), check they share one architecture,
-   trace the merge graph from one calibration batch;
-2. ``on_validation_start``: the :class:`~lightning_merge.callbacks.statistics.MergeStatistics`
-   callback (added by :meth:`configure_callbacks` unless the trainer has one) fills
-   ``self.statistics`` over the calibration loader, exactly across ranks; then the merge runs once,
-   identically on every rank (checked, and rank 0's weights broadcast if a rank disagrees), and the
-   BatchNorm statistics of the merged model are reset over the calibration data;
-3. validation steps over every task's *test* loader (unpadded sharding, so 2 ranks count every image
-   once) update torchmetrics accuracies of the merged model, each source and the ensemble;
-4. ``on_validation_epoch_end``: log ``val/<model>/{joint,taskT}_acc``, print the results table,
-   send the W&B table / charts (rank zero) and export the merged model when ``export_dir`` is set.
+* ``setup`` (Lightning calls it before any loop, outside inference mode): load and check the sources,
+  trace and check the merge graph (:mod:`~lightning_merge.pipeline.prepare`); ask the
+  :class:`~lightning_merge.callbacks.statistics.MergeStatistics` callback for the statistics; run the
+  method and the post-merge passes (:mod:`~lightning_merge.pipeline.merge`), identical on every rank;
+* validation steps over the data module's per-task evaluation loaders update torchmetrics accuracies
+  of the merge, each source and the ensemble (:mod:`~lightning_merge.evaluation`);
+* ``on_validation_epoch_end``: log ``val/<model>/{joint,taskT}_acc``, print the results table, send the
+  W&B table and charts (rank zero), export the merge when ``export_dir`` is set.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import nn
-from torch.utils.data import DataLoader
 
-from lightning_merge.apply.partial import PartialZipModel
-from lightning_merge.apply.repair import reset_batchnorm
-from lightning_merge.apply.rescale import repair_rescale
-from lightning_merge.evaluation import SourceHead, TaskAccuracies, ensemble_logits, merged_logits
-from lightning_merge.methods.base import MergeMethod, get_method
-from lightning_merge.methods.transform_base import TransformMethod
-from lightning_merge.models.classifier import SourceClassifier
-from lightning_merge.sources import architecture_of, check_same_architecture, load_checkpoint
-from lightning_merge.stats.store import model_fingerprint
-
-log = logging.getLogger(__name__)
-
-Source = str | os.PathLike | nn.Module
+from lightning_merge.callbacks.statistics import MergeStatistics, StatisticsInputs
+from lightning_merge.data.merge_data import MergeDataModule
+from lightning_merge.dataflow import Ranks, batch_inputs
+from lightning_merge.evaluation import MergeScores
+from lightning_merge.methods.base import MergeMethod, MergeResult
+from lightning_merge.pipeline.export import MergeRecord, export_merged, method_config
+from lightning_merge.pipeline.load import Source, check_source_paths, describe
+from lightning_merge.pipeline.merge import Repair, agree_across_ranks, check_repair, post_merge, run_method
+from lightning_merge.pipeline.prepare import PreparedSources, prepare_sources
+from lightning_merge.stats.container import Statistics
 
 
 class MergeModule(pl.LightningModule):
-    """Merge N source classifiers with ``method`` and evaluate the merge on every task.
+    """Merge N sources with ``method`` and evaluate the merge on every task.
 
     Args:
-        sources: ``SourceClassifier`` checkpoint paths (or, from Python, ``SourceClassifier`` /
-            plain ``nn.Module`` sources; a plain module i is scored on the datamodule's task i).
-        method: a :class:`MergeMethod` instance (YAML: ``class_path`` + ``init_args``) or a
-            registered name (``"zipit"``), with ``method_args`` as its keyword arguments.
-        base: checkpoint (or module) of the shared pre-trained model for same-base methods.
-        repair: after the merge, over the calibration data: ``True`` / ``"reset"`` recomputes the
-            merged model's BatchNorm statistics; ``"rescale"`` first applies REPAIR (rescales every
-            un-normalised merged layer to its sources' merged statistics; matching methods only),
-            then the reset; ``False`` does neither.
+        sources: checkpoint paths (or, from Python, modules; a plain module i is scored on task i).
+        method: a :class:`MergeMethod` (YAML: ``class_path`` + ``init_args``).
+        base: checkpoint (or module) of the shared pre-trained model, for same-base methods.
+        repair: ``True`` / ``"reset"``: reset the merge's BatchNorm statistics on the calibration data;
+            ``"rescale"``: REPAIR first (matching methods only), then the reset; ``False``: neither.
         stats_path: statistics file to reuse (when it matches these sources and graph) or write.
         export_dir: write ``model.safetensors`` + ``recipe.yaml`` of the merge there.
         evaluate_sources / evaluate_ensemble: also score each source / the ensemble as references.
         heatmaps: number of merge points whose correlation matrices are logged as images.
+        graph_file: a merge graph JSON file (``lightning_merge.graph.save_graph``) used instead of the
+            traced one; the equivalence check judges it all the same.
     """
 
     def __init__(
         self,
         sources: Sequence[Source],
-        method: MergeMethod | str = "zipit",
-        method_args: dict[str, Any] | None = None,
+        method: MergeMethod,
         base: Source | None = None,
-        repair: bool | Literal["reset", "rescale"] = True,
+        repair: Repair = True,
         stats_path: str | None = None,
         export_dir: str | None = None,
         evaluate_sources: bool = True,
         evaluate_ensemble: bool = True,
         heatmaps: int = 3,
+        graph_file: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(sources, (str, os.PathLike)) or len(sources) < 2:
             raise ValueError(f"sources must list at least 2 models to merge, got {sources!r}")
-        if isinstance(method, str):
-            method = get_method(method, **(method_args or {}))
-        elif method_args:
-            raise ValueError(
-                "method_args is only used with a method name; put the arguments in the method itself"
-            )
         if not isinstance(method, MergeMethod):
-            raise TypeError(f"method must be a MergeMethod or a registered name, got {type(method).__name__}")
+            raise TypeError(f"method must be a MergeMethod, got {type(method).__name__}")
         if method.needs_base and base is None:
-            raise ValueError(
-                f"method {method.name!r} merges task vectors: give base= (the shared pre-trained model)"
-            )
-        if repair not in (True, False, "reset", "rescale"):
-            raise ValueError(f"repair must be True, False, 'reset' or 'rescale', got {repair!r}")
-        if repair == "rescale" and not isinstance(method, TransformMethod):
-            raise ValueError(
-                f"repair='rescale' needs a matching method's transforms; method {method.name!r} has none "
-                "(use repair='reset')"
-            )
+            raise ValueError(f"method {method.name!r} merges task vectors: give base= (the shared model)")
+        check_repair(repair, method)
         if heatmaps < 0:
             raise ValueError(f"heatmaps must be >= 0, got {heatmaps}")
-        for i, spec in enumerate([*sources, *([] if base is None else [base])]):
-            label = f"sources[{i}]" if i < len(sources) else "base"
-            if isinstance(spec, (str, os.PathLike)) and not Path(spec).is_file():
-                raise FileNotFoundError(f"{label}: checkpoint {os.fspath(spec)} does not exist")
-        self.method = method
-        self.source_specs = list(sources)
-        self.base_spec = base
-        self.repair, self.heatmaps = repair, heatmaps
+        check_source_paths([*sources, *([] if base is None else [base])], has_base=base is not None)
+        self.method, self.source_specs, self.base_spec = method, list(sources), base
+        self.repair, self.heatmaps, self.graph_file = repair, heatmaps, graph_file
         self.stats_path, self.export_dir = stats_path, export_dir
         self.evaluate_sources, self.evaluate_ensemble = evaluate_sources, evaluate_ensemble
-        # the recipe as loggers record it: paths and the method's class path + arguments, not objects
         self.save_hyperparameters(
-            {
-                "sources": [_describe(s) for s in sources],
-                "method": method_config(method),
-                "base": None if base is None else _describe(base),
-                "repair": repair,
-                "stats_path": stats_path,
-                "export_dir": export_dir,
-                "evaluate_sources": evaluate_sources,
-                "evaluate_ensemble": evaluate_ensemble,
-                "heatmaps": heatmaps,
-            }
+            {"sources": [describe(s) for s in sources], "method": method_config(method)}
+            | {"base": None if base is None else describe(base), "repair": repair, "graph_file": graph_file}
+            | {"stats_path": stats_path, "export_dir": export_dir, "heatmaps": heatmaps}
+            | {"evaluate_sources": evaluate_sources, "evaluate_ensemble": evaluate_ensemble}
         )
         self.sources = nn.ModuleList()
-        self.base_model: nn.Module | None = None
+        self.prepared: PreparedSources | None = None
+        self.statistics: Statistics | None = None
+        self.result: MergeResult | None = None
         self.merged: nn.Module | None = None
-        self.merge_graph: Any = None
-        self.statistics: Any = None
-        self.heads: list[SourceHead] = []
-        self.architecture: dict[str, Any] | None = None
-        self.fingerprints: list[str] = []
-        self.tasks: list[list[int]] = []
-        self.metrics = nn.ModuleDict()
+        self.scores: MergeScores | None = None
         self.results: dict[str, float] = {}
 
-    # ------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------ stages
     def setup(self, stage: str) -> None:
-        """Load the sources, check them, trace the graph (once; later stages reuse it)."""
-        dm = self._datamodule()
-        self._route_validation_to_module()
-        if self.merge_graph is not None:
+        """Prepare the sources, gather the statistics, merge (once; later stages reuse the merge)."""
+        if self.merged is not None:
             return
-        self.tasks = [list(t) for t in dm.tasks]
-        loaded = [load_checkpoint(s, f"sources[{i}]") for i, s in enumerate(self.source_specs)]
-        check_same_architecture(loaded, [_describe(s) for s in self.source_specs])
-        self.architecture = architecture_of(loaded[0])
-        models = [m.model if isinstance(m, SourceClassifier) else m for m in loaded]
-        for m in models:
-            m.eval().requires_grad_(False)
-        self.sources = nn.ModuleList(models)
-        if self.base_spec is not None:
-            base = load_checkpoint(self.base_spec, "base")
-            check_same_architecture([loaded[0], base], ["sources[0]", _describe(self.base_spec)])
-            self.base_model = (base.model if isinstance(base, SourceClassifier) else base).eval()
-        self.fingerprints = [model_fingerprint(m) for m in models]
-        example = self._example_inputs()
-        self.heads = [self._head_of(i, m, example) for i, m in enumerate(loaded)]
-        self.merge_graph = _trace(models[0], example[:2])
-        self._build_metrics(dm.num_classes)
+        prepared = self.prepare()
+        if self.method.requires:
+            self._statistics_callback().ensure_statistics(self.trainer, self)
+        data, ranks = self.data.calibration_dataloader(), Ranks.of_strategy(self.trainer.strategy)
+        self.result = run_method(self.method, prepared, self.statistics, data, ranks)
+        merged = post_merge(self.result, prepared, data, self.repair, ranks)
+        agree_across_ranks(merged, self.trainer.strategy)
+        self.merged = merged
+        scores = MergeScores(
+            prepared.heads, self.data.tasks, sources=self.evaluate_sources, ensemble=self.evaluate_ensemble
+        )
+        self.scores = scores.to(self.trainer.strategy.root_device)
 
-    def _datamodule(self) -> Any:
+    def prepare(self) -> PreparedSources:
+        """Load and check the sources, trace and check the graph, on the strategy's device (idempotent)."""
+        if self.prepared is None:
+            data = self.data
+            example = batch_inputs(next(iter(data.calibration_dataloader())))
+            prepared = prepare_sources(
+                self.source_specs, data.tasks, data.num_classes, example, base=self.base_spec,
+                graph_file=self.graph_file,
+            )  # fmt: skip
+            device = self.trainer.strategy.root_device
+            for m in [*prepared.models, *([prepared.base] if prepared.base is not None else [])]:
+                m.to(device)
+            self.sources = nn.ModuleList(prepared.models)
+            self.prepared = prepared
+        return self.prepared
+
+    def statistics_inputs(self) -> StatisticsInputs:
+        """What the statistics callback reads (:class:`StatisticsConsumer`)."""
+        prepared = self.prepare()
+        return StatisticsInputs(prepared.models, prepared.graph, self.data.calibration_dataloader())
+
+    @property
+    def data(self) -> MergeDataModule:
         dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is None or not hasattr(dm, "tasks") or not hasattr(dm, "task_test_dataloader"):
-            raise ValueError(
-                "MergeModule evaluates on every task's test loader: pass a datamodule with `tasks` and "
-                "`task_test_dataloader(i)` (e.g. lightning_merge.data.TaskSplitDataModule) "
-                "to trainer.validate"
+        if not isinstance(dm, MergeDataModule):
+            raise TypeError(
+                f"MergeModule reads its tasks, evaluation and calibration data from a MergeDataModule; got "
+                f"{type(dm).__name__}: pass datamodule=MergeDataModule(tasks=TaskSplitDataModule(...)) "
+                "to trainer.validate (YAML: data.class_path lightning_merge.data.MergeDataModule)"
             )
         return dm
 
-    def _route_validation_to_module(self) -> None:
-        """Make ``trainer.validate(module, datamodule=dm)`` use :meth:`val_dataloader` of this module.
-
-        Lightning asks the datamodule for loaders when one is given; a merge is judged on every task's
-        *test* set, which the datamodule's own ``val_dataloader`` (a hold-out) is not.
-        """
-        loop = self.trainer.validate_loop
-        source = getattr(loop, "_data_source", None)
-        if source is None or not hasattr(source, "instance"):
-            raise RuntimeError(
-                "this Lightning version has no validate_loop._data_source; MergeModule needs it"
-            )
-        source.instance = self
-
-    def _head_of(self, i: int, model: nn.Module, example: torch.Tensor) -> SourceHead:
-        num_classes = self.trainer.datamodule.num_classes
-        if isinstance(model, SourceClassifier):
-            return SourceHead(model.head_kind, tuple(model.classes), model.num_classes)
-        if i >= len(self.tasks):
-            raise ValueError(
-                f"source {i} is a plain module but the datamodule has only {len(self.tasks)} tasks"
-            )
-        with torch.no_grad():
-            width = model(example[:1]).shape[-1]
-        if width not in (num_classes, len(self.tasks[i])):
-            raise ValueError(
-                f"source {i} outputs {width} logits: neither all {num_classes} classes (embedding head) "
-                f"nor task {i}'s {len(self.tasks[i])} classes (linear head)"
-            )
-        return SourceHead(
-            "embedding" if width == num_classes else "linear", tuple(self.tasks[i]), num_classes
-        )
-
-    def _build_metrics(self, num_classes: int) -> None:
-        names = {"merged": frozenset().union(*[h.covered() for h in self.heads])}
-        if self.evaluate_sources:
-            names |= {f"source{i}": h.covered() for i, h in enumerate(self.heads)}
-        if self.evaluate_ensemble:
-            names["ensemble"] = frozenset().union(*[h.covered(own_only=True) for h in self.heads])
-        self.metrics = nn.ModuleDict(
-            {k: TaskAccuracies(self.tasks, num_classes, c) for k, c in names.items()}
-        )
-
     def configure_callbacks(self) -> list[pl.Callback]:
         """The statistics pass, unless the trainer already has a ``MergeStatistics`` callback."""
-        from lightning_merge.callbacks.statistics import MergeStatistics
-
         if not self.method.requires:
             return []
         if self._trainer is not None and any(isinstance(c, MergeStatistics) for c in self.trainer.callbacks):
             return []
         return [MergeStatistics(requires=sorted(self.method.requires), cache_path=self.stats_path)]
 
-    # ------------------------------------------------------------------ data
-    def calibration_dataloader(self) -> DataLoader:
-        """The datamodule's calibration loader (statistics, graph tracing, BatchNorm reset)."""
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        make = getattr(dm, "calibration_dataloader", None)
-        if make is None:
-            raise ValueError(
-                f"the datamodule {type(dm).__name__} has no calibration_dataloader(): merging needs "
-                "calibration data for the statistics, the graph trace and the BatchNorm reset"
-            )
-        return make()
-
-    def val_dataloader(self) -> list[DataLoader]:
-        """One loader per task (its test images), sharded without padding across ranks."""
-        dm = self._datamodule()
-        loaders = [dm.task_test_dataloader(t) for t in range(len(self.tasks))]
-        if self.trainer.world_size == 1:
-            return loaders
-        return [_unpadded(loader, self.trainer.global_rank, self.trainer.world_size) for loader in loaders]
-
-    def _example_inputs(self) -> torch.Tensor:
-        batch = next(iter(self.calibration_dataloader()), None)
-        if batch is None:
-            raise ValueError("the calibration dataloader is empty")
-        return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-    def _calibration_inputs(self) -> Iterator[torch.Tensor]:
-        """This rank's share of whole calibration batches (batch b goes to rank b mod W), on device.
-
-        The BatchNorm reset runs in train mode, where every layer's input depends on the batch it came
-        in: whole batches, summed across ranks, give the single-process statistics.
-        """
-        loader, rank, world = self.calibration_dataloader(), self.global_rank, self.trainer.world_size
-        if world > 1 and len(loader) < world:
-            raise ValueError(
-                f"the calibration loader has {len(loader)} batches for {world} ranks; "
-                "use a smaller batch size or more calibration samples"
-            )
-        for b, batch in enumerate(loader):
-            if b % world == rank:
-                yield (batch[0] if isinstance(batch, (tuple, list)) else batch).to(self.device)
-
-    # ------------------------------------------------------------------ merge
-    def on_validation_start(self) -> None:
-        if self.merged is None:
-            self.merged = self.merge()
-
-    @torch.no_grad()
-    def merge(self) -> nn.Module:
-        """Run the method once (plus the BatchNorm reset); the result is equal on every rank."""
-        with torch.inference_mode(False):
-            kwargs: dict[str, Any] = {"graph": self.merge_graph, "stats": self.statistics}
-            if self.base_model is not None:
-                kwargs["base"] = self.base_model
-            if self.method.needs_data:
-                kwargs["data"] = self.calibration_dataloader()
-            if self.method.requires:
-                self.method.check_stats(self.statistics)
-            merged = self.method.merge(list(self.sources), **kwargs).to(self.device)
-            if self.repair == "rescale":
-                trunk = merged.trunk if isinstance(merged, PartialZipModel) else merged
-                graph, transforms = self.merge_graph, self.method.transforms
-                repair_rescale(trunk, list(self.sources), graph, transforms, self._calibration_inputs())
-            if self.repair:
-                reset_batchnorm(merged, self._calibration_inputs())
-            self._agree_across_ranks(merged)
-        return merged.eval().requires_grad_(False)
-
-    def _agree_across_ranks(self, merged: nn.Module) -> None:
-        """Every rank must hold rank 0's merged weights: compare digests, broadcast if they differ."""
-        strategy = self.trainer.strategy
-        if self.trainer.world_size == 1:
-            return
-        mine = model_fingerprint(merged)
-        same = strategy.reduce_boolean_decision(mine == strategy.broadcast(mine, src=0), all=True)
-        if same:
-            return
-        log.warning("merged weights differ across ranks; using rank 0's")
-        state = strategy.broadcast({k: v.cpu() for k, v in merged.state_dict().items()}, src=0)
-        merged.load_state_dict(state)
+    def _statistics_callback(self) -> MergeStatistics:
+        found = [c for c in self.trainer.callbacks if isinstance(c, MergeStatistics)]
+        if not found:
+            raise RuntimeError("MergeModule needs a MergeStatistics callback (configure_callbacks adds one)")
+        return found[0]
 
     # ------------------------------------------------------------------ evaluation
     def forward(self, x: torch.Tensor) -> Any:
@@ -311,29 +164,15 @@ class MergeModule(pl.LightningModule):
             raise RuntimeError("the merge has not run yet: call trainer.validate(module, datamodule=...)")
         return self.merged(x)
 
-    def validation_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        images, labels = batch
-        self.metrics["merged"].update(merged_logits(self(images), self.heads), labels, dataloader_idx)
-        if not (self.evaluate_sources or self.evaluate_ensemble):
-            return
-        outputs = [m(images) for m in self.sources]
-        if self.evaluate_sources:
-            for i, (out, head) in enumerate(zip(outputs, self.heads, strict=True)):
-                self.metrics[f"source{i}"].update(head.to_global(out), labels, dataloader_idx)
-        if self.evaluate_ensemble:
-            self.metrics["ensemble"].update(ensemble_logits(outputs, self.heads), labels, dataloader_idx)
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch[0], batch[1]
+        outputs = [m(images) for m in self.sources] if self.scores.needs_sources else None
+        self.scores.update(self(images), outputs, labels, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         """Compute (synced across ranks), log, report and export."""
-        self.results = {
-            f"{name}/{key}": value
-            for name, metric in self.metrics.items()
-            for key, value in metric.compute().items()
-        }
-        for metric in self.metrics.values():
-            metric.reset()
+        self.results = self.scores.compute()
+        self.scores.reset()
         self.log_dict(
             {f"val/{k}": v for k, v in self.results.items()}, add_dataloader_idx=False, sync_dist=True
         )
@@ -345,64 +184,17 @@ class MergeModule(pl.LightningModule):
     def _report(self) -> None:
         from lightning_merge import reporting
 
-        reporting.print_results(self.results, len(self.tasks))
+        tasks, graph = len(self.data.tasks), self.prepare().graph
+        reporting.print_results(self.results, tasks)
         for logger in self.loggers:
-            reporting.log_to_logger(
-                logger, self.results, len(self.tasks), self.statistics, self.merge_graph, self.heatmaps
-            )
+            reporting.log_to_logger(logger, self.results, tasks, self.statistics, graph, self.heatmaps)
 
-    # ------------------------------------------------------------------ export
     def export(self, directory: str | os.PathLike) -> Path:
-        """Write the merged model and its recipe to ``directory`` (see :mod:`lightning_merge.export`)."""
-        from lightning_merge.export import export_merged
-
-        if self.merged is None:
+        """Write the merged model and its recipe (see :mod:`lightning_merge.pipeline.export`)."""
+        if self.merged is None or self.prepared is None:
             raise RuntimeError("nothing to export: the merge has not run yet")
-        return export_merged(self, directory)
-
-
-def method_config(method: MergeMethod) -> dict[str, Any]:
-    """``{"name", "class_path", "init_args"}`` of a method: its ``__init__`` arguments read back."""
-    import inspect
-
-    cls = type(method)
-    args = {}
-    for name in list(inspect.signature(cls.__init__).parameters)[1:]:
-        if hasattr(method, name):
-            value = getattr(method, name)
-            args[name] = _plain(value)
-    return {"name": method.name, "class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
-
-
-def _plain(value: Any) -> Any:
-    """A YAML-safe copy of an ``__init__`` argument (dicts and lists kept, other objects as repr)."""
-    if isinstance(value, (bool, int, float, str, type(None))):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return repr(value)
-
-
-def _describe(source: Source) -> str:
-    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
-
-
-def _trace(model: nn.Module, example: torch.Tensor) -> Any:
-    from lightning_merge.graph import trace_graph
-
-    return trace_graph(model, example)
-
-
-def _unpadded(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
-    """The same loader over rank ``rank``'s share (every ``world_size``-th image, no repeats)."""
-    sampler = UnrepeatedDistributedSampler(loader.dataset, num_replicas=world_size, rank=rank, shuffle=False)
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        persistent_workers=loader.persistent_workers,
-    )
+        record = MergeRecord(
+            self.prepared, self.method, self.merged, self.repair, self.data.tasks,
+            base=self.hparams.get("base"), statistics=self.statistics, metrics=self.results,
+        )  # fmt: skip
+        return export_merged(record, directory)

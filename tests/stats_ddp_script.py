@@ -18,7 +18,7 @@ from stats_nets import ConvNet, conv_graph, make_models
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_merge.callbacks.statistics import MergeStatistics
+from lightning_merge.callbacks.statistics import MergeStatistics, StatisticsInputs
 from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.store import save_statistics
 
@@ -37,6 +37,9 @@ class Sources(pl.LightningModule):
         self.sources = nn.ModuleList(make_models(ConvNet, n=2))
         self.merge_graph = conv_graph(self.sources[0])
         self.statistics = None
+
+    def statistics_inputs(self) -> StatisticsInputs:
+        return StatisticsInputs(list(self.sources), self.merge_graph, self.calibration_dataloader())
 
     def calibration_dataloader(self) -> DataLoader:
         return DataLoader(calibration_data(), batch_size=BATCH_SIZE)

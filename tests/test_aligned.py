@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from lightning_merge.apply.batchnorm_reset import reset_batchnorm
 from lightning_merge.apply.partial import PartialZipModel
-from lightning_merge.apply.repair import reset_batchnorm
-from lightning_merge.data import TaskSplitDataModule
+from lightning_merge.data import MergeDataModule, TaskSplitDataModule
 from lightning_merge.graph import permute_model, random_permutations, trace_graph
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.permute import match_identity
@@ -250,7 +250,7 @@ def test_runs_through_merge_module(source_pair: Callable) -> None:
         enable_progress_bar=False,
         limit_val_batches=1,
     )
-    trainer.validate(module, datamodule=dm, verbose=False)
+    trainer.validate(module, datamodule=MergeDataModule(dm), verbose=False)
     assert set(module.results) == {
         f"{m}/{k}" for m in ("merged", "ensemble") for k in ("joint_acc", "task0_acc", "task1_acc")
     }

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lightning_merge.apply.batchnorm_reset import reset_batchnorm
 from lightning_merge.apply.least_squares import least_squares_refit
 from lightning_merge.apply.module import build_merged_module, resize_to_state_dict
 from lightning_merge.apply.partial import PartialZipModel, build_partial, resolve_cut
-from lightning_merge.apply.repair import reset_batchnorm
 from lightning_merge.apply.weights import merge_state_dicts
 from lightning_merge.graph.spec import AxisRef, CutPoint, MergeGraph, Space
 from lightning_merge.match.transform import SpaceTransform, from_assignment

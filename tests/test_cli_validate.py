@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lightning_merge.cli import main
-from lightning_merge.data import TaskSplitDataModule
+from lightning_merge.data import MergeDataModule, TaskSplitDataModule
 from lightning_merge.methods import METHODS
 from lightning_merge.methods.zipit import ZipItMerge
 from lightning_merge.models import quick_pair
@@ -172,7 +172,7 @@ def test_python_api_agrees_with_the_cli(single: Path, checkpoints: list[str]) ->
     module = MergeModule(sources=checkpoints, method=ZipItMerge(alpha=0.3, beta=0.125))
     dm = TaskSplitDataModule(calibration_size=512, eval_batch_size=1000)
     pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).validate(
-        module, datamodule=dm, verbose=False
+        module, datamodule=MergeDataModule(dm), verbose=False
     )
     recipe = yaml.safe_load((single / "export/recipe.yaml").read_text())
     assert module.results == recipe["metrics"]
@@ -237,7 +237,7 @@ def test_repair_rescale_on_two_processes_equals_one(tmp_path: Path, checkpoints:
     module = MergeModule(sources=checkpoints, method=ZipItMerge(alpha=0.3, beta=0.125), repair="rescale")
     dm = TaskSplitDataModule(calibration_size=512, eval_batch_size=256)
     pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).validate(
-        module, datamodule=dm, verbose=False
+        module, datamodule=MergeDataModule(dm), verbose=False
     )
     two = load_file(str(tmp_path / "export/model.safetensors"))
     for key, value in module.merged.state_dict().items():

@@ -11,12 +11,12 @@ import torch
 import yaml
 
 from lightning_merge.apply.partial import PartialZipModel
-from lightning_merge.data import TaskSplitDataModule
+from lightning_merge.data import MergeDataModule, TaskSplitDataModule
 from lightning_merge.evaluation import evaluate_model
-from lightning_merge.export import load_merged, read_recipe
 from lightning_merge.methods.zipit import ZipItMerge
 from lightning_merge.models import MLP, quick_pair
 from lightning_merge.module import MergeModule
+from lightning_merge.pipeline.export import load_merged, read_recipe
 from lightning_merge.stats.store import model_fingerprint
 
 TEST_MODELS_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test_models"
@@ -33,7 +33,7 @@ def run(sources: list, method: ZipItMerge, export_dir: Path) -> tuple[MergeModul
         enable_model_summary=False,
         enable_progress_bar=False,
     )
-    trainer.validate(module, datamodule=dm, verbose=False)
+    trainer.validate(module, datamodule=MergeDataModule(dm), verbose=False)
     return module, dm
 
 
@@ -44,7 +44,7 @@ def merged_metrics(results: dict[str, float]) -> dict[str, float]:
 def reload_and_score(directory: Path, module: MergeModule, dm: TaskSplitDataModule, **kw: object) -> dict:
     model = load_merged(directory, **kw)
     loaders = [dm.task_test_dataloader(t) for t in range(len(dm.tasks))]
-    return model, evaluate_model(model, loaders, dm.tasks, module.heads)
+    return model, evaluate_model(model, loaders, dm.tasks, module.prepared.heads)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_widened_merge_reloads_resized_and_reproduces_the_logged_accuracies(
     recipe = read_recipe(tmp_path)
     assert recipe["metrics"] == pytest.approx(module.results)
     assert [s["fingerprint"] for s in recipe["sources"]] == [model_fingerprint(p.model) for p in pair]
-    assert recipe["graph_digest"] == module.merge_graph.digest()
+    assert recipe["graph_digest"] == module.prepared.graph.digest()
     assert recipe["statistics_digest"] and recipe["partial"] is None
     assert recipe["method"]["class_path"] == "lightning_merge.methods.zipit.ZipItMerge"
     assert recipe["method"]["init_args"]["width"] == 1.5
@@ -75,7 +75,7 @@ def test_widened_merge_reloads_resized_and_reproduces_the_logged_accuracies(
 def test_partial_zip_reloads_with_one_head_per_source(tmp_path: Path, pair: list) -> None:
     module, dm = run(pair, ZipItMerge(stop_at=0.5), tmp_path)
     recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
-    cut = module.merge_graph.cut_points
+    cut = module.prepared.graph.cut_points
     assert recipe["partial"]["node"] in [c.node for c in cut] and recipe["partial"]["channel_dim"] in (1, -1)
     model, scores = reload_and_score(tmp_path, module, dm)
     assert isinstance(model, PartialZipModel) and len(model.tails) == 2

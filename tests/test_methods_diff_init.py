@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_merge.apply.repair import reset_batchnorm
+from lightning_merge.apply.batchnorm_reset import reset_batchnorm
 from lightning_merge.graph import permute_model, random_permutations, trace_graph
 from lightning_merge.match.permute import match_permute
 from lightning_merge.methods import METHODS, get_method

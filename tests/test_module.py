@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lightning_merge.callbacks.statistics import MergeStatistics
-from lightning_merge.data import TaskSplitDataModule
+from lightning_merge.data import MergeDataModule, TaskSplitDataModule
 from lightning_merge.evaluation import (
     SourceHead,
     TaskAccuracies,
@@ -48,7 +48,7 @@ def trainer(**kwargs: object) -> pl.Trainer:
 def validated() -> tuple[MergeModule, TaskSplitDataModule]:
     dm = datamodule()
     module = MergeModule(sources=small_pair(), method=ZipItMerge(alpha=0.3, beta=0.125))
-    trainer().validate(module, datamodule=dm, verbose=False)
+    trainer().validate(module, datamodule=MergeDataModule(dm), verbose=False)
     return module, dm
 
 
@@ -114,7 +114,7 @@ def test_metrics_match_independent_computations(validated: tuple[MergeModule, Ta
         # own-class ensemble: on task i only source i's classes compete
         assert r[f"ensemble/task{i}_acc"] == r[f"source{i}/task{i}_acc"]
     loaders = [dm.task_test_dataloader(t) for t in range(2)]
-    again = evaluate_model(module.merged, loaders, dm.tasks, module.heads)
+    again = evaluate_model(module.merged, loaders, dm.tasks, module.prepared.heads)
     assert again == pytest.approx({k.split("/")[1]: v for k, v in r.items() if k.startswith("merged/")})
     assert r["ensemble/joint_acc"] > 0.3 and r["source0/task0_acc"] > 0.7  # real, trained models
     logged = module.trainer.callback_metrics
@@ -127,7 +127,7 @@ def test_merge_runs_once_and_leaves_sources_untouched(
     module, dm = validated
     before = {k: v.clone() for k, v in module.merged.state_dict().items()}
     merged, results = module.merged, dict(module.results)
-    trainer().validate(module, datamodule=dm, verbose=False)
+    trainer().validate(module, datamodule=MergeDataModule(dm), verbose=False)
     assert module.results == results  # the same test loaders again, not the datamodule's hold-out
     assert module.merged is merged and all(torch.equal(before[k], v) for k, v in merged.state_dict().items())
     for src, ref in zip(module.sources, small_pair(), strict=True):
@@ -142,11 +142,11 @@ def test_saved_statistics_are_reused(
 ) -> None:
     path = str(tmp_path / "stats.safetensors")
     first = MergeModule(sources=small_pair(), method=ZipItMerge(), stats_path=path, evaluate_sources=False)
-    trainer(limit_val_batches=1).validate(first, datamodule=datamodule(), verbose=False)
+    trainer(limit_val_batches=1).validate(first, datamodule=MergeDataModule(datamodule()), verbose=False)
     assert Path(path).is_file()
     second = MergeModule(sources=small_pair(), method=ZipItMerge(), stats_path=path, evaluate_sources=False)
     t = trainer(limit_val_batches=1)
-    t.validate(second, datamodule=datamodule(), verbose=False)
+    t.validate(second, datamodule=MergeDataModule(datamodule()), verbose=False)
     callback = next(c for c in t.callbacks if isinstance(c, MergeStatistics))
     assert callback.source == "cache"
     ref = validated[0].merged.state_dict()
@@ -154,7 +154,7 @@ def test_saved_statistics_are_reused(
 
 
 def test_method_by_name_with_arguments() -> None:
-    module = MergeModule(sources=small_pair(), method="zipit", method_args={"alpha": 0.5})
+    module = MergeModule(sources=small_pair(), method=ZipItMerge(alpha=0.5))
     assert isinstance(module.method, ZipItMerge) and module.method.alpha == 0.5
     assert module.hparams["method"]["init_args"]["alpha"] == 0.5
 
@@ -175,42 +175,42 @@ def _fake_checkpoint(path: Path, model: SourceClassifier) -> Path:
 def test_missing_checkpoint_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "nope.ckpt"
     with pytest.raises(FileNotFoundError, match=r"sources\[1\]: checkpoint .*nope.ckpt does not exist"):
-        MergeModule(sources=[small_pair()[0], str(missing)], method="zipit")
+        MergeModule(sources=[small_pair()[0], str(missing)], method=ZipItMerge())
 
 
 def test_different_architecture_names_the_hyperparameter(tmp_path: Path) -> None:
     other = _fake_checkpoint(
         tmp_path / "wide.ckpt", SourceClassifier(arch="mlp", width=0.5, classes=[5, 6, 7, 8, 9])
     )
-    module = MergeModule(sources=[small_pair()[0], str(other)], method="zipit")
+    module = MergeModule(sources=[small_pair()[0], str(other)], method=ZipItMerge())
     with pytest.raises(ValueError, match=r"wide.ckpt has width=0.5 but .* has width=0.25"):
-        trainer().validate(module, datamodule=datamodule(), verbose=False)
+        trainer().validate(module, datamodule=MergeDataModule(datamodule()), verbose=False)
 
 
 def test_different_parameter_shapes_are_named() -> None:
     a = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10))
     b = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
-    module = MergeModule(sources=[a, b], method="zipit")
+    module = MergeModule(sources=[a, b], method=ZipItMerge())
     with pytest.raises(ValueError, match=r"parameter '1.weight' has shape \(32, 784\) in .*Sequential"):
-        trainer().validate(module, datamodule=datamodule(), verbose=False)
+        trainer().validate(module, datamodule=MergeDataModule(datamodule()), verbose=False)
 
 
 def test_not_a_source_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "weights.ckpt"
     torch.save({"weights": torch.zeros(3)}, path)
-    module = MergeModule(sources=[str(path), small_pair()[1]], method="zipit")
+    module = MergeModule(sources=[str(path), small_pair()[1]], method=ZipItMerge())
     with pytest.raises(
         ValueError, match=r"sources\[0\]: .*weights.ckpt is not a SourceClassifier checkpoint"
     ):
-        trainer().validate(module, datamodule=datamodule(), verbose=False)
+        trainer().validate(module, datamodule=MergeDataModule(datamodule()), verbose=False)
 
 
-def test_unregistered_method_lists_the_registered_ones() -> None:
-    with pytest.raises(KeyError, match=r"unknown merge method 'zipitt'; registered: \[.*'zipit'"):
-        MergeModule(sources=small_pair(), method="zipitt")
+def test_a_method_name_instead_of_a_method_is_refused() -> None:
+    with pytest.raises(TypeError, match="method must be a MergeMethod, got str"):
+        MergeModule(sources=small_pair(), method="zipit")
 
 
-def test_missing_calibration_loader() -> None:
+def test_data_that_cannot_serve_a_merge_are_named() -> None:
     class NoCalibration(pl.LightningDataModule):
         def __init__(self) -> None:
             super().__init__()
@@ -220,9 +220,11 @@ def test_missing_calibration_loader() -> None:
         def task_test_dataloader(self, task: int):  # noqa: ANN201
             return self.inner.task_test_dataloader(task)
 
-    module = MergeModule(sources=small_pair(), method="zipit")
-    with pytest.raises(ValueError, match="has no calibration_dataloader"):
-        trainer().validate(module, datamodule=NoCalibration(), verbose=False)
+    with pytest.raises(TypeError, match=r"lacks \['calibration_dataloader'\]"):
+        MergeDataModule(NoCalibration())
+    module = MergeModule(sources=small_pair(), method=ZipItMerge())
+    with pytest.raises(TypeError, match="reads its tasks, evaluation and calibration data from a MergeDataModule"):
+        trainer().validate(module, datamodule=datamodule(), verbose=False)
 
 
 def test_missing_base_for_a_task_vector_method() -> None:
@@ -232,10 +234,10 @@ def test_missing_base_for_a_task_vector_method() -> None:
 
 def test_plain_module_sources_take_heads_from_the_tasks() -> None:
     pair = [copy.deepcopy(m.model) for m in small_pair()]
-    module = MergeModule(sources=pair, method="zipit", evaluate_ensemble=False)
-    trainer(limit_val_batches=1).validate(module, datamodule=datamodule(), verbose=False)
-    assert [h.classes for h in module.heads] == [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9)]
-    assert module.heads[0].kind == "embedding" and "merged/task1_acc" in module.results
+    module = MergeModule(sources=pair, method=ZipItMerge(), evaluate_ensemble=False)
+    trainer(limit_val_batches=1).validate(module, datamodule=MergeDataModule(datamodule()), verbose=False)
+    assert [h.classes for h in module.prepared.heads] == [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9)]
+    assert module.prepared.heads[0].kind == "embedding" and "merged/task1_acc" in module.results
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -246,7 +248,7 @@ def test_every_registered_method_runs_through_the_module(name: str) -> None:
     base = pair[0] if METHODS[name].needs_base else None
     module = MergeModule(sources=pair, method=get_method(name, **kwargs), base=base, evaluate_sources=False)
     dm = TaskSplitDataModule(calibration_size=128, eval_batch_size=500)
-    trainer(limit_val_batches=1).validate(module, datamodule=dm, verbose=False)
+    trainer(limit_val_batches=1).validate(module, datamodule=MergeDataModule(dm), verbose=False)
     assert set(module.results) == {
         f"{m}/{k}" for m in ("merged", "ensemble") for k in ("joint_acc", "task0_acc", "task1_acc")
     }
@@ -257,7 +259,7 @@ def test_every_registered_method_runs_through_the_module(name: str) -> None:
 def test_repair_rescale_equals_the_direct_calls_and_is_recorded(tmp_path: Path) -> None:
     """repair='rescale': the module's merged weights equal ZipIt! → repair_rescale → BatchNorm reset
     run by hand on the same statistics and calibration batches."""
-    from lightning_merge.apply.rescale import repair_points, repair_rescale
+    from lightning_merge.apply.repair import repair_points, repair_rescale
 
     dm = datamodule()
     module = MergeModule(
@@ -268,18 +270,18 @@ def test_repair_rescale_equals_the_direct_calls_and_is_recorded(tmp_path: Path) 
         evaluate_sources=False,
         evaluate_ensemble=False,
     )
-    trainer().validate(module, datamodule=dm, verbose=False)
+    trainer().validate(module, datamodule=MergeDataModule(dm), verbose=False)
     sources = list(module.sources)
     method = ZipItMerge()
-    by_hand = method.merge(sources, graph=module.merge_graph, stats=module.statistics)
+    by_hand = method.merge(sources, graph=module.prepared.graph, stats=module.statistics)
     plain = copy.deepcopy(by_hand)
-    assert repair_points(by_hand, module.merge_graph)  # the MLP's hidden layers
+    assert repair_points(by_hand, module.prepared.graph)  # the MLP's hidden layers
     repair_rescale(
         by_hand,
         sources,
-        module.merge_graph,
+        module.prepared.graph,
         method.transforms,
-        [x for x, _ in module.calibration_dataloader()],
+        dm.calibration_dataloader(),
     )
     for key, want in by_hand.state_dict().items():
         torch.testing.assert_close(module.merged.state_dict()[key], want, rtol=1e-5, atol=1e-6)
@@ -289,6 +291,6 @@ def test_repair_rescale_equals_the_direct_calls_and_is_recorded(tmp_path: Path) 
 
 def test_bad_repair_settings_are_named() -> None:
     with pytest.raises(ValueError, match="repair must be"):
-        MergeModule(sources=small_pair(), method="zipit", repair="repair")
+        MergeModule(sources=small_pair(), method=ZipItMerge(), repair="repair")
     with pytest.raises(ValueError, match="'regmean' has none"):
-        MergeModule(sources=small_pair(), method="regmean", repair="rescale")
+        MergeModule(sources=small_pair(), method=get_method("regmean"), repair="rescale")

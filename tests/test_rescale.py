@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_merge.apply.module import build_merged_module
-from lightning_merge.apply.rescale import repair_points, repair_rescale
+from lightning_merge.apply.repair import repair_points, repair_rescale
 from lightning_merge.apply.weights import merge_state_dicts
 from lightning_merge.graph import trace_graph
 from lightning_merge.match.transform import SpaceTransform, from_assignment

@@ -60,38 +60,29 @@ def test_cache_is_reused_only_for_the_same_models(tmp_path) -> None:
     assert not torch.equal(changed.statistics.moments["c1"].outer, first.statistics.moments["c1"].outer)
 
 
-def test_existing_statistics_are_kept_and_datamodule_fallback() -> None:
+def test_existing_statistics_are_kept_and_the_protocol_is_required() -> None:
     module = Sources()
     sentinel = object()
     module.statistics = sentinel
     callback = MergeStatistics(progress=False)
     assert callback.ensure_statistics(trainer_with(callback), module) is sentinel
 
-    class NoCalibration(Sources):
-        calibration_dataloader = None
+    class NoInputs(pl.LightningModule):
+        statistics = None
 
-    class Data(pl.LightningDataModule):
-        def calibration_dataloader(self) -> DataLoader:
-            return DataLoader(torch.randn(10, 1, 6, 6), batch_size=4)
-
-        def val_dataloader(self) -> DataLoader:
-            return DataLoader(torch.zeros(2, 1), batch_size=2)
-
-    module = NoCalibration()
-    trainer_with(MergeStatistics(progress=False)).validate(module, datamodule=Data(), verbose=False)
-    assert module.statistics.moments["c1"].count.item() == 10 * 36
-    with pytest.raises(AttributeError, match="define calibration_dataloader"):
-        trainer_with(MergeStatistics(progress=False)).validate(NoCalibration(), verbose=False)
+    with pytest.raises(TypeError, match="statistics_inputs"):
+        callback.ensure_statistics(trainer_with(callback), NoInputs())
 
 
 def test_missing_sources_or_graph_are_named() -> None:
     module = Sources()
     module.merge_graph = None
     callback = MergeStatistics(progress=False)
-    with pytest.raises(AttributeError, match="merge_graph"):
+    with pytest.raises(TypeError, match="gave no merge graph"):
         callback.ensure_statistics(trainer_with(callback), module)
+    module = Sources()
     module.sources = nn.ModuleList()
-    with pytest.raises(AttributeError, match="sources"):
+    with pytest.raises(ValueError, match="gave no source models"):
         callback.ensure_statistics(trainer_with(callback), module)
 
 

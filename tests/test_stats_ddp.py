@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning_merge.dataflow import ShardSampler
 from stats_ddp_script import NUM_SAMPLES, Sources
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_merge.stats.collect import collect_statistics
-from lightning_merge.stats.distributed import UnpaddedShardSampler
 from lightning_merge.stats.store import load_statistics
 
 SCRIPT = Path(__file__).with_name("stats_ddp_script.py")
@@ -53,14 +53,14 @@ def test_ddp_statistics_equal_single_process(tmp_path) -> None:
             assert (got[layer] - b).abs().max() <= 1e-9 * b.abs().max(), layer
 
 
-def test_unpadded_shards_cover_each_index_once() -> None:
-    shards = [list(UnpaddedShardSampler(11, r, 3)) for r in range(3)]
-    assert sorted(sum(shards, [])) == list(range(11))
-    assert [len(s) for s in shards] == [4, 4, 3]
+def test_shards_are_whole_batches_covering_each_index_once() -> None:
+    shards = [list(ShardSampler(11, r, 3, block=2)) for r in range(3)]
+    assert shards == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10]]  # batch b on rank b mod 3
+    assert [len(ShardSampler(11, r, 3, block=2)) for r in range(3)] == [4, 4, 3]
     padded = [list(DistributedSampler(range(11), num_replicas=3, rank=r, shuffle=False)) for r in range(3)]
     assert len(sum(padded, [])) == 12  # what the pass avoids: one sample repeated
     with pytest.raises(ValueError, match="rank 3"):
-        UnpaddedShardSampler(11, 3, 3)
+        ShardSampler(11, 3, 3, block=2)
 
 
 def test_without_process_group_the_loader_is_used_as_is() -> None:
@@ -74,7 +74,7 @@ def test_a_gloo_group_is_destroyed_at_exit_once(tmp_path, monkeypatch) -> None:
     """Lightning destroys only NCCL groups at exit; the callback's setup registers the gloo one."""
     import torch.distributed as dist
 
-    from lightning_merge.stats import distributed
+    from lightning_merge import dataflow as distributed
 
     hooks: list = []
     monkeypatch.setattr(distributed, "_exit_hook_registered", False)

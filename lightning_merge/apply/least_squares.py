@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from lightning_merge.apply.repair import batch_inputs, model_device
+from lightning_merge.dataflow import Ranks, all_reduce_sum_, local_batches, model_device
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.transform import SpaceTransform
 from lightning_merge.stats.patch_gram import input_gram, normal_sums, shifted_sums_apply, unfolded_rows
@@ -152,6 +151,13 @@ class _NormalEquations:
             part = (yr.T @ xr.to(torch.float64), yr.sum(0))
             yx, ys = part if yx is None else (yx + part[0], ys + part[1])
         return yx, ys
+
+    def all_reduce(self, ranks: Ranks | None) -> None:
+        """Sum the equations over ranks (a rank without rows contributes zeros of the same shapes)."""
+        assert self.xx is not None
+        rows = torch.tensor(float(self.rows), dtype=torch.float64, device=self.xx.device)
+        all_reduce_sum_([self.xx, self.xs, self.yx, self.ys, rows], ranks)
+        self.rows = int(rows.item())
 
     def solve(self, ridge: float, bias: bool) -> torch.Tensor:
         """Ridge solution (out, d [+1]); ridge relative to the mean diagonal of the (augmented) Gram."""
@@ -312,8 +318,10 @@ def _fit(
     pairs: Iterable[tuple[torch.Tensor, list[torch.Tensor]]],
     blocks: Sequence[torch.Tensor] | None,
     ridge: float,
+    ranks: Ranks | None = None,
 ) -> int:
-    """Accumulate the normal equations over (merged input, source outputs) pairs, solve, write back."""
+    """Accumulate the normal equations over (merged input, source outputs) pairs, sum them over ranks,
+    solve, write back."""
     normal = _NormalEquations()
     for x, outs in pairs:
         normal.add(layer, x, _target(layer, outs, blocks))
@@ -322,6 +330,7 @@ def _fit(
             f"least squares for layer {name!r} got no batches: pass a non-empty, re-iterable loader "
             "(a DataLoader or list; it is read once per layer)"
         )
+    normal.all_reduce(ranks)
     sol = normal.solve(ridge, layer.bias is not None)  # (out, d [+1])
     with torch.no_grad():
         if layer.bias is not None:
@@ -331,47 +340,8 @@ def _fit(
     return normal.rows
 
 
-def solve_layer(
-    merged: nn.Module,
-    sources: Sequence[nn.Module],
-    name: str,
-    merge_blocks: Sequence[torch.Tensor] | None,
-    data: Iterable[Any],
-    *,
-    ridge: float,
-    max_batches: int | None,
-) -> int:
-    """Re-fit layer ``name`` of ``merged`` in place from one pass over ``data`` (every model re-run
-    from its input); returns the number of rows it was fitted on."""
-    layer = merged.get_submodule(name)
-    _check_layer(name, layer)
-    device = model_device(merged)
-
-    def pairs() -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-        for seen, batch in enumerate(data):
-            if max_batches is not None and seen >= max_batches:
-                return
-            inputs = batch_inputs(batch).to(device)
-            outs = [_capture(s, name, inputs, output=True) for s in sources]
-            yield _capture(merged, name, inputs, output=False), outs
-
-    return _fit(layer, name, pairs(), _blocks64(merge_blocks), ridge)
-
-
 def _blocks64(blocks: Sequence[torch.Tensor] | None) -> list[torch.Tensor] | None:
     return None if blocks is None else [b.to(torch.float64) for b in blocks]
-
-
-def _read_batches(data: Iterable[Any], device: torch.device, max_batches: int | None) -> list[torch.Tensor]:
-    if iter(data) is data:
-        raise ValueError(
-            "least squares got no batches it can re-read: pass a non-empty, re-iterable loader "
-            "(a DataLoader or list), not a one-shot iterator"
-        )
-    batches = [batch_inputs(b).to(device) for b in itertools.islice(data, max_batches)]
-    if not batches:
-        raise ValueError("least squares got an empty data loader")
-    return batches
 
 
 def least_squares_refit(
@@ -383,6 +353,7 @@ def least_squares_refit(
     *,
     ridge: float = 1e-4,
     max_batches: int | None = None,
+    ranks: Ranks | None = None,
 ) -> nn.Module:
     """Re-fit every Linear/Conv2d of ``merged`` in forward order (in place; eval mode during the fit).
 
@@ -392,7 +363,8 @@ def least_squares_refit(
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
-    batches = _read_batches(data, model_device(merged), max_batches)
+    device = model_device(merged)
+    batches = local_batches(data, device, ranks, max_batches=max_batches, what="least squares")
     modes = [merged.training] + [s.training for s in sources]
     merged.eval()
     for s in sources:
@@ -415,7 +387,7 @@ def least_squares_refit(
                     )
                     for b in range(len(batches))
                 )
-                _fit(layer, name, pairs, blocks, ridge)
+                _fit(layer, name, pairs, blocks, ridge, ranks)
     finally:
         merged.train(modes[0])
         for s, mode in zip(sources, modes[1:], strict=True):

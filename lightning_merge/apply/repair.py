@@ -1,109 +1,225 @@
-"""Recompute BatchNorm running statistics of a merged model over data (the "BatchNorm reset").
+"""REPAIR (Jordan et al., 2023): rescale merged features to the statistics their sources had.
 
-Merging averages running means/variances linearly, which is wrong for the merged features' true
-statistics; without a reset merged ResNets collapse. We run the model in train mode (each BatchNorm
-normalises with its batch statistics, exactly as ``momentum=None`` resets do) and, through forward
-pre-hooks, accumulate per channel count, Σx and Σx² in float64. The running statistics are then the
-*pooled* mean and unbiased variance over every sample the loader gave, so they do not depend on how
-the data was split into batches (unlike an average of per-batch variances). Under
-``torch.distributed`` the sums are all-reduced once, in place, so every rank ends with the same
-statistics as a single process that saw all the shards.
+Averaging matched weights shrinks the variance of the merged features (the "variance collapse"),
+layer after layer. A BatchNorm after the layer undoes that by itself once its statistics are reset
+(:func:`~lightning_merge.apply.batchnorm_reset.reset_batchnorm`); a network without normalisation
+needs REPAIR: for every Linear / Conv2d whose output is a merge point, the merged channel j should
+have the mean and standard deviation of the source channels fused into it,
+
+    μ*_j = Σ_i (M_i μ_i)_j,   σ*_j = Σ_i (M_i σ_i)_j      (M_i: model i's block of the merge matrix),
+
+measured over data (population statistics, float64 sums). The layers are repaired in forward order:
+each one's output statistics are pooled over every batch with the layers before it already
+repaired, and its affine correction is folded into its weight and bias, so the final model has the
+target statistics exactly over that data (a BatchNorm-style pass with batch statistics would only
+approximate them). The merged model runs once per batch all the same: its forward resumes layer by
+layer (:func:`~lightning_merge.apply.least_squares.layer_runner`, shared with PLeaS' refit). Layers
+whose merge point also holds a normalisation layer's parameters are left to the BatchNorm reset.
+Across ranks the data are sharded and the sums added as in every pass (:mod:`lightning_merge.dataflow`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _NormBase
+
+from lightning_merge.apply.least_squares import forward_order, layer_runner
+from lightning_merge.dataflow import Ranks, all_reduce_sum_, local_batches, model_device
+from lightning_merge.graph.spec import MergeGraph
+from lightning_merge.match.transform import SpaceTransform
+
+LAYERS = (nn.Linear, nn.Conv2d)
+NORMS = (_NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def batch_inputs(batch: Any) -> torch.Tensor:
-    """The input tensor of a batch: the batch itself, or the first entry of an (inputs, targets) pair."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, dict) and isinstance(batch.get("inputs"), torch.Tensor):
-        return batch["inputs"]
-    raise TypeError(
-        f"cannot find the inputs in a batch of type {type(batch).__name__}; "
-        "expected a tensor, an (inputs, targets) tuple or a dict with 'inputs'"
-    )
+def _channels_first(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """Layer output as (channels, samples) in float64 (conv: every position is a sample)."""
+    y = y.detach().to(torch.float64)
+    if isinstance(module, nn.Conv2d):
+        return y.transpose(0, 1).reshape(y.shape[1], -1)
+    return y.reshape(-1, y.shape[-1]).T
 
 
-def model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-class _Accumulator:
-    """Per-channel count, Σx, Σx² of one BatchNorm's inputs, in float64."""
-
-    def __init__(self, bn: _BatchNorm) -> None:
-        c, dev = bn.num_features, bn.running_mean.device
-        self.sums = torch.zeros(2 * c + 1, dtype=torch.float64, device=dev)  # [Σx, Σx², count]
-        self.channels = c
-
-    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0].detach().to(torch.float64).transpose(0, 1).reshape(self.channels, -1)
-        c = self.channels
-        self.sums[:c] += x.sum(1)
-        self.sums[c : 2 * c] += (x * x).sum(1)
-        self.sums[-1] += x.shape[1]
-
-
-def reset_batchnorm(model: nn.Module, batches: Iterable[Any], *, max_batches: int | None = None) -> nn.Module:
-    """Set every tracking BatchNorm's running mean/variance to its pooled statistics over ``batches``.
-
-    Returns ``model`` (modified in place) with its training flag restored. A model without BatchNorm
-    is returned unchanged; an empty loader is an error.
-    """
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    if not bns:
-        return model
-    accs = [_Accumulator(bn) for bn in bns]
-    handles = [bn.register_forward_pre_hook(acc) for bn, acc in zip(bns, accs, strict=True)]
-    was_training, device, seen = model.training, model_device(model), 0
+def _is_norm_param(model: nn.Module, param: str) -> bool:
+    owner = param.rpartition(".")[0]
     try:
-        model.train()
+        return isinstance(model.get_submodule(owner), NORMS)
+    except AttributeError:
+        return False
+
+
+def repair_points(model: nn.Module, graph: MergeGraph) -> dict[str, str]:
+    """{layer name: merge point} of the Linear / Conv2d layers of ``model`` that REPAIR rescales.
+
+    A layer qualifies when its whole output axis is one merge point that holds no normalisation
+    layer (those are fixed by the BatchNorm reset instead)."""
+    out_of: dict[str, str] = {}
+    normed: set[str] = set()
+    for space in graph.spaces:
+        for ref in space.members:
+            if _is_norm_param(model, ref.param):
+                normed.add(space.name)
+            whole = ref.axis == 0 and not ref.offset and ref.outer == 1 and ref.inner == 1
+            if ref.role == "out" and whole and ref.param.endswith(".weight"):
+                out_of[ref.param.removesuffix(".weight")] = space.name
+    return {
+        name: out_of[name]
+        for name, module in model.named_modules()
+        if isinstance(module, LAYERS) and out_of.get(name) not in (None, *normed)
+    }
+
+
+class _Sums:
+    """float64 per-channel [Σy, Σy², count] of some layers' outputs, all in one flat tensor."""
+
+    def __init__(self, widths: Mapping[str, int], device: torch.device) -> None:
+        self.widths = dict(widths)
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for name, c in self.widths.items():
+            self.offsets[name] = total
+            total += 2 * c + 1
+        self.flat = torch.zeros(total, dtype=torch.float64, device=device)
+
+    def add(self, name: str, y: torch.Tensor) -> None:
+        o, c = self.offsets[name], self.widths[name]
+        self.flat[o : o + c] += y.sum(1)
+        self.flat[o + c : o + 2 * c] += (y * y).sum(1)
+        self.flat[o + 2 * c] += y.shape[1]
+
+    def all_reduce(self, ranks: Ranks | None) -> None:
+        all_reduce_sum_([self.flat], ranks)
+
+    def moments(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, variance) per channel over every sample; the population variance, as BatchNorm
+        normalises with."""
+        o, c = self.offsets[name], self.widths[name]
+        count = self.flat[o + 2 * c]
+        mean = self.flat[o : o + c] / count
+        return mean, (self.flat[o + c : o + 2 * c] / count - mean * mean).clamp_min(0)
+
+
+def _source_moments(
+    source: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor], ranks: Ranks | None
+) -> _Sums:
+    """Output sums of the named layers of one (unchanged) source: one eval-mode pass with hooks."""
+    sums = _Sums({n: source.get_submodule(n).weight.shape[0] for n in names}, model_device(source))
+    handles = [
+        source.get_submodule(n).register_forward_hook(
+            lambda m, _a, y, n=n: sums.add(n, _channels_first(m, y))
+        )
+        for n in names
+    ]
+    was_training = source.training
+    try:
+        source.eval()
         with torch.no_grad():
-            for batch in batches:
-                if max_batches is not None and seen >= max_batches:
-                    break
-                model(batch_inputs(batch).to(device))
-                seen += 1
+            for x in batches:
+                source(x)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("reset_batchnorm got no batches: the data loader is empty")
-    flat = torch.cat([a.sums for a in accs])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flat)  # one in-place sum over ranks
-        counts = torch.tensor([seen], device=flat.device)
-        dist.all_reduce(counts)
-        seen = int(counts.item())
-    _write_statistics(bns, flat.split([a.sums.numel() for a in accs]), seen)
-    return model
+        source.train(was_training)
+    sums.all_reduce(ranks)
+    return sums
 
 
-def _write_statistics(bns: list[_BatchNorm], sums: Iterable[torch.Tensor], num_batches: int) -> None:
-    for bn, s in zip(bns, sums, strict=True):
-        c = bn.num_features
-        count = s[-1]
-        mean = s[:c] / count
-        var = (s[c : 2 * c] - count * mean * mean).clamp_min(0) / (count - 1).clamp_min(1)
-        bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
-        bn.running_var.copy_(var.to(bn.running_var.dtype))
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.fill_(num_batches)
+def _targets(
+    points: Mapping[str, str],
+    sources: Sequence[nn.Module],
+    transforms: Mapping[str, SpaceTransform],
+    batches: Sequence[torch.Tensor],
+    ranks: Ranks | None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(μ*, σ*) per layer: each source's channel mean and std mapped through its merge block."""
+    per_source = [_source_moments(s, list(points), batches, ranks) for s in sources]
+    targets = {}
+    for name, space in points.items():
+        blocks = [transforms[space].merge_block(i).to(torch.float64) for i in range(len(sources))]
+        moments = [s.moments(name) for s in per_source]
+        mean = sum(m @ mu for m, (mu, _) in zip(blocks, moments, strict=True))
+        std = sum(m @ var.sqrt() for m, (_, var) in zip(blocks, moments, strict=True))
+        targets[name] = (mean, std)
+    return targets
+
+
+def _affine(
+    mean: torch.Tensor, var: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor], eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) taking channels of this mean / variance to the target mean / std."""
+    scale = target[1] / (var + eps).sqrt()
+    return scale, target[0] - mean * scale
+
+
+def _fold(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """y ↦ scale·y + shift per output channel, folded into the layer's weight and bias."""
+    w, b = module.weight, module.bias
+    w.copy_((w.to(torch.float64) * scale.reshape(-1, *[1] * (w.dim() - 1))).to(w.dtype))
+    b.copy_((b.to(torch.float64) * scale + shift).to(b.dtype))
+
+
+def repair_rescale(
+    merged: nn.Module,
+    sources: Sequence[nn.Module],
+    graph: MergeGraph,
+    transforms: Mapping[str, SpaceTransform],
+    data: Iterable[Any],
+    *,
+    eps: float = 1e-5,
+    max_batches: int | None = None,
+    ranks: Ranks | None = None,
+) -> nn.Module:
+    """Rescale ``merged`` in place so every REPAIR point has its sources' merged statistics.
+
+    Returns ``merged``; a model with no such point (every merge point normalised) is unchanged."""
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+    points = repair_points(merged, graph)
+    if not points:
+        return merged
+    no_bias = [n for n in points if merged.get_submodule(n).bias is None]
+    if no_bias:
+        raise ValueError(
+            f"REPAIR folds a per-channel shift into the bias, but layers {no_bias} have none (and no "
+            "normalisation after them): give them a bias, or use the BatchNorm reset only"
+        )
+    missing = sorted({s for s in points.values() if s not in transforms})
+    if missing:
+        raise KeyError(f"REPAIR needs the transforms of merge points {missing}; the method gave none")
+    batches = local_batches(data, model_device(merged), ranks, max_batches=max_batches, what="REPAIR")
+    targets = _targets(points, sources, transforms, batches, ranks)
+    was_training = merged.training
+    try:
+        merged.eval()
+        with torch.no_grad():
+            runner = layer_runner(merged, batches)
+            for name in forward_order(merged, batches[0]):
+                if name in points:
+                    layer = merged.get_submodule(name)
+                    _rescale_layer(layer, name, runner, len(batches), targets[name], eps, ranks)
+    finally:
+        merged.train(was_training)
+    return merged
+
+
+def _rescale_layer(
+    layer: nn.Module,
+    name: str,
+    runner: Any,
+    num_batches: int,
+    target: tuple[torch.Tensor, torch.Tensor],
+    eps: float,
+    ranks: Ranks | None,
+) -> None:
+    """Pooled output statistics of one layer (its inputs already repaired upstream), then the fold."""
+    sums = _Sums({name: layer.weight.shape[0]}, layer.weight.device)
+    for b in range(num_batches):
+        sums.add(name, _channels_first(layer, layer(runner.capture(b, name, output=False))))
+    sums.all_reduce(ranks)
+    _fold(layer, *_affine(*sums.moments(name), target, eps))

@@ -1,29 +1,31 @@
-"""``MergeStatistics``: gather the merge statistics before validation/test/predict starts.
+"""``MergeStatistics``: the statistics pass of a merge, as a Lightning callback.
 
-The pass is explicit (``collect_statistics`` over the module's calibration loader on the
-strategy's device), not the validation loop: the loop's ``DistributedSampler`` pads ranks with
-repeated samples, while the pass shards without padding and sums each state once across ranks, so
-a DDP run gives the same numbers as one process.
+The pass runs in the ``setup`` hook, outside the evaluation loop's inference mode (Fisher and K-FAC
+need autograd; the sums are plain tensors the merge reads later), on the strategy's device, with the
+calibration loader sharded by whole batches and every state summed once through the strategy
+(:mod:`lightning_merge.dataflow`), so a DDP run gives the numbers of one process.
 
-The LightningModule provides ``sources`` (the N models), ``merge_graph`` and
-``calibration_dataloader()`` (or the datamodule does), and an attribute ``statistics`` that the
-callback fills when it is ``None``.
+It serves any LightningModule that implements :class:`StatisticsConsumer`: ``statistics_inputs()``
+gives the N models, their merge graph and the calibration loader; ``statistics`` receives the result.
+``MergeModule`` asks for the statistics itself (:meth:`MergeStatistics.ensure_statistics`) when it
+prepares the merge, so nothing depends on which of the two ``setup`` hooks Lightning calls first.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_merge.dataflow import Ranks, destroy_gloo_group_at_exit
+from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.stats.collect import KNOWN_STATISTICS, collect_statistics
 from lightning_merge.stats.container import Statistics
-from lightning_merge.stats.distributed import destroy_gloo_group_at_exit
 from lightning_merge.stats.moments import moments_memory_bytes
 from lightning_merge.stats.store import (
     StatisticsFileError,
@@ -32,6 +34,23 @@ from lightning_merge.stats.store import (
     model_fingerprint,
     save_statistics,
 )
+
+
+class StatisticsInputs(NamedTuple):
+    """What a statistics pass reads: the models, their merge graph and the calibration data."""
+
+    models: Sequence[nn.Module]
+    graph: MergeGraph
+    calibration: Iterable[Any]
+
+
+@runtime_checkable
+class StatisticsConsumer(Protocol):
+    """A LightningModule the callback can serve."""
+
+    statistics: Statistics | None
+
+    def statistics_inputs(self) -> StatisticsInputs: ...
 
 
 class MergeStatistics(Callback):
@@ -76,27 +95,25 @@ class MergeStatistics(Callback):
         self.source: str | None = None  # "pass" or "cache"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Under CPU DDP (gloo), make the process group go before the interpreter does."""
+        """Gather the statistics (before any loop, so outside inference mode); under CPU DDP (gloo),
+        make the process group go before the interpreter does."""
         destroy_gloo_group_at_exit()
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.ensure_statistics(trainer, pl_module)
-
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.ensure_statistics(trainer, pl_module)
-
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.ensure_statistics(trainer, pl_module)
 
     def ensure_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Statistics:
         """Fill ``pl_module.statistics`` (cache or pass) unless it is already set."""
-        current = getattr(pl_module, "statistics", None)
-        if current is not None:
-            return current
-        sources, graph = _sources(pl_module), _graph(pl_module)
-        stats = self._from_cache(sources, graph)
+        if not isinstance(pl_module, StatisticsConsumer):
+            raise TypeError(
+                f"{type(pl_module).__name__} cannot receive merge statistics: give it a `statistics` "
+                "attribute and a `statistics_inputs()` method returning StatisticsInputs(models, graph, "
+                "calibration loader)"
+            )
+        if pl_module.statistics is not None:
+            return pl_module.statistics
+        inputs = _checked(pl_module.statistics_inputs(), pl_module)
+        stats = self._from_cache(list(inputs.models), inputs.graph)
         if stats is None:
-            stats = self._run_pass(trainer, pl_module, sources, graph)
+            stats = self._run_pass(trainer, inputs)
         pl_module.statistics = stats
         self.graph_digest = stats.graph_digest
         return stats
@@ -117,25 +134,24 @@ class MergeStatistics(Callback):
         self.source = "cache"
         return stats
 
-    def _run_pass(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, sources: list[nn.Module], graph: Any
-    ) -> Statistics:
-        loader = _calibration_loader(trainer, pl_module)
+    def _run_pass(self, trainer: pl.Trainer, inputs: StatisticsInputs) -> Statistics:
+        models, graph = list(inputs.models), inputs.graph
         if "moments" in self.requires:
-            mib = moments_memory_bytes(graph, len(sources)) / 2**20
+            mib = moments_memory_bytes(graph, len(models)) / 2**20
             rank_zero_info(f"MergeStatistics: feature moments need {mib:.1f} MiB per rank")
         stats = collect_statistics(
-            sources,
+            models,
             graph,
-            loader,
+            inputs.calibration,
             requires=self.requires,
-            device=pl_module.device,
+            device=trainer.strategy.root_device,
             max_batches=self.max_batches,
             progress=self.progress and trainer.is_global_zero,
+            ranks=Ranks.of_strategy(trainer.strategy),
         )
         self.source = "pass"
         if self.cache_path is not None:
-            fingerprints = [model_fingerprint(m) for m in sources]
+            fingerprints = [model_fingerprint(m) for m in models]
             if trainer.is_global_zero:
                 save_statistics(stats, self.cache_path, model_fingerprints=fingerprints)
                 rank_zero_info(f"MergeStatistics: saved statistics to {self.cache_path}")
@@ -155,29 +171,13 @@ class MergeStatistics(Callback):
         self.source = state_dict.get("source")
 
 
-def _sources(pl_module: pl.LightningModule) -> list[nn.Module]:
-    sources = getattr(pl_module, "sources", None)
-    if not isinstance(sources, (list, tuple, nn.ModuleList)) or not sources:
-        raise AttributeError(
-            f"{type(pl_module).__name__} must expose `sources`, a non-empty list or nn.ModuleList of "
-            f"the source models, for MergeStatistics; got {type(sources).__name__}"
-        )
-    return list(sources)
-
-
-def _graph(pl_module: pl.LightningModule) -> Any:
-    graph = getattr(pl_module, "merge_graph", None)
-    if graph is None:
-        raise AttributeError(f"{type(pl_module).__name__} must expose `merge_graph` for MergeStatistics")
-    return graph
-
-
-def _calibration_loader(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-    for owner in (pl_module, getattr(trainer, "datamodule", None)):
-        make = getattr(owner, "calibration_dataloader", None)
-        if callable(make):
-            return make()
-    raise AttributeError(
-        f"MergeStatistics needs calibration data: define calibration_dataloader() on "
-        f"{type(pl_module).__name__} or on the trainer's datamodule"
-    )
+def _checked(inputs: Any, pl_module: pl.LightningModule) -> StatisticsInputs:
+    name = type(pl_module).__name__
+    if not isinstance(inputs, StatisticsInputs):
+        got = type(inputs).__name__
+        raise TypeError(f"{name}.statistics_inputs() must return StatisticsInputs, got {got}")
+    if not inputs.models or not all(isinstance(m, nn.Module) for m in inputs.models):
+        raise ValueError(f"{name}.statistics_inputs() gave no source models (or a non-module among them)")
+    if not isinstance(inputs.graph, MergeGraph):
+        raise TypeError(f"{name}.statistics_inputs() gave no merge graph, got {type(inputs.graph).__name__}")
+    return inputs

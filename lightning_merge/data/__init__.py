@@ -7,11 +7,13 @@ from lightning_merge.data.datamodule import (
     validate_tasks,
 )
 from lightning_merge.data.idx import DATASETS, FASHION_MNIST_CLASSES, MNIST_CLASSES, load_split, read_idx
+from lightning_merge.data.merge_data import MergeDataModule
 
 __all__ = [
     "DATASETS",
     "DEFAULT_ROOT",
     "FASHION_MNIST_CLASSES",
+    "MergeDataModule",
     "MNIST_CLASSES",
     "TaskSplitDataModule",
     "TensorImageDataset",

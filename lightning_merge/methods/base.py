@@ -8,7 +8,8 @@ there (naming the bad value), and implements :meth:`MergeMethod.merge`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from torch import nn
@@ -17,6 +18,16 @@ from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.stats.container import Statistics
 
 METHODS: dict[str, type[MergeMethod]] = {}
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge produced: the model, and what post-merge passes and reports need of it."""
+
+    model: nn.Module  # the merged model (a PartialZipModel for a partial zip)
+    transforms: Mapping[str, Any] | None = None  # matching methods: SpaceTransform per merge point
+    diagnostics: Mapping[str, Any] = field(default_factory=dict)  # e.g. CG iterations / residuals
+
 
 M = TypeVar("M", bound="type[MergeMethod]")
 
@@ -34,6 +45,7 @@ class MergeMethod(ABC):
     requires: ClassVar[frozenset[str]] = frozenset()
     needs_base: ClassVar[bool] = False
     needs_data: ClassVar[bool] = False
+    has_transforms: ClassVar[bool] = False  # merge() returns per-merge-point transforms (REPAIR needs them)
 
     @abstractmethod
     def merge(

@@ -5,8 +5,8 @@ point (:meth:`TransformMethod.match`) and then applies them all the same way: W 
 blockdiag(W_i) · U_in through the merge graph, giving a plain module of the merged architecture, or,
 with ``stop_at``, a partial zip (merged trunk up to a cut point, every source's own tail after it).
 BatchNorm reset and REPAIR are not part of ``merge``: the MergeModule (or the caller) runs
-:func:`lightning_merge.apply.repair.reset_batchnorm` (and, asked for,
-:func:`lightning_merge.apply.rescale.repair_rescale` with :attr:`TransformMethod.transforms`) afterwards.
+:func:`lightning_merge.apply.batchnorm_reset.reset_batchnorm` (and, asked for,
+:func:`lightning_merge.apply.repair.repair_rescale` with :attr:`TransformMethod.transforms`) afterwards.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class TransformMethod(MergeMethod):
     """
 
     transforms: Transforms | None = None
+    has_transforms = True
 
     def __init__(self, *, stop_at: str | float | None = None) -> None:
         check_stop_at(stop_at)

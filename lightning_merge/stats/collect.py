@@ -16,15 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_merge.dataflow import Ranks, all_reduce_sum_, batch_inputs, model_device, shard
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.stats.collector import Collector
 from lightning_merge.stats.container import Statistics
-from lightning_merge.stats.distributed import (
-    all_reduce_sum_,
-    is_distributed,
-    is_rank_zero,
-    shard_dataloader,
-)
 from lightning_merge.stats.moments import FeatureMomentsCollector
 
 log = logging.getLogger(__name__)
@@ -72,14 +67,22 @@ def collect_statistics(
     device: torch.device | str | None = None,
     max_batches: int | None = None,
     progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> Statistics:
     """Gather the requested statistics of ``models`` over ``dataloader`` (exact under DDP).
 
     ``collectors`` overrides ``requires``. Batches are tensors or ``(x, y, ...)`` sequences (the
     first element is the input). ``max_batches`` limits the pass to the first ``max_batches``
     batches of the (unsharded) loader. The models are moved to ``device`` (default: where the
-    first one lives); their train/eval modes are restored afterwards.
+    first one lives); their train/eval modes are restored afterwards. Call it outside inference mode
+    (the states are accumulated in place; Fisher and K-FAC need autograd).
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "collect_statistics runs under torch.inference_mode(): its states and Fisher/K-FAC gradients "
+            "need normal tensors; call it outside (MergeModule gathers them in setup)"
+        )
+    ranks = Ranks.current() if ranks is None else ranks
     models = _check_models(models)
     if max_batches is not None and (
         not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches < 1
@@ -89,21 +92,18 @@ def collect_statistics(
     for c in collectors:
         if not isinstance(c, Collector):
             raise TypeError(f"{type(c).__name__} does not implement the Collector protocol")
-    device = torch.device(device) if device is not None else _device_of(models[0])
-    loader = _shard(dataloader, max_batches)
-    _log_memory(collectors, len(models))
+    device = torch.device(device) if device is not None else model_device(models[0])
+    loader = shard(dataloader, ranks, max_batches=max_batches)
+    _log_memory(collectors, len(models), ranks)
     modes = [m.training for m in models]
     try:
         for m in models:
             m.to(device).eval()
-        # Lightning evaluates under inference mode / no_grad; the states must be normal tensors and
-        # Fisher / K-FAC need autograd (collectors that need no gradients disable them in step())
-        with torch.inference_mode(False):
-            for collector in collectors:
-                _run(collector, models, loader, device, max_batches, progress, dataloader)
-            stats = Statistics(num_models=len(models), graph_digest=graph.digest())
-            for collector in collectors:
-                collector.fill(stats)
+        for collector in collectors:
+            _run(collector, models, loader, device, progress and ranks.is_zero, ranks, dataloader)
+        stats = Statistics(num_models=len(models), graph_digest=graph.digest())
+        for collector in collectors:
+            collector.fill(stats)
     finally:
         for m, mode in zip(models, modes, strict=True):
             m.train(mode)
@@ -120,33 +120,11 @@ def _check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
     return models
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def _shard(dataloader: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
-    if not is_distributed():
-        return dataloader
-    batch_size = getattr(dataloader, "batch_size", None)
-    max_samples = None if max_batches is None or batch_size is None else max_batches * batch_size
-    return shard_dataloader(dataloader, max_samples=max_samples)  # type: ignore[arg-type]
-
-
-def _log_memory(collectors: Sequence[Collector], num_models: int) -> None:
+def _log_memory(collectors: Sequence[Collector], num_models: int, ranks: Ranks) -> None:
     for c in collectors:
         size = getattr(c, "memory_bytes", None)
-        if callable(size) and is_rank_zero():
+        if callable(size) and ranks.is_zero:
             log.info("statistics %r: %.1f MiB of accumulators per rank", c.name, size(num_models) / 2**20)
-
-
-def _inputs_of(batch: Any, device: torch.device) -> torch.Tensor:
-    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(
-            f"a calibration batch must be a tensor or an (x, y, ...) sequence of tensors, got {type(x)}"
-        )
-    return x.to(device, non_blocking=True)
 
 
 def _run(
@@ -154,27 +132,24 @@ def _run(
     models: list[nn.Module],
     loader: Iterable[Any],
     device: torch.device,
-    max_batches: int | None,
     progress: bool,
+    ranks: Ranks,
     original: Iterable[Any],
 ) -> None:
-    """One pass of ``collector`` over the loader, then the in-place cross-rank sum."""
-    limit = None if is_distributed() else max_batches  # sharding already applied the limit
+    """One pass of ``collector`` over this rank's batches, then the in-place cross-rank sum."""
     collector.attach(models)
     samples = torch.zeros((), dtype=torch.float64, device=device)
-    bar = _progress_bar(collector.name, loader, limit, progress and is_rank_zero())
+    bar = _progress_bar(collector.name, loader, progress)
     try:
         with torch.enable_grad(), bar as advance:
-            for b, batch in enumerate(loader):
-                if limit is not None and b >= limit:
-                    break
-                inputs = _inputs_of(batch, device)
+            for batch in loader:
+                inputs = batch_inputs(batch).to(device, non_blocking=True)
                 collector.step(models, inputs)
                 samples += inputs.shape[0]
                 advance()
     finally:
         collector.detach()
-    all_reduce_sum_([*collector.states(), samples])
+    all_reduce_sum_([*collector.states(), samples], ranks)
     if samples.item() == 0:
         raise ValueError(f"the calibration dataloader {original!r} yielded no samples")
 
@@ -182,13 +157,11 @@ def _run(
 class _progress_bar:
     """A transient rich progress bar (rank zero only), or nothing."""
 
-    def __init__(self, name: str, loader: Iterable[Any], limit: int | None, enabled: bool) -> None:
+    def __init__(self, name: str, loader: Iterable[Any], enabled: bool) -> None:
         try:
             total: int | None = len(loader)  # type: ignore[arg-type]
         except TypeError:
             total = None
-        if total is not None and limit is not None:
-            total = min(total, limit)
         self.total, self.name, self.enabled = total, name, enabled
         self.bar: Any = None
 

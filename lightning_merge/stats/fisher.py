@@ -112,8 +112,8 @@ class FisherCollector:
 
     def step(self, models: Sequence[nn.Module], inputs: torch.Tensor) -> None:
         check_eval_mode(models, "FisherCollector")
-        with torch.inference_mode(False), torch.enable_grad():
-            x = inputs.clone()  # a normal tensor even when the pass runs under inference_mode
+        with torch.enable_grad():
+            x = inputs
             for i, model in enumerate(models):
                 with torch.no_grad():
                     y = model_targets(model(x), self.target)

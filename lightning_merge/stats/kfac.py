@@ -85,8 +85,8 @@ class KFACCollector:
 
     def step(self, models: Sequence[nn.Module], inputs: torch.Tensor) -> None:
         check_eval_mode(models, "KFACCollector")
-        with torch.inference_mode(False), torch.enable_grad():
-            x = inputs.clone().requires_grad_(True)  # every layer output is then in the graph
+        with torch.enable_grad():
+            x = inputs.detach().requires_grad_(True)  # every layer output is then in the graph
             for i, model in enumerate(models):
                 self._step_model(i, model, x)
 

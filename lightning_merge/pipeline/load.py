@@ -1,4 +1,4 @@
-"""Loading and checking the source models of a merge: checkpoint paths or modules, one architecture.
+"""Stage 1 of a merge: loading and checking the source models: checkpoint paths or modules, one architecture.
 
 Errors name the culprit: which source (``sources[1]``), which file, which hyperparameter or
 parameter differs.
@@ -20,7 +20,23 @@ from lightning_merge.models.classifier import SourceClassifier
 ARCH_HPARAMS = ("arch", "width", "in_channels", "image_size", "head", "num_classes", "embed_dim")
 
 
-def load_checkpoint(source: str | os.PathLike | nn.Module, label: str) -> SourceClassifier | nn.Module:
+Source = str | os.PathLike | nn.Module
+
+
+def describe(source: Source) -> str:
+    """A source as recipes and errors name it: its path, or ``<ClassName>`` for a module."""
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
+
+
+def check_source_paths(specs: Sequence[Source], *, has_base: bool = False) -> None:
+    """Every path among ``specs`` names an existing file (the last one is the base when ``has_base``)."""
+    for i, spec in enumerate(specs):
+        label = "base" if has_base and i == len(specs) - 1 else f"sources[{i}]"
+        if isinstance(spec, (str, os.PathLike)) and not Path(spec).is_file():
+            raise FileNotFoundError(f"{label}: checkpoint {os.fspath(spec)} does not exist")
+
+
+def load_source(source: Source, label: str) -> SourceClassifier | nn.Module:
     """A module as is, or the ``SourceClassifier`` stored at a checkpoint path (eval mode, CPU)."""
     if isinstance(source, nn.Module):
         return source

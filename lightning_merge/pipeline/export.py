@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_merge.apply.module import resize_to_state_dict
+from lightning_merge.graph.spec import MergeGraph
+from lightning_merge.pipeline.prepare import PreparedSources
 from lightning_merge.stats.container import Statistics
 from lightning_merge.stats.store import sha256_file
 
@@ -59,50 +63,83 @@ def _stat_tensors(stats: Statistics) -> dict[str, torch.Tensor]:
     return out
 
 
-def partial_cut(module: Any) -> dict[str, Any] | None:
+def partial_cut(merged: nn.Module, graph: MergeGraph, method: Any) -> dict[str, Any] | None:
     """The cut of a partial zip (``{"node", "channel_dim", "space"}``), ``None`` for a full merge."""
     from lightning_merge.apply.partial import PartialZipModel, resolve_cut
 
-    if not isinstance(module.merged, PartialZipModel):
+    if not isinstance(merged, PartialZipModel):
         return None
-    stop_at = getattr(module.method, "stop_at", None)
+    stop_at = getattr(method, "stop_at", None)
     if stop_at is None:
-        raise ValueError(f"method {module.method.name!r} returned a partial zip but has no stop_at to record")
-    cut = resolve_cut(module.merge_graph, stop_at)
+        raise ValueError(f"method {method.name!r} returned a partial zip but has no stop_at to record")
+    cut = resolve_cut(graph, stop_at)
     return {"node": cut.node, "channel_dim": cut.channel_dim, "space": cut.space}
 
 
-def recipe_of(module: Any) -> dict[str, Any]:
-    """Everything needed to rebuild (and to re-run) the merge of a validated ``MergeModule``."""
-    from lightning_merge.module import method_config
+def method_config(method: Any) -> dict[str, Any]:
+    """``{"name", "class_path", "init_args"}`` of a method: its ``__init__`` arguments read back."""
+    cls = type(method)
+    args = {}
+    for name in list(inspect.signature(cls.__init__).parameters)[1:]:
+        if hasattr(method, name):
+            args[name] = _plain(getattr(method, name))
+    return {"name": method.name, "class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
 
-    hp = module.hparams
+
+def _plain(value: Any) -> Any:
+    """A YAML-safe copy of an ``__init__`` argument (dicts and lists kept, other objects as repr)."""
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class MergeRecord:
+    """Everything a recipe says about one finished merge."""
+
+    sources: PreparedSources
+    method: Any
+    merged: nn.Module
+    repair: Any
+    tasks: list[list[int]]
+    base: str | None = None
+    statistics: Statistics | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def recipe_of(record: MergeRecord) -> dict[str, Any]:
+    """Everything needed to rebuild (and to re-run) a merge."""
+    src = record.sources
     return {
         "format": FORMAT,
         "version": VERSION,
-        "architecture": module.architecture,
+        "architecture": src.architecture,
         "sources": [
             {"path": path, "fingerprint": fp, "head": h.kind, "classes": list(h.classes)}
-            for path, fp, h in zip(hp["sources"], module.fingerprints, module.heads, strict=True)
+            for path, fp, h in zip(src.labels, src.fingerprints, src.heads, strict=True)
         ],
-        "base": hp.get("base"),
-        "method": method_config(module.method),
-        "repair": module.repair,
-        "tasks": [list(t) for t in module.tasks],
-        "num_classes": module.heads[0].num_classes,
-        "graph_digest": module.merge_graph.digest() if module.merge_graph is not None else None,
-        "statistics_digest": statistics_digest(module.statistics),
-        "partial": partial_cut(module),
-        "metrics": {k: float(v) for k, v in module.results.items()},
+        "base": record.base,
+        "method": method_config(record.method),
+        "repair": record.repair,
+        "tasks": [list(t) for t in record.tasks],
+        "num_classes": src.heads[0].num_classes,
+        "graph_digest": src.graph.digest(),
+        "statistics_digest": statistics_digest(record.statistics),
+        "partial": partial_cut(record.merged, src.graph, record.method),
+        "metrics": {k: float(v) for k, v in record.metrics.items()},
     }
 
 
-def export_merged(module: Any, directory: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` and ``recipe.yaml`` of ``module.merged`` into ``directory``."""
+def export_merged(record: MergeRecord, directory: str | os.PathLike) -> Path:
+    """Write ``model.safetensors`` and ``recipe.yaml`` of ``record.merged`` into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    recipe = recipe_of(module)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.merged.state_dict().items()}
+    recipe = recipe_of(record)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in record.merged.state_dict().items()}
     save_file(state, str(directory / WEIGHTS), metadata={"format": FORMAT})
     recipe["weights_sha256"] = sha256_file(directory / WEIGHTS)
     (directory / RECIPE).write_text(yaml.safe_dump(recipe, sort_keys=False))

@@ -1,0 +1,95 @@
+"""Stage 1–2 of a merge: load the sources, check them, trace (or read) and check the merge graph.
+
+The result, :class:`PreparedSources`, is everything later stages need about the inputs of a merge:
+the N networks (eval mode, no gradients), how each one's outputs map to global classes, their
+weight fingerprints, the architecture hyperparameters (when the sources are the project's
+classifiers), the shared base (same-base methods) and the merge graph, checked on one batch by
+permuting every merge point at random (a graph that would merge wrongly stops here, named).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_merge.evaluation import SourceHead, head_of
+from lightning_merge.graph import MergeGraph, check_equivalence, load_graph, trace_graph
+from lightning_merge.pipeline.load import (
+    Source,
+    architecture_of,
+    check_same_architecture,
+    describe,
+    load_source,
+    network,
+)
+from lightning_merge.stats.store import model_fingerprint
+
+
+@dataclass
+class PreparedSources:
+    """The checked inputs of one merge."""
+
+    models: list[nn.Module]
+    labels: list[str]
+    heads: list[SourceHead]
+    fingerprints: list[str]
+    architecture: dict[str, Any] | None
+    graph: MergeGraph
+    base: nn.Module | None = None
+    equivalence_error: float = 0.0
+
+
+def prepare_sources(
+    sources: Sequence[Source],
+    tasks: Sequence[Sequence[int]],
+    num_classes: int,
+    example: torch.Tensor,
+    *,
+    base: Source | None = None,
+    graph_file: str | os.PathLike | None = None,
+    check_graph: bool = True,
+) -> PreparedSources:
+    """Load and check the sources (and base), map their heads, trace or read the graph and check it."""
+    labels = [describe(s) for s in sources]
+    loaded = [load_source(s, f"sources[{i}]") for i, s in enumerate(sources)]
+    check_same_architecture(loaded, labels)
+    models = [_frozen(network(m)) for m in loaded]
+    base_model = None
+    if base is not None:
+        base_loaded = load_source(base, "base")
+        check_same_architecture([loaded[0], base_loaded], [labels[0], describe(base)])
+        base_model = _frozen(network(base_loaded))
+    heads = [head_of(i, m, tasks, num_classes, example) for i, m in enumerate(loaded)]
+    graph = merge_graph_of(models[0], example[:2], graph_file)
+    error = check_equivalence(models[0], graph, example[:2]) if check_graph else 0.0
+    return PreparedSources(
+        models=models,
+        labels=labels,
+        heads=heads,
+        fingerprints=[model_fingerprint(m) for m in models],
+        architecture=architecture_of(loaded[0]),
+        graph=graph,
+        base=base_model,
+        equivalence_error=error,
+    )
+
+
+def merge_graph_of(
+    model: nn.Module, example: torch.Tensor, graph_file: str | os.PathLike | None = None
+) -> MergeGraph:
+    """The merge graph: traced from ``example``, or read from ``graph_file`` (a model the tracer gets
+    wrong); the equivalence check judges either."""
+    if graph_file is None:
+        return trace_graph(model, example)
+    if not os.path.isfile(graph_file):
+        raise FileNotFoundError(f"graph_file {os.fspath(graph_file)} does not exist")
+    return load_graph(graph_file)
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    return model.eval().requires_grad_(False)
