@@ -58,7 +58,7 @@ def write_config(path: Path, checkpoints: list[str], save_dir: Path) -> Path:
     config["trainer"] |= {"accelerator": "cpu", "enable_progress_bar": False}
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(save_dir)
     config["model"]["init_args"] |= {"sources": checkpoints, "stats_path": None}
-    config["data"]["init_args"] |= {"calibration_size": 512, "eval_batch_size": 1000}
+    config["data"]["init_args"]["tasks"]["init_args"] |= {"calibration_size": 512, "eval_batch_size": 1000}
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -130,7 +130,7 @@ def test_cli_writes_offline_wandb_run_with_metrics_table_and_images(single: Path
     recipe = yaml.safe_load((single / "export" / "recipe.yaml").read_text())
     assert {k: summary[f"val/{k}"] for k in recipe["metrics"]} == recipe["metrics"]
     assert config["method"]["class_path"] == "lightning_merge.methods.zipit.ZipItMerge"
-    assert config["sources"] == [s["path"] for s in recipe["sources"]] and config["calibration_size"] == 512
+    assert config["sources"] == [s["path"] for s in recipe["sources"]] and config["tasks"]["init_args"]["calibration_size"] == 512
     media = run_dir / "files" / "media"
     (table,) = (media / "table" / "merge").glob("results_*.table.json")
     rows = {r[0]: r[1:] for r in json.loads(table.read_text())["data"]}
@@ -227,7 +227,7 @@ def test_repair_rescale_on_two_processes_equals_one(tmp_path: Path, checkpoints:
         "false",
         "--model.init_args.repair",
         "rescale",
-        "--data.init_args.eval_batch_size",
+        "--data.init_args.tasks.init_args.eval_batch_size",
         "256",  # 2 calibration batches, one per rank
         "--model.init_args.export_dir",
         str(tmp_path / "export"),
