@@ -43,14 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_io import command_line, machine_description  # noqa: E402
 
 from lightning_merge.callbacks.statistics import MergeStatistics  # noqa: E402
-from lightning_merge.data import TaskSplitDataModule
+from lightning_merge.data import MergeDataModule, TaskSplitDataModule
 from lightning_merge.data.datamodule import DEFAULT_ROOT
 from lightning_merge.methods import get_method
 from lightning_merge.methods.base import MergeMethod
 from lightning_merge.models import SourceClassifier
 from lightning_merge.models.sources import DEFAULT_CACHE_DIR, DEFAULT_PAIR, SourceSpec, train_spec
 from lightning_merge.models.training import quiet_lightning
-from lightning_merge.module import MergeModule, method_config
+from lightning_merge.module import MergeModule
+from lightning_merge.pipeline.export import method_config
 
 #: ``--split N`` → the N tasks (global class ids); 2 is the default pair's split.
 SPLITS: dict[int, tuple[tuple[int, ...], ...]] = {
@@ -278,7 +279,7 @@ def evaluate_merge(
             enable_model_summary=False,
             enable_progress_bar=False,
         )
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        trainer.validate(module, datamodule=MergeDataModule(datamodule), verbose=False)
     shape = datamodule.image_shape
     one = module.sources[0]
     params, flops = count_params(one), count_flops(one, shape)

@@ -42,10 +42,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_io import Column, command_line, machine_description, markdown_table, write_results  # noqa: E402
 
-from lightning_merge.apply.module import build_merged_module  # noqa: E402
 from lightning_merge.apply.batchnorm_reset import reset_batchnorm  # noqa: E402
+from lightning_merge.apply.module import build_merged_module  # noqa: E402
 from lightning_merge.apply.weights import merge_state_dicts  # noqa: E402
-from lightning_merge.data import TaskSplitDataModule  # noqa: E402
+from lightning_merge.data import MergeDataModule, TaskSplitDataModule  # noqa: E402
 from lightning_merge.evaluation import SourceHead, evaluate_model  # noqa: E402
 from lightning_merge.graph import trace_graph  # noqa: E402
 from lightning_merge.graph.spec import MergeGraph  # noqa: E402
@@ -181,7 +181,7 @@ def module_run(
     start = time.perf_counter()
     with quiet():
         trainer = quiet_trainer(accelerator_of(device))
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        trainer.validate(module, datamodule=MergeDataModule(datamodule), verbose=False)
     sync(device)
     return time.perf_counter() - start, 100 * module.results["merged/joint_acc"]
 
@@ -457,7 +457,7 @@ def ddp_worker(
     start = time.perf_counter()
     with quiet():
         trainer = quiet_trainer(accelerator, devices, strategy=strategy)
-        trainer.validate(module, datamodule=dm, verbose=False)
+        trainer.validate(module, datamodule=MergeDataModule(dm), verbose=False)
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:
         state = {k: v.detach().cpu().contiguous() for k, v in module.merged.state_dict().items()}

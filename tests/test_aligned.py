@@ -261,7 +261,7 @@ def test_runs_through_merge_module(source_pair: Callable) -> None:
 
 def test_recipe_keeps_dict_arguments() -> None:
     """The exported recipe must carry merger_kwargs as a mapping, so the merge can be rebuilt from it."""
-    from lightning_merge.module import method_config
+    from lightning_merge.pipeline.export import method_config
 
     method = get_method("aligned", merger="mats", merger_kwargs={"subspace": "regmean", "iterations": 7})
     args = method_config(method)["init_args"]

@@ -130,7 +130,8 @@ def test_cli_writes_offline_wandb_run_with_metrics_table_and_images(single: Path
     recipe = yaml.safe_load((single / "export" / "recipe.yaml").read_text())
     assert {k: summary[f"val/{k}"] for k in recipe["metrics"]} == recipe["metrics"]
     assert config["method"]["class_path"] == "lightning_merge.methods.zipit.ZipItMerge"
-    assert config["sources"] == [s["path"] for s in recipe["sources"]] and config["tasks"]["init_args"]["calibration_size"] == 512
+    assert config["sources"] == [s["path"] for s in recipe["sources"]]
+    assert config["tasks"]["init_args"]["calibration_size"] == 512  # the task data's own arguments
     media = run_dir / "files" / "media"
     (table,) = (media / "table" / "merge").glob("results_*.table.json")
     rows = {r[0]: r[1:] for r in json.loads(table.read_text())["data"]}

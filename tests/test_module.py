@@ -223,7 +223,7 @@ def test_data_that_cannot_serve_a_merge_are_named() -> None:
     with pytest.raises(TypeError, match=r"lacks \['calibration_dataloader'\]"):
         MergeDataModule(NoCalibration())
     module = MergeModule(sources=small_pair(), method=ZipItMerge())
-    with pytest.raises(TypeError, match="reads its tasks, evaluation and calibration data from a MergeDataModule"):
+    with pytest.raises(TypeError, match="evaluation and calibration data from a MergeDataModule"):
         trainer().validate(module, datamodule=datamodule(), verbose=False)
 
 

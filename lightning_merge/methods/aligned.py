@@ -170,17 +170,16 @@ class AlignedMerge(TransformMethod):
         trunk, in place) by the merger's result on the aligned copies."""
         if data is None:
             raise ValueError(f"method {self.name!r} needs a data loader (data=None given)")
-        with torch.inference_mode(False):  # Lightning validates under inference mode
-            aligned = aligned_copies(sources, graph, transforms)
-            stats = collect_statistics(
-                aligned,
-                graph,
-                data,
-                requires=sorted(self.merger_method.requires),
-                max_batches=self.max_batches,
-                progress=False,
-            )
-            result = self.merger_method.merge(aligned, graph=graph, stats=stats, base=None, data=data)
+        aligned = aligned_copies(sources, graph, transforms)
+        stats = collect_statistics(
+            aligned,
+            graph,
+            data,
+            requires=sorted(self.merger_method.requires),
+            max_batches=self.max_batches,
+            progress=False,
+        )
+        result = self.merger_method.merge(aligned, graph=graph, stats=stats, base=None, data=data)
         state = result.state_dict()
         merged.load_state_dict({k: state[k] for k in merged.state_dict()})
         return merged
