@@ -5,7 +5,7 @@
 
 ``--split 2``: tasks [0..4] / [5..9]; ``--split 3``: [0,1,2] / [3,4,5] / [6..9]. A seed group
 ``a:b[:c]`` trains task t with seed number t of the group, with the settings of the default pair
-(``lightning_merge.models.sources.DEFAULT_PAIR``) and its cache ``artifacts/sources``, so cached
+(``lightning_merge.models.default_pair.DEFAULT_PAIR``) and its cache ``artifacts/sources``, so cached
 sources load instead of training. Each row is one ``MergeModule`` validation run through the Python
 API; the statistics pass runs once per seed group and set of statistics (one file each).
 
@@ -48,7 +48,7 @@ from lightning_merge.data.datamodule import DEFAULT_ROOT
 from lightning_merge.methods import get_method
 from lightning_merge.methods.base import MergeMethod
 from lightning_merge.models import SourceClassifier
-from lightning_merge.models.sources import DEFAULT_CACHE_DIR, DEFAULT_PAIR, SourceSpec, train_spec
+from lightning_merge.models.default_pair import DEFAULT_CACHE_DIR, DEFAULT_PAIR, SourceSpec, train_spec
 from lightning_merge.models.training import quiet_lightning
 from lightning_merge.module import MergeModule
 from lightning_merge.pipeline.export import method_config

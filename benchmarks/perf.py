@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/perf.py --sections e2e memory ddp --out benchmarks/results
 
-* ``e2e``: the default pair (ResNet-20×1, ``lightning_merge.models.sources.default_pair()``) merged by
+* ``e2e``: the default pair (ResNet-20×1, ``lightning_merge.models.default_pair.default_pair()``) merged by
   ZipIt!, Permute and PLeaS (w = 1.5). Each stage is a direct call of the library function that
   ``MergeModule`` runs, timed on its own: graph trace, statistics pass (``collect_statistics``),
   matching (``method.match``), weight apply (``merge_state_dicts`` + ``build_merged_module``), PLeaS'
@@ -629,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
     if args.memory_worker or args.ddp_worker:
         run_worker(args)
         return {}
-    from lightning_merge.models.sources import default_pair
+    from lightning_merge.models.default_pair import default_pair
 
     machine = machine_description(args.device)
     results: dict[str, list[dict]] = {}

@@ -15,7 +15,7 @@ import pytest
 
 from lightning_merge.data import TaskSplitDataModule
 from lightning_merge.methods import get_method
-from lightning_merge.models.sources import DEFAULT_PAIR, SourceSpec, checkpoint_of
+from lightning_merge.models.default_pair import DEFAULT_PAIR, SourceSpec, checkpoint_of
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -294,3 +294,26 @@ def test_bad_repair_settings_are_named() -> None:
         MergeModule(sources=small_pair(), method=ZipItMerge(), repair="repair")
     with pytest.raises(ValueError, match="'regmean' has none"):
         MergeModule(sources=small_pair(), method=get_method("regmean"), repair="rescale")
+
+
+# --------------------------------------------------------------------------- graph override
+def test_a_mis_specified_graph_file_is_stopped_by_the_equivalence_check(tmp_path: Path) -> None:
+    """A graph whose first merge point forgets its bias (permuting the weight rows alone changes the
+    function) never merges: the check on one calibration batch names the changed output."""
+    import json
+
+    from lightning_merge.graph import EquivalenceError, save_graph, trace_graph
+
+    pair = small_pair()
+    good = trace_graph(pair[0].model, torch.zeros(2, 1, 28, 28))
+    save_graph(good, tmp_path / "good.json")
+    bad = good.to_dict()
+    bad["spaces"][0]["members"] = [m for m in bad["spaces"][0]["members"] if m["param"] != "layers.0.bias"]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    module = MergeModule(sources=pair, method=ZipItMerge(), graph_file=str(tmp_path / "bad.json"))
+    with pytest.raises(EquivalenceError, match="permuting the merge points changed output"):
+        trainer(limit_val_batches=1).validate(module, datamodule=MergeDataModule(datamodule()), verbose=False)
+    assert module.merged is None
+    module = MergeModule(sources=pair, method=ZipItMerge(), graph_file=str(tmp_path / "good.json"))
+    trainer(limit_val_batches=1).validate(module, datamodule=MergeDataModule(datamodule()), verbose=False)
+    assert module.prepared.graph.digest() == good.digest() and module.prepared.equivalence_error < 1e-9
