@@ -100,8 +100,9 @@ class MergeModule(pl.LightningModule):
         if self.merged is not None:
             return
         prepared = self.prepare()
-        if self.method.requires:
-            self._statistics_callback().ensure_statistics(self.trainer, self)
+        if self.method.requires:  # configure_callbacks made sure there is a MergeStatistics callback
+            callback = next(c for c in self.trainer.callbacks if isinstance(c, MergeStatistics))
+            callback.ensure_statistics(self.trainer, self)
         data, ranks = self.data.calibration_dataloader(), Ranks.of_strategy(self.trainer.strategy)
         self.result = run_method(self.method, prepared, self.statistics, data, ranks)
         merged = post_merge(self.result, prepared, data, self.repair, ranks)
@@ -151,12 +152,6 @@ class MergeModule(pl.LightningModule):
         if self._trainer is not None and any(isinstance(c, MergeStatistics) for c in self.trainer.callbacks):
             return []
         return [MergeStatistics(requires=sorted(self.method.requires), cache_path=self.stats_path)]
-
-    def _statistics_callback(self) -> MergeStatistics:
-        found = [c for c in self.trainer.callbacks if isinstance(c, MergeStatistics)]
-        if not found:
-            raise RuntimeError("MergeModule needs a MergeStatistics callback (configure_callbacks adds one)")
-        return found[0]
 
     # ------------------------------------------------------------------ evaluation
     def forward(self, x: torch.Tensor) -> Any:

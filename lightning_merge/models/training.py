@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_merge.data.datamodule import DEFAULT_ROOT, TaskSplitDataModule
+from lightning_merge.dataflow import model_device
 from lightning_merge.models.classifier import SourceClassifier
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ def load_source(path: str | Path) -> SourceClassifier:
 def task_accuracy(model: SourceClassifier, loader: DataLoader) -> float:
     """Accuracy of ``model`` over its own classes on ``loader`` (labels must be in its task)."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     correct = total = 0
     for images, labels in loader:
         logits = model.own_logits(model(images.to(device)))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from lightning_merge.dataflow import model_device
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.stats.collect import register_collector
 from lightning_merge.stats.container import Statistics
@@ -103,9 +104,7 @@ class FisherCollector:
         self.fisher = [
             {k: torch.zeros_like(p, dtype=torch.float64) for k, p in m.named_parameters()} for m in models
         ]
-        self.counts = [
-            torch.zeros((), dtype=torch.float64, device=next(m.parameters()).device) for m in models
-        ]
+        self.counts = [torch.zeros((), dtype=torch.float64, device=model_device(m)) for m in models]
 
     def detach(self) -> None:
         """No hooks to remove: the Fisher is computed functionally."""

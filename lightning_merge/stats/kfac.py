@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lightning_merge.dataflow import model_device
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.stats.collect import register_collector
 from lightning_merge.stats.container import Statistics
@@ -56,7 +57,7 @@ class KFACCollector:
                     torch.zeros(out, out, dtype=torch.float64, device=dev),
                 )
             self.factors.append(per)
-            device = next(model.parameters()).device
+            device = model_device(model)
             self.counts.append(torch.zeros((), dtype=torch.float64, device=device))
 
     def detach(self) -> None:
