@@ -56,19 +56,26 @@ def test_vit_b_16() -> None:
     assert check_equivalence(model, graph, x) < 1e-10
 
 
-def test_a_member_with_the_wrong_role_is_caught_by_the_merge_stage() -> None:
-    """Permuting cannot tell producers from consumers; merging through the true permutations can."""
+def test_the_check_also_runs_the_merge_path() -> None:
+    """A permutation cannot see how the merge reads a graph; the merge stage refuses what it cannot apply."""
     import dataclasses
 
-    from lightning_merge.graph import EquivalenceError, MergeGraph, Space
+    from lightning_merge.graph import MergeGraph, Space
 
     model = tv.models.resnet18(weights=None).eval()
     graph = trace_graph(model, X)
-    space = graph.spaces[0]
-    wrong = [dataclasses.replace(m, role="in") if m.param == "bn1.weight" else m for m in space.members]
-    bad = MergeGraph([Space(space.name, space.size, wrong), *graph.spaces[1:]], graph.taps, [], {})
-    assert check_equivalence(model, bad, X, merge=False) < 1e-12  # a pure permutation still agrees
-    with pytest.raises(EquivalenceError, match="wrong role"):
+    space = graph.space("layer1.0.conv1")
+    wrong = [
+        dataclasses.replace(m, role="out") if m.param == "layer1.0.conv2.weight" else m for m in space.members
+    ]
+    bad = MergeGraph(
+        [Space(s.name, s.size, wrong) if s.name == space.name else s for s in graph.spaces],
+        graph.taps,
+        [],
+        {},
+    )
+    assert check_equivalence(model, bad, X, merge=False) < 1e-12  # as a permutation it is still a symmetry
+    with pytest.raises(ValueError, match="several output axes"):
         check_equivalence(model, bad, X)
 
 

@@ -148,9 +148,10 @@ def twin_transforms(graph: MergeGraph, perms: Mapping[str, torch.Tensor]) -> dic
 def merged_twin(model: nn.Module, graph: MergeGraph, perms: Mapping[str, torch.Tensor]) -> nn.Module:
     """``model`` merged with its permuted copy through the true permutations (the apply path).
 
-    Unlike permuting, merging treats producers ("out": averaged by M) and consumers ("in": copied
-    by U) differently, so a member tagged with the wrong role, or a tensor whose axis the graph
-    describes wrongly for the merge, shows up here even when permuting alone is a symmetry.
+    Permuting gathers "out" and "in" axes alike; merging plans every tagged axis (segments, offsets,
+    outer blocks), averages producers with M and copies consumers with U, so a graph the merge
+    cannot apply (two producer axes on one tensor, overlapping segments) or applies wrongly is
+    caught here even when permuting alone is a symmetry.
     """
     from lightning_merge.apply.weights import merge_state_dicts
 
@@ -212,7 +213,7 @@ def check_equivalence(
     if merge_err > rtol:
         raise EquivalenceError(
             f"merging the model with its permuted copy through the true permutations changed "
-            f"{merge_name}: max|Δ|/max|out| = {merge_err:.3g} > {rtol:g}; a member has the wrong role "
-            "('out' producers are averaged, 'in' consumers copied) or a wrong axis layout"
+            f"{merge_name}: max|Δ|/max|out| = {merge_err:.3g} > {rtol:g}; the merge reads a member's "
+            "role or axis layout differently from the permutation"
         )
     return max(worst, merge_err)
