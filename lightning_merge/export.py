@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_merge.apply.module import resize_to_state_dict
+from lightning_merge.methods.config import method_config
 from lightning_merge.stats.container import Statistics
 from lightning_merge.stats.store import sha256_file
 
@@ -74,8 +75,6 @@ def partial_cut(module: Any) -> dict[str, Any] | None:
 
 def recipe_of(module: Any) -> dict[str, Any]:
     """Everything needed to rebuild (and to re-run) the merge of a validated ``MergeModule``."""
-    from lightning_merge.module import method_config
-
     hp = module.hparams
     return {
         "format": FORMAT,

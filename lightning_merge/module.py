@@ -33,7 +33,8 @@ from lightning_merge.apply.partial import PartialZipModel
 from lightning_merge.apply.repair import reset_batchnorm
 from lightning_merge.apply.rescale import repair_rescale
 from lightning_merge.evaluation import SourceHead, TaskAccuracies, ensemble_logits, merged_logits
-from lightning_merge.methods.base import MergeMethod, get_method
+from lightning_merge.methods.base import MergeMethod, MergeResult
+from lightning_merge.methods.config import method_config
 from lightning_merge.methods.transform_base import TransformMethod
 from lightning_merge.models.classifier import SourceClassifier
 from lightning_merge.sources import architecture_of, check_same_architecture, load_checkpoint
@@ -50,8 +51,8 @@ class MergeModule(pl.LightningModule):
     Args:
         sources: ``SourceClassifier`` checkpoint paths (or, from Python, ``SourceClassifier`` /
             plain ``nn.Module`` sources; a plain module i is scored on the datamodule's task i).
-        method: a :class:`MergeMethod` instance (YAML: ``class_path`` + ``init_args``) or a
-            registered name (``"zipit"``), with ``method_args`` as its keyword arguments.
+        method: a :class:`MergeMethod` instance, e.g. ``ZipItMerge(alpha=0.3)`` (YAML: ``class_path``
+            + ``init_args``, nested the same way for ``AlignedMerge``'s ``aligner`` / ``merger``).
         base: checkpoint (or module) of the shared pre-trained model for same-base methods.
         repair: after the merge, over the calibration data: ``True`` / ``"reset"`` recomputes the
             merged model's BatchNorm statistics; ``"rescale"`` first applies REPAIR (rescales every
@@ -66,8 +67,7 @@ class MergeModule(pl.LightningModule):
     def __init__(
         self,
         sources: Sequence[Source],
-        method: MergeMethod | str = "zipit",
-        method_args: dict[str, Any] | None = None,
+        method: MergeMethod,
         base: Source | None = None,
         repair: bool | Literal["reset", "rescale"] = True,
         stats_path: str | None = None,
@@ -79,14 +79,10 @@ class MergeModule(pl.LightningModule):
         super().__init__()
         if isinstance(sources, (str, os.PathLike)) or len(sources) < 2:
             raise ValueError(f"sources must list at least 2 models to merge, got {sources!r}")
-        if isinstance(method, str):
-            method = get_method(method, **(method_args or {}))
-        elif method_args:
-            raise ValueError(
-                "method_args is only used with a method name; put the arguments in the method itself"
-            )
         if not isinstance(method, MergeMethod):
-            raise TypeError(f"method must be a MergeMethod or a registered name, got {type(method).__name__}")
+            raise TypeError(
+                f"method must be a MergeMethod instance (e.g. ZipItMerge()), got {type(method).__name__}"
+            )
         if method.needs_base and base is None:
             raise ValueError(
                 f"method {method.name!r} merges task vectors: give base= (the shared pre-trained model)"
@@ -127,6 +123,7 @@ class MergeModule(pl.LightningModule):
         self.sources = nn.ModuleList()
         self.base_model: nn.Module | None = None
         self.merged: nn.Module | None = None
+        self.merge_result: MergeResult | None = None  # the method's output (transforms, diagnostics)
         self.merge_graph: Any = None
         self.statistics: Any = None
         self.heads: list[SourceHead] = []
@@ -282,10 +279,11 @@ class MergeModule(pl.LightningModule):
                 kwargs["data"] = self.calibration_dataloader()
             if self.method.requires:
                 self.method.check_stats(self.statistics)
-            merged = self.method.merge(list(self.sources), **kwargs).to(self.device)
+            self.merge_result = self.method.merge(list(self.sources), **kwargs)
+            merged = self.merge_result.model.to(self.device)
             if self.repair == "rescale":
                 trunk = merged.trunk if isinstance(merged, PartialZipModel) else merged
-                graph, transforms = self.merge_graph, self.method.transforms
+                graph, transforms = self.merge_graph, self.merge_result.transforms
                 repair_rescale(trunk, list(self.sources), graph, transforms, self._calibration_inputs())
             if self.repair:
                 reset_batchnorm(merged, self._calibration_inputs())
@@ -359,30 +357,6 @@ class MergeModule(pl.LightningModule):
         if self.merged is None:
             raise RuntimeError("nothing to export: the merge has not run yet")
         return export_merged(self, directory)
-
-
-def method_config(method: MergeMethod) -> dict[str, Any]:
-    """``{"name", "class_path", "init_args"}`` of a method: its ``__init__`` arguments read back."""
-    import inspect
-
-    cls = type(method)
-    args = {}
-    for name in list(inspect.signature(cls.__init__).parameters)[1:]:
-        if hasattr(method, name):
-            value = getattr(method, name)
-            args[name] = _plain(value)
-    return {"name": method.name, "class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
-
-
-def _plain(value: Any) -> Any:
-    """A YAML-safe copy of an ``__init__`` argument (dicts and lists kept, other objects as repr)."""
-    if isinstance(value, (bool, int, float, str, type(None))):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return repr(value)
 
 
 def _describe(source: Source) -> str:
