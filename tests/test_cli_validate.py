@@ -206,10 +206,17 @@ def test_config_instantiates_with_command_line_overrides(
     module = cli.model
     assert isinstance(module, MergeModule) and module.source_specs == checkpoints
     assert module.repair == parsed["model"]["init_args"]["repair"]
-    expected = parsed["model"]["init_args"]["method"]
-    assert f"{type(module.method).__module__}.{type(module.method).__qualname__}" == expected["class_path"]
+    assert_built_as_configured(module.method, parsed["model"]["init_args"]["method"])
+
+
+def assert_built_as_configured(method: object, expected: dict) -> None:
+    """The object has the YAML's class and every argument the YAML sets (nested methods likewise)."""
+    assert f"{type(method).__module__}.{type(method).__qualname__}" == expected["class_path"]
     for key, value in (expected.get("init_args") or {}).items():
-        assert getattr(module.method, key) == value, key
+        if isinstance(value, dict) and "class_path" in value:
+            assert_built_as_configured(getattr(method, key), value)
+        else:
+            assert getattr(method, key) == value, key
 
 
 def test_repair_rescale_on_two_processes_equals_one(tmp_path: Path, checkpoints: list[str]) -> None:
