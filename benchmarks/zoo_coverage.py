@@ -39,7 +39,7 @@ from lightning_merge.graph import (
     trace_graph,
 )
 from lightning_merge.graph.equivalence import calibrate_batchnorm
-from lightning_merge.methods import get_method
+from lightning_merge.methods import ALL_METHODS
 from lightning_merge.stats.collect import collect_statistics
 
 RESULTS = Path(__file__).parent / "results"
@@ -59,7 +59,8 @@ SIZES.update({n: 64 for n in ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v
 
 def merge_with(method: str, models: list[nn.Module], graph: Any, stats: Any, data: Any) -> nn.Module:
     """The one call site of a method's merge (its return type may become a result object)."""
-    result = get_method(method, **METHODS[method]).merge(models, graph=graph, stats=stats, data=data)
+    cls = next(c for c in ALL_METHODS if c.name == method)
+    result = cls(**METHODS[method]).merge(models, graph=graph, stats=stats, data=data)
     return getattr(result, "model", result)
 
 
