@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_merge.apply.repair import reset_batchnorm
+from lightning_merge.apply.batchnorm_reset import reset_batchnorm
 from lightning_merge.data import TaskSplitDataModule
 from lightning_merge.graph import trace_graph
 from lightning_merge.match.transform import SpaceTransform
-from lightning_merge.methods import get_method
+from lightning_merge.methods import MuDSCMerge, ZipItMerge
 from lightning_merge.models.training import load_source
 from lightning_merge.stats.collect import collect_statistics
 
@@ -102,24 +102,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         return joint(reset_batchnorm(model, search_cal).eval(), search)
 
     runs = {
-        "zipit (a=0.3, b=0.125)": ("zipit", {}),
-        "zipit (a=0.5, b=1)": ("zipit", {"alpha": 0.5, "beta": 1.0}),
-        "mudsc lam=0.5": ("mudsc", {}),
-        "mudsc lam search": ("mudsc", {"lam_search": True, "score": score}),
+        "zipit (a=0.3, b=0.125)": (ZipItMerge, {}),
+        "zipit (a=0.5, b=1)": (ZipItMerge, {"alpha": 0.5, "beta": 1.0}),
+        "mudsc lam=0.5": (MuDSCMerge, {}),
+        "mudsc lam search": (MuDSCMerge, {"lam_search": True, "score": score}),
     }
     transforms, rows = {}, []
-    for label, (name, kwargs) in runs.items():
-        method = get_method(name, **kwargs)
+    for label, (cls, kwargs) in runs.items():
+        method = cls(**kwargs)
         start = time.perf_counter()
-        merged = method.merge(models, graph=graph, stats=stats)
+        result = method.merge(models, graph=graph, stats=stats)
         seconds = time.perf_counter() - start
-        transforms[label] = method.transforms
-        acc = accuracies(reset_batchnorm(merged, cal).eval(), data, test)
+        transforms[label] = result.transforms
+        acc = accuracies(reset_batchnorm(result.model, cal).eval(), data, test)
         extra = ""
-        if name == "mudsc":
-            extra = f"rounds {method.descent.rounds}"
-            if method.lam_search:
-                extra += f", selected lam {method.selected_lam}, train acc {method.lam_scores}"
+        if "lam" in result.diagnostics:
+            extra = f"selected lam {result.diagnostics['lam']}, train acc {result.diagnostics['lam_scores']}"
         rows.append((label, acc, seconds, extra))
     for label, acc, seconds, extra in rows:
         print(

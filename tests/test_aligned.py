@@ -290,8 +290,8 @@ def test_runs_through_merge_module(source_pair: Callable) -> None:
     }
     assert module.results["merged/joint_acc"] > 0.3
     assert module.statistics is not None and module.statistics.moments  # the alignment's pass
-    assert module.merge_result is not None
-    assert set(module.merge_result.diagnostics["merger"]["cg"]) == {
+    assert module.result is not None
+    assert set(module.result.diagnostics["merger"]["cg"]) == {
         "layers.0",
         "layers.2",
         "layers.4",

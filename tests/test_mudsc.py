@@ -15,7 +15,7 @@ from lightning_merge.match import match_zipit, weight_similarity
 from lightning_merge.match._weights import axes_by_param, mapped_member_rows
 from lightning_merge.match.mudsc import fusion_scores, match_scored, mudsc_descent, space_maps
 from lightning_merge.match.permute import permutations_to_transform
-from lightning_merge.methods import get_method
+from lightning_merge.methods import MuDSCMerge
 from lightning_merge.stats.collect import collect_statistics
 
 
@@ -224,14 +224,14 @@ def _recovers(model: nn.Module, shape: tuple[int, ...]) -> None:
     twin = permute_model(copy.deepcopy(model), graph, random_permutations(graph, seed=7))
     batches = [torch.randn(64, *shape, generator=gen) for _ in range(3)]
     stats = collect_statistics([model, twin], graph, batches, progress=False)
-    method = get_method("mudsc")
-    merged = method.merge([model, twin], graph=graph, stats=stats).eval()
+    method = MuDSCMerge()
+    merged = method.merge([model, twin], graph=graph, stats=stats).model.eval()
     x = torch.randn(16, *shape, generator=gen)
     with torch.no_grad():
         ref = model(x)
         err = float((merged(x) - ref).norm() / ref.norm())
     assert err < 1e-5, f"relative error {err:.2e}"
-    assert method.descent is not None and method.descent.rounds >= 6
+    assert method.descend([model, twin], graph, stats, method.lam).rounds >= 6
 
 
 def test_recovers_a_permuted_random_resnet20() -> None:
@@ -260,9 +260,10 @@ class _Setup:
         batches = [torch.randn(64, 1, 28, 28, generator=gen) for _ in range(2)]
         self.stats = collect_statistics(self.models, self.graph, batches, progress=False)
 
-    def merge(self, **kwargs: object) -> tuple[nn.Module, object]:
-        method = get_method("mudsc", **{"max_rounds": 2, **kwargs})  # the search, not the descent, is tested
-        return method.merge(self.models, graph=self.graph, stats=self.stats), method
+    def merge(self, **kwargs: object) -> tuple[nn.Module, dict]:
+        method = MuDSCMerge(**{"max_rounds": 2, **kwargs})  # the search, not the descent, is tested
+        result = method.merge(self.models, graph=self.graph, stats=self.stats)
+        return result.model, dict(result.diagnostics)
 
 
 @pytest.fixture(scope="module")
@@ -280,10 +281,10 @@ def test_lambda_search_keeps_the_best_scoring_merge(random_pair: _Setup) -> None
         return value
 
     grid = (0.2, 0.5, 0.8)
-    merged, method = random_pair.merge(lam_search=True, lam_grid=grid, score=score)
-    assert list(method.lam_scores) == list(grid) and list(method.lam_scores.values()) == seen
-    best = max(grid, key=lambda lam: method.lam_scores[lam])
-    assert method.selected_lam == best
+    merged, info = random_pair.merge(lam_search=True, lam_grid=grid, score=score)
+    assert list(info["lam_scores"]) == list(grid) and list(info["lam_scores"].values()) == seen
+    best = max(grid, key=lambda lam: info["lam_scores"][lam])
+    assert info["lam"] == best
     plain, _ = random_pair.merge(lam=best)
     for k, v in plain.state_dict().items():
         assert torch.equal(merged.state_dict()[k], v), k
@@ -295,8 +296,8 @@ def test_lambda_search_errors_name_the_culprit(random_pair: _Setup) -> None:
     with pytest.raises(ValueError, match=r"score returned nan for the merge at lam=0.5"):
         random_pair.merge(lam_search=True, lam_grid=(0.5,), score=lambda m: math.nan)
     with pytest.raises(ValueError, match="every lam_grid value"):
-        get_method("mudsc", lam_grid=(0.5, 1.5))
+        MuDSCMerge(lam_grid=(0.5, 1.5))
     with pytest.raises(ValueError, match="lam_grid must be a non-empty"):
-        get_method("mudsc", lam_grid=())
+        MuDSCMerge(lam_grid=())
     with pytest.raises(ValueError, match="score must be a callable"):
-        get_method("mudsc", score=0.5)
+        MuDSCMerge(score=0.5)

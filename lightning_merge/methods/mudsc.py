@@ -15,14 +15,17 @@ merged BatchNorm statistics on the training set, evaluates on the training split
 joint and per-task-average accuracy). Here every value of ``lam_grid`` is merged and handed to
 ``score`` — a callable the caller supplies that rates a merged model, higher is better (and that
 does its own BatchNorm reset when it wants one); the best value (the first on ties) is kept,
-recorded in ``selected_lam`` and ``lam_scores``. Note that λ here weights the activation side; the
-official ``fix_rate`` weights the weight side, so their λ is 1 − ours (the grid is symmetric).
+recorded in the result's diagnostics (``lam``, ``lam_scores``). Note that λ here weights the
+activation side; the official ``fix_rate`` weights the weight side, so their λ is 1 − ours (the
+grid is symmetric).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 from torch import nn
@@ -37,6 +40,7 @@ from lightning_merge.match.mudsc import (
     mudsc_descent,
 )
 from lightning_merge.match.zip import check_alpha_beta
+from lightning_merge.methods.base import MergeResult
 from lightning_merge.methods.transform_base import TransformMethod, Transforms, check_ratio, correlation
 from lightning_merge.methods.zipit import resolve_widths
 from lightning_merge.stats.container import Statistics
@@ -94,18 +98,18 @@ class MuDSCMerge(TransformMethod):
         self.matcher, self.measure = matcher, measure
         self.alpha, self.beta, self.width, self.widths = float(alpha), float(beta), float(width), widths
         self.max_rounds, self.patience, self.seed = max_rounds, patience, seed
-        self.selected_lam: float | None = None
-        self.lam_scores: dict[float, float] = {}
-        self.descent: DescentResult | None = None
-        self._pinned: Transforms | None = None
 
     def match(self, sources: Sequence[nn.Module], graph: MergeGraph, stats: Statistics | None) -> Transforms:
-        if self._pinned is not None:
-            return self._pinned
-        lam = self.lam if self.selected_lam is None else self.selected_lam
-        num = len(sources)
-        widths = resolve_widths(graph, num, self.width, self.widths) if self.matcher == "zipit" else None
-        self.descent = mudsc_descent(
+        return self.descend(sources, graph, stats, self.lam).transforms
+
+    def descend(
+        self, sources: Sequence[nn.Module], graph: MergeGraph, stats: Statistics | None, lam: float
+    ) -> DescentResult:
+        """The coordinate descent at ``lam`` from the activation-only matching."""
+        widths = (
+            resolve_widths(graph, len(sources), self.width, self.widths) if self.matcher == "zipit" else None
+        )
+        return mudsc_descent(
             [s.state_dict() for s in sources],
             graph,
             {s.name: correlation(stats, s.name) for s in graph.spaces},
@@ -119,7 +123,6 @@ class MuDSCMerge(TransformMethod):
             patience=self.patience,
             seed=self.seed,
         )
-        return self.descent.transforms
 
     def merge(
         self,
@@ -129,9 +132,8 @@ class MuDSCMerge(TransformMethod):
         stats: Statistics | None,
         base: nn.Module | None = None,
         data: Iterable[Any] | None = None,
-    ) -> nn.Module:
+    ) -> MergeResult:
         """One merge at ``lam``, or with ``lam_search`` one per ``lam_grid`` value, keeping the best."""
-        self.selected_lam, self.lam_scores = None, {}
         if not self.lam_search:
             return super().merge(sources, graph=graph, stats=stats, base=base, data=data)
         if self.score is None:
@@ -139,21 +141,20 @@ class MuDSCMerge(TransformMethod):
                 "lam_search=True needs score: a callable rating a merged model, higher is better "
                 "(the paper: accuracy on the tasks' training data); pass score= or set method.score"
             )
-        best: tuple[float, float, Transforms, DescentResult | None] | None = None
+        scores: dict[float, float] = {}
+        best: tuple[float, MergeResult] | None = None
         for lam in self.lam_grid:
-            self.selected_lam = lam
-            candidate = super().merge(sources, graph=graph, stats=stats, base=base, data=data)
-            value = self.score(candidate)
+            at_lam = copy.copy(self)
+            at_lam.lam, at_lam.lam_search = lam, False
+            candidate = at_lam.merge(sources, graph=graph, stats=stats, base=base, data=data)
+            value = self.score(copy.deepcopy(candidate.model))  # the kept model owes nothing to score
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(
                     f"score returned {value!r} for the merge at lam={lam}; it must be a finite number"
                 )
-            self.lam_scores[lam] = float(value)
-            if best is None or value > best[1]:
-                best = (lam, float(value), dict(self.transforms or {}), self.descent)
+            scores[lam] = float(value)
+            if best is None or value > scores[best[0]]:
+                best = (lam, candidate)
         assert best is not None
-        self.selected_lam, self._pinned, self.descent = best[0], best[2], best[3]
-        try:  # rebuild from the kept transforms: the returned model owes nothing to what score did
-            return super().merge(sources, graph=graph, stats=stats, base=base, data=data)
-        finally:
-            self._pinned = None
+        lam, result = best
+        return replace(result, diagnostics={**result.diagnostics, "lam": lam, "lam_scores": scores})
