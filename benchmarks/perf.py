@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/perf.py --sections e2e memory ddp --out benchmarks/results
 
-* ``e2e``: the default pair (ResNet-20×1, ``lightning_merge.models.sources.default_pair()``) merged by
+* ``e2e``: the default pair (ResNet-20×1, ``lightning_merge.models.default_pair.default_pair()``) merged by
   ZipIt!, Permute and PLeaS (w = 1.5). Each stage is a direct call of the library function that
   ``MergeModule`` runs, timed on its own: graph trace, statistics pass (``collect_statistics``),
   matching (``method.match``), weight apply (``merge_state_dicts`` + ``build_merged_module``), PLeaS'
@@ -42,15 +42,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_io import Column, command_line, machine_description, markdown_table, write_results  # noqa: E402
 
-from lightning_merge.apply.module import build_merged_module  # noqa: E402
 from lightning_merge.apply.batchnorm_reset import reset_batchnorm  # noqa: E402
+from lightning_merge.apply.module import build_merged_module  # noqa: E402
 from lightning_merge.apply.weights import merge_state_dicts  # noqa: E402
-from lightning_merge.data import TaskSplitDataModule  # noqa: E402
+from lightning_merge.data import MergeDataModule, TaskSplitDataModule  # noqa: E402
 from lightning_merge.evaluation import SourceHead, evaluate_model  # noqa: E402
 from lightning_merge.graph import trace_graph  # noqa: E402
 from lightning_merge.graph.spec import MergeGraph  # noqa: E402
-from lightning_merge.methods import get_method  # noqa: E402
-from lightning_merge.methods.base import MergeMethod  # noqa: E402
+from lightning_merge.methods import MergeMethod, PermuteMerge, PLeaSMerge, ZipItMerge  # noqa: E402
 from lightning_merge.methods.transform_base import TransformMethod, check_statistics_match  # noqa: E402
 from lightning_merge.models.classifier import SourceClassifier  # noqa: E402
 from lightning_merge.models.registry import build_model  # noqa: E402
@@ -63,9 +62,9 @@ SECTIONS = ("e2e", "memory", "ddp")
 ZIP = {"alpha": 0.3, "beta": 0.125}
 #: label → factory; the arguments of configs/merge/*_fmnist_resnet20x1.yaml (as benchmarks/merge_table.py)
 METHODS: dict[str, Callable[[], MergeMethod]] = {
-    "zipit": lambda: get_method("zipit", **ZIP),
-    "permute": lambda: get_method("permute", anchor="first"),
-    "pleas": lambda: get_method("pleas", width=1.5, ridge=1e-4, refit=True),
+    "zipit": lambda: ZipItMerge(**ZIP),
+    "permute": lambda: PermuteMerge(anchor="first"),
+    "pleas": lambda: PLeaSMerge(width=1.5, ridge=1e-4, refit=True),
 }
 METHOD_LABELS = {"zipit": "zipit", "permute": "permute", "pleas": "pleas w=1.5"}
 STAGES = ("trace", "collect", "match", "apply", "refit", "repair", "evaluate")
@@ -157,7 +156,7 @@ def staged_merge(
             merged = build_merged_module(models[0], state).to(device)
     if method.needs_data:
         with stage(times, "refit", device):
-            merged = method.refine(merged, models, graph, transforms, calib)
+            method.refine(merged, models, graph, transforms, calib)  # in place
     with torch.no_grad(), stage(times, "repair", device):
         reset_batchnorm(merged, calib)
     with stage(times, "evaluate", device):
@@ -181,7 +180,7 @@ def module_run(
     start = time.perf_counter()
     with quiet():
         trainer = quiet_trainer(accelerator_of(device))
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        trainer.validate(module, datamodule=MergeDataModule(datamodule), verbose=False)
     sync(device)
     return time.perf_counter() - start, 100 * module.results["merged/joint_acc"]
 
@@ -457,7 +456,7 @@ def ddp_worker(
     start = time.perf_counter()
     with quiet():
         trainer = quiet_trainer(accelerator, devices, strategy=strategy)
-        trainer.validate(module, datamodule=dm, verbose=False)
+        trainer.validate(module, datamodule=MergeDataModule(dm), verbose=False)
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:
         state = {k: v.detach().cpu().contiguous() for k, v in module.merged.state_dict().items()}
@@ -629,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
     if args.memory_worker or args.ddp_worker:
         run_worker(args)
         return {}
-    from lightning_merge.models.sources import default_pair
+    from lightning_merge.models.default_pair import default_pair
 
     machine = machine_description(args.device)
     results: dict[str, list[dict]] = {}

@@ -213,10 +213,6 @@ def local_batches(
     what: str = "this pass",
 ) -> list[torch.Tensor]:
     """This rank's inputs as a list (for passes that revisit batches), never empty."""
-    if iter(loader) is loader:
-        raise ValueError(
-            f"{what} reads its data more than once: pass a DataLoader or a list, not an iterator"
-        )
     batches = list(sharded_inputs(loader, device, ranks, max_batches=max_batches))
     if not batches:
         world = (Ranks.current() if ranks is None else ranks).world

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_merge.dataflow import model_device
+
 HeadKind = Literal["embedding", "linear"]
 
 
@@ -236,7 +238,7 @@ def evaluate_model(
 
     ``as_source=i`` scores the model as source i (its own head); otherwise as a merged model.
     """
-    device = next(iter(model.parameters())).device
+    device = model_device(model)
     model.eval()
     covered = (
         heads[as_source].covered()

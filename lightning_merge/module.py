@@ -28,7 +28,8 @@ from lightning_merge.data.merge_data import MergeDataModule
 from lightning_merge.dataflow import Ranks, batch_inputs
 from lightning_merge.evaluation import MergeScores
 from lightning_merge.methods.base import MergeMethod, MergeResult
-from lightning_merge.pipeline.export import MergeRecord, export_merged, method_config
+from lightning_merge.methods.config import method_config
+from lightning_merge.pipeline.export import MergeRecord, export_merged
 from lightning_merge.pipeline.load import Source, check_source_paths, describe
 from lightning_merge.pipeline.merge import Repair, agree_across_ranks, check_repair, post_merge, run_method
 from lightning_merge.pipeline.prepare import PreparedSources, prepare_sources
@@ -69,7 +70,9 @@ class MergeModule(pl.LightningModule):
         if isinstance(sources, (str, os.PathLike)) or len(sources) < 2:
             raise ValueError(f"sources must list at least 2 models to merge, got {sources!r}")
         if not isinstance(method, MergeMethod):
-            raise TypeError(f"method must be a MergeMethod, got {type(method).__name__}")
+            raise TypeError(
+                f"method must be a MergeMethod instance (e.g. ZipItMerge()), got {type(method).__name__}"
+            )
         if method.needs_base and base is None:
             raise ValueError(f"method {method.name!r} merges task vectors: give base= (the shared model)")
         check_repair(repair, method)
@@ -100,8 +103,9 @@ class MergeModule(pl.LightningModule):
         if self.merged is not None:
             return
         prepared = self.prepare()
-        if self.method.requires:
-            self._statistics_callback().ensure_statistics(self.trainer, self)
+        if self.method.requires:  # configure_callbacks made sure there is a MergeStatistics callback
+            callback = next(c for c in self.trainer.callbacks if isinstance(c, MergeStatistics))
+            callback.ensure_statistics(self.trainer, self)
         data, ranks = self.data.calibration_dataloader(), Ranks.of_strategy(self.trainer.strategy)
         self.result = run_method(self.method, prepared, self.statistics, data, ranks)
         merged = post_merge(self.result, prepared, data, self.repair, ranks)
@@ -151,12 +155,6 @@ class MergeModule(pl.LightningModule):
         if self._trainer is not None and any(isinstance(c, MergeStatistics) for c in self.trainer.callbacks):
             return []
         return [MergeStatistics(requires=sorted(self.method.requires), cache_path=self.stats_path)]
-
-    def _statistics_callback(self) -> MergeStatistics:
-        found = [c for c in self.trainer.callbacks if isinstance(c, MergeStatistics)]
-        if not found:
-            raise RuntimeError("MergeModule needs a MergeStatistics callback (configure_callbacks adds one)")
-        return found[0]
 
     # ------------------------------------------------------------------ evaluation
     def forward(self, x: torch.Tensor) -> Any:

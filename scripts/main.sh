@@ -6,11 +6,11 @@
 # Extra arguments go to the merge, e.g. scripts/main.sh --trainer.devices 2 --trainer.strategy ddp
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-.venv/bin/python -m lightning_merge.models.sources
+.venv/bin/python -m lightning_merge.models.default_pair
 # stable names for the merge configs (configs/merge/*.yaml read artifacts/sources/default_task{0,1}.ckpt)
 .venv/bin/python - <<'PY'
 import os
-from lightning_merge.models.sources import DEFAULT_CACHE_DIR, DEFAULT_PAIR, checkpoint_of
+from lightning_merge.models.default_pair import DEFAULT_CACHE_DIR, DEFAULT_PAIR, checkpoint_of
 
 for i, spec in enumerate(DEFAULT_PAIR):
     link = os.path.join(DEFAULT_CACHE_DIR, f"default_task{i}.ckpt")

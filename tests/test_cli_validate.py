@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from lightning_merge.cli import main
 from lightning_merge.data import MergeDataModule, TaskSplitDataModule
-from lightning_merge.methods import METHODS
+from lightning_merge.methods import ALL_METHODS
 from lightning_merge.methods.zipit import ZipItMerge
 from lightning_merge.models import quick_pair
 from lightning_merge.module import MergeModule
@@ -58,7 +58,7 @@ def write_config(path: Path, checkpoints: list[str], save_dir: Path) -> Path:
     config["trainer"] |= {"accelerator": "cpu", "enable_progress_bar": False}
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(save_dir)
     config["model"]["init_args"] |= {"sources": checkpoints, "stats_path": None}
-    config["data"]["init_args"] |= {"calibration_size": 512, "eval_batch_size": 1000}
+    config["data"]["init_args"]["tasks"]["init_args"] |= {"calibration_size": 512, "eval_batch_size": 1000}
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -130,7 +130,8 @@ def test_cli_writes_offline_wandb_run_with_metrics_table_and_images(single: Path
     recipe = yaml.safe_load((single / "export" / "recipe.yaml").read_text())
     assert {k: summary[f"val/{k}"] for k in recipe["metrics"]} == recipe["metrics"]
     assert config["method"]["class_path"] == "lightning_merge.methods.zipit.ZipItMerge"
-    assert config["sources"] == [s["path"] for s in recipe["sources"]] and config["calibration_size"] == 512
+    assert config["sources"] == [s["path"] for s in recipe["sources"]]
+    assert config["tasks"]["init_args"]["calibration_size"] == 512  # the task data's own arguments
     media = run_dir / "files" / "media"
     (table,) = (media / "table" / "merge").glob("results_*.table.json")
     rows = {r[0]: r[1:] for r in json.loads(table.read_text())["data"]}
@@ -180,9 +181,9 @@ def test_python_api_agrees_with_the_cli(single: Path, checkpoints: list[str]) ->
     assert all(torch.equal(cli_weights[k], v) for k, v in module.merged.state_dict().items())
 
 
-def test_every_registered_method_has_a_config() -> None:
+def test_every_method_has_a_config() -> None:
     names = {yaml.safe_load(p.read_text())["model"]["init_args"]["method"]["class_path"] for p in CONFIGS}
-    assert {f"{cls.__module__}.{cls.__qualname__}" for cls in METHODS.values()} <= names
+    assert {f"{cls.__module__}.{cls.__qualname__}" for cls in ALL_METHODS} <= names
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -206,10 +207,17 @@ def test_config_instantiates_with_command_line_overrides(
     module = cli.model
     assert isinstance(module, MergeModule) and module.source_specs == checkpoints
     assert module.repair == parsed["model"]["init_args"]["repair"]
-    expected = parsed["model"]["init_args"]["method"]
-    assert f"{type(module.method).__module__}.{type(module.method).__qualname__}" == expected["class_path"]
+    assert_built_as_configured(module.method, parsed["model"]["init_args"]["method"])
+
+
+def assert_built_as_configured(method: object, expected: dict) -> None:
+    """The object has the YAML's class and every argument the YAML sets (nested methods likewise)."""
+    assert f"{type(method).__module__}.{type(method).__qualname__}" == expected["class_path"]
     for key, value in (expected.get("init_args") or {}).items():
-        assert getattr(module.method, key) == value, key
+        if isinstance(value, dict) and "class_path" in value:
+            assert_built_as_configured(getattr(method, key), value)
+        else:
+            assert getattr(method, key) == value, key
 
 
 def test_repair_rescale_on_two_processes_equals_one(tmp_path: Path, checkpoints: list[str]) -> None:
@@ -227,7 +235,7 @@ def test_repair_rescale_on_two_processes_equals_one(tmp_path: Path, checkpoints:
         "false",
         "--model.init_args.repair",
         "rescale",
-        "--data.init_args.eval_batch_size",
+        "--data.init_args.tasks.init_args.eval_batch_size",
         "256",  # 2 calibration batches, one per rank
         "--model.init_args.export_dir",
         str(tmp_path / "export"),

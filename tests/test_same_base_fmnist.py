@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_merge.data import TaskSplitDataModule
 from lightning_merge.graph.spec import MergeGraph
-from lightning_merge.methods import get_method
+from lightning_merge.methods import TIES, FisherMerge, MaTS, MergeMethod, RegMean, TaskArithmetic
 from lightning_merge.models.training import train_source
 from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.container import Statistics
@@ -28,15 +28,15 @@ CALIBRATION = 512
 FLOOR = 0.65  # joint accuracy every merge must reach (the weaker fine-tuned model alone: ~0.59)
 MARGIN = 0.01  # Fisher / RegMean / MaTS may trail plain averaging by at most this much
 
-MERGES: dict[str, tuple[str, dict]] = {
-    "average (TA λ=1/2)": ("task_arithmetic", {"scaling": 0.5}),
-    "task arithmetic λ=1": ("task_arithmetic", {"scaling": 1.0}),
-    "TIES k=20 λ=1": ("ties", {"k": 20, "scaling": 1.0}),
-    "Fisher": ("fisher", {}),
-    "RegMean α=0.9": ("regmean", {"alpha": 0.9}),
-    "MaTS regmean α=0.9": ("mats", {"subspace": "regmean", "alpha": 0.9}),
-    "MaTS fisher": ("mats", {"subspace": "fisher"}),
-    "MaTS kfac": ("mats", {"subspace": "kfac"}),
+MERGES: dict[str, MergeMethod] = {
+    "average (TA λ=1/2)": TaskArithmetic(scaling=0.5),
+    "task arithmetic λ=1": TaskArithmetic(scaling=1.0),
+    "TIES k=20 λ=1": TIES(k=20, scaling=1.0),
+    "Fisher": FisherMerge(),
+    "RegMean α=0.9": RegMean(alpha=0.9),
+    "MaTS regmean α=0.9": MaTS(subspace="regmean", alpha=0.9),
+    "MaTS fisher": MaTS(subspace="fisher"),
+    "MaTS kfac": MaTS(subspace="kfac"),
 }
 DATA_DRIVEN = ("Fisher", "RegMean α=0.9", "MaTS regmean α=0.9", "MaTS fisher", "MaTS kfac")
 
@@ -99,8 +99,8 @@ def test_same_base_merges_on_fashion_mnist(
     stats = own_task_statistics(sources, fmnist)
     rows = {"base": accuracies(base, fmnist)}
     rows.update({f"fine-tuned on task {t}": accuracies(m, fmnist) for t, m in enumerate(sources)})
-    for label, (name, kwargs) in MERGES.items():
-        merged = get_method(name, **kwargs).merge(sources, graph=None, stats=stats, base=base)
+    for label, method in MERGES.items():
+        merged = method.merge(sources, graph=None, stats=stats, base=base).model
         rows[label] = accuracies(merged, fmnist)
     print("\nmethod                     joint   task 0-4  task 5-9")
     for label, (joint, t0, t1) in rows.items():

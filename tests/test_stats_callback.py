@@ -7,7 +7,6 @@ import pytest
 import torch
 from stats_ddp_script import Sources
 from torch import nn
-from torch.utils.data import DataLoader
 
 from lightning_merge.callbacks.statistics import MergeStatistics
 from lightning_merge.stats.collect import collect_statistics

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning_merge.dataflow import ShardSampler
 from stats_ddp_script import NUM_SAMPLES, Sources
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lightning_merge.dataflow import ShardSampler
 from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.store import load_statistics
 

@@ -49,6 +49,8 @@ class MergeDataModule(pl.LightningDataModule):
         if calibration is not None and not hasattr(calibration, "calibration_dataloader"):
             raise TypeError(f"calibration={type(calibration).__name__} has no calibration_dataloader()")
         self.task_data, self.split, self.calibration = tasks, split, calibration
+        # loggers record the task data's own hyperparameters (and the split), not a nested object
+        self.save_hyperparameters(dict(getattr(tasks, "hparams", {})) | {"split": split})
 
     @property
     def tasks(self) -> list[list[int]]:

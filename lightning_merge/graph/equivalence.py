@@ -133,6 +133,47 @@ def _outputs(out: object, prefix: str = "output") -> dict[str, torch.Tensor]:
     return {}
 
 
+def twin_transforms(graph: MergeGraph, perms: Mapping[str, torch.Tensor]) -> dict:
+    """Per space, the transform that merges a model with its ``permute_model(perms)`` copy exactly."""
+    from lightning_merge.match.transform import from_assignment
+
+    out = {}
+    for space in graph.spaces:
+        n = space.size
+        assign = torch.cat([torch.arange(n), torch.as_tensor(perms[space.name], dtype=torch.long)])
+        out[space.name] = from_assignment(assign, n, 2)
+    return out
+
+
+def merged_twin(model: nn.Module, graph: MergeGraph, perms: Mapping[str, torch.Tensor]) -> nn.Module:
+    """``model`` merged with its permuted copy through the true permutations (the apply path).
+
+    Permuting gathers "out" and "in" axes alike; merging plans every tagged axis (segments, offsets,
+    outer blocks), averages producers with M and copies consumers with U, so a graph the merge
+    cannot apply (two producer axes on one tensor, overlapping segments) or applies wrongly is
+    caught here even when permuting alone is a symmetry.
+    """
+    from lightning_merge.apply.weights import merge_state_dicts
+
+    twin = permute_model(copy.deepcopy(model), graph, perms)
+    state = merge_state_dicts([model.state_dict(), twin.state_dict()], graph, twin_transforms(graph, perms))
+    merged = copy.deepcopy(model)
+    merged.load_state_dict(state)
+    return merged
+
+
+def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    worst, worst_name = 0.0, ""
+    for name, out in a.items():
+        if not out.is_floating_point():
+            continue
+        scale = out.abs().max().clamp_min(torch.finfo(out.dtype).tiny)
+        err = float((out - b[name]).abs().max() / scale)
+        if not err < float("inf") or err >= worst:  # NaN counts as the worst
+            worst, worst_name = err if err == err else float("inf"), name
+    return worst, worst_name
+
+
 def check_equivalence(
     model: nn.Module,
     graph: MergeGraph,
@@ -141,32 +182,38 @@ def check_equivalence(
     seed: int = 0,
     rtol: float = 1e-5,
     randomize: bool = True,
+    merge: bool = True,
 ) -> float:
     """Permute every space of a float64 copy of ``model``; return the worst max|Δ| / max|out|.
 
     Raises :class:`EquivalenceError` naming the worst output when it exceeds ``rtol``. With
     ``randomize`` (in the copy only) constant tensors are redrawn and BatchNorm statistics are set
-    from ``example_input``, so that a forgotten member cannot hide behind a constant.
+    from ``example_input``, so that a forgotten member cannot hide behind a constant. With ``merge``
+    the model is also merged with its permuted copy through the true permutations
+    (:func:`merged_twin`), which must give the model back: this checks the roles and layouts the
+    merge reads, which a permutation alone cannot see.
     """
     work = copy.deepcopy(model).double().eval()
     x = example_input.double() if example_input.is_floating_point() else example_input
     if randomize:
         randomize_constants(work, seed)
         calibrate_batchnorm(work, x)
+    perms = random_permutations(graph, seed)
     with torch.no_grad():
         a = _outputs(work(x))
-        b = _outputs(permute_model(work, graph, random_permutations(graph, seed))(x))
-    worst, worst_name = 0.0, ""
-    for name, out in a.items():
-        if not out.is_floating_point():
-            continue
-        scale = out.abs().max().clamp_min(torch.finfo(out.dtype).tiny)
-        err = float((out - b[name]).abs().max() / scale)
-        if err >= worst:
-            worst, worst_name = err, name
+        merged = _outputs(merged_twin(work, graph, perms)(x)) if merge else a
+        b = _outputs(permute_model(work, graph, perms)(x))
+    worst, worst_name = _worst(a, b)
     if worst > rtol:
         raise EquivalenceError(
             f"permuting the merge points changed {worst_name}: max|Δ|/max|out| = {worst:.3g} > {rtol:g}; "
             "a space misses a member or joins axes that must differ"
         )
-    return worst
+    merge_err, merge_name = _worst(a, merged)
+    if merge_err > rtol:
+        raise EquivalenceError(
+            f"merging the model with its permuted copy through the true permutations changed "
+            f"{merge_name}: max|Δ|/max|out| = {merge_err:.3g} > {rtol:g}; the merge reads a member's "
+            "role or axis layout differently from the permutation"
+        )
+    return max(worst, merge_err)

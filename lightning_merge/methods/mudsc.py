@@ -16,16 +16,16 @@ from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match._checks import check_unit_interval
 from lightning_merge.match.mudsc import match_mudsc, weight_similarity
 from lightning_merge.match.zip import check_alpha_beta
-from lightning_merge.methods.base import register_method
 from lightning_merge.methods.transform_base import TransformMethod, Transforms, check_ratio, correlation
 from lightning_merge.methods.zipit import resolve_widths
 from lightning_merge.stats.container import Statistics
 
 
-@register_method("mudsc")
 class MuDSCMerge(TransformMethod):
     """``lam`` weights activation vs. weight similarity; ``matcher`` is "zipit" (with ``alpha``,
     ``beta``, ``width``/``widths`` as in ZipIt!) or "permute"; ``measure`` the weight similarity."""
+
+    name = "mudsc"
 
     requires = frozenset({"moments"})
 

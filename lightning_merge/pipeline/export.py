@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 
 from lightning_merge.apply.module import resize_to_state_dict
 from lightning_merge.graph.spec import MergeGraph
+from lightning_merge.methods.config import method_config
 from lightning_merge.pipeline.prepare import PreparedSources
 from lightning_merge.stats.container import Statistics
 from lightning_merge.stats.store import flatten_statistics, sha256_file
@@ -61,27 +61,6 @@ def partial_cut(merged: nn.Module, graph: MergeGraph, method: Any) -> dict[str, 
         raise ValueError(f"method {method.name!r} returned a partial zip but has no stop_at to record")
     cut = resolve_cut(graph, stop_at)
     return {"node": cut.node, "channel_dim": cut.channel_dim, "space": cut.space}
-
-
-def method_config(method: Any) -> dict[str, Any]:
-    """``{"name", "class_path", "init_args"}`` of a method: its ``__init__`` arguments read back."""
-    cls = type(method)
-    args = {}
-    for name in list(inspect.signature(cls.__init__).parameters)[1:]:
-        if hasattr(method, name):
-            args[name] = _plain(getattr(method, name))
-    return {"name": method.name, "class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
-
-
-def _plain(value: Any) -> Any:
-    """A YAML-safe copy of an ``__init__`` argument (dicts and lists kept, other objects as repr)."""
-    if isinstance(value, (bool, int, float, str, type(None))):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return repr(value)
 
 
 @dataclass(frozen=True)

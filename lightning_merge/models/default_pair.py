@@ -1,6 +1,6 @@
 """The default pair of source models: two seeds, two disjoint Fashion-MNIST tasks, cached on disk.
 
-``python -m lightning_merge.models.sources`` trains them into ``artifacts/sources/`` unless they are
+``python -m lightning_merge.models.default_pair`` trains them into ``artifacts/sources/`` unless they are
 already there and prints each model's test accuracy on its own task.
 """
 
