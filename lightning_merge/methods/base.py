@@ -19,6 +19,7 @@ from torch import nn
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.transform import SpaceTransform
 from lightning_merge.stats.container import Statistics
+from lightning_merge.stats.registry import statistic_collector
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,16 @@ class MergeMethod(ABC):
         """
 
     def check_stats(self, stats: Statistics | None) -> None:
-        """Raise a clear error when a required statistic was not gathered."""
-        missing = [r for r in sorted(self.requires) if stats is None or not getattr(stats, r)]
+        """Raise a clear error when a required statistic was not gathered or is inconsistent
+        (each statistic's registered collector checks its own value)."""
+        missing = [r for r in sorted(self.requires) if stats is None or r not in stats]
         if missing:
             raise ValueError(
                 f"method {self.name!r} needs statistics {missing} that were not gathered; "
                 f"run the statistics pass with them requested (MergeStatistics(...))"
             )
+        for name in sorted(self.requires):  # stats is not None here unless nothing is required
+            statistic_collector(name).check(stats[name], stats.num_models)  # type: ignore[union-attr]
 
     def __repr__(self) -> str:
         from lightning_merge.methods.config import init_arguments
