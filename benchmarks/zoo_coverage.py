@@ -31,9 +31,9 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_merge.apply.twin import check_equivalence
 from lightning_merge.graph import (
     GraphError,
-    check_equivalence,
     permute_model,
     random_permutations,
     trace_graph,

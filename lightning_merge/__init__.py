@@ -20,7 +20,7 @@ _EXPORTS = {
     "MergeModule": "lightning_merge.module",
     "MergeStatistics": "lightning_merge.callbacks.statistics",
     "trace_graph": "lightning_merge.graph",
-    "check_equivalence": "lightning_merge.graph",
+    "check_equivalence": "lightning_merge.apply.twin",
     "MergeGraph": "lightning_merge.graph.spec",
     "ALL_METHODS": "lightning_merge.methods",
     "MergeResult": "lightning_merge.methods",

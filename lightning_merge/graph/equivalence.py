@@ -7,13 +7,15 @@ permuted model compute something else, so ``check_equivalence`` catches it on ra
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from .errors import EquivalenceError
 from .spec import MergeGraph, Space
+
+MergeTwin = Callable[[nn.Module, MergeGraph, Mapping[str, torch.Tensor]], nn.Module]
 
 
 def random_permutation(space: Space, generator: torch.Generator) -> torch.Tensor:
@@ -133,35 +135,6 @@ def _outputs(out: object, prefix: str = "output") -> dict[str, torch.Tensor]:
     return {}
 
 
-def twin_transforms(graph: MergeGraph, perms: Mapping[str, torch.Tensor]) -> dict:
-    """Per space, the transform that merges a model with its ``permute_model(perms)`` copy exactly."""
-    from lightning_merge.match.transform import from_assignment
-
-    out = {}
-    for space in graph.spaces:
-        n = space.size
-        assign = torch.cat([torch.arange(n), torch.as_tensor(perms[space.name], dtype=torch.long)])
-        out[space.name] = from_assignment(assign, n, 2)
-    return out
-
-
-def merged_twin(model: nn.Module, graph: MergeGraph, perms: Mapping[str, torch.Tensor]) -> nn.Module:
-    """``model`` merged with its permuted copy through the true permutations (the apply path).
-
-    Permuting gathers "out" and "in" axes alike; merging plans every tagged axis (segments, offsets,
-    outer blocks), averages producers with M and copies consumers with U, so a graph the merge
-    cannot apply (two producer axes on one tensor, overlapping segments) or applies wrongly is
-    caught here even when permuting alone is a symmetry.
-    """
-    from lightning_merge.apply.weights import merge_state_dicts
-
-    twin = permute_model(copy.deepcopy(model), graph, perms)
-    state = merge_state_dicts([model.state_dict(), twin.state_dict()], graph, twin_transforms(graph, perms))
-    merged = copy.deepcopy(model)
-    merged.load_state_dict(state)
-    return merged
-
-
 def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
     worst, worst_name = 0.0, ""
     for name, out in a.items():
@@ -182,16 +155,17 @@ def check_equivalence(
     seed: int = 0,
     rtol: float = 1e-5,
     randomize: bool = True,
-    merge: bool = True,
+    merge: MergeTwin | None = None,
 ) -> float:
     """Permute every space of a float64 copy of ``model``; return the worst max|Δ| / max|out|.
 
     Raises :class:`EquivalenceError` naming the worst output when it exceeds ``rtol``. With
     ``randomize`` (in the copy only) constant tensors are redrawn and BatchNorm statistics are set
-    from ``example_input``, so that a forgotten member cannot hide behind a constant. With ``merge``
-    the model is also merged with its permuted copy through the true permutations
-    (:func:`merged_twin`), which must give the model back: this checks the roles and layouts the
-    merge reads, which a permutation alone cannot see.
+    from ``example_input``, so that a forgotten member cannot hide behind a constant. ``merge``
+    (``merge(model, graph, perms)``, e.g. :func:`lightning_merge.apply.twin.merged_twin`, which the
+    full check :func:`lightning_merge.apply.twin.check_equivalence` passes) merges the model with its
+    permuted copy through the true permutations, which must give the model back: this checks the roles
+    and layouts the merge reads, which a permutation alone cannot see.
     """
     work = copy.deepcopy(model).double().eval()
     x = example_input.double() if example_input.is_floating_point() else example_input
@@ -201,7 +175,7 @@ def check_equivalence(
     perms = random_permutations(graph, seed)
     with torch.no_grad():
         a = _outputs(work(x))
-        merged = _outputs(merged_twin(work, graph, perms)(x)) if merge else a
+        merged = _outputs(merge(work, graph, perms)(x)) if merge is not None else a
         b = _outputs(permute_model(work, graph, perms)(x))
     worst, worst_name = _worst(a, b)
     if worst > rtol:
