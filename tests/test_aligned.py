@@ -158,6 +158,7 @@ def test_aligned_regmean_beats_averaging(mlp: Pair, test_batches: list, calibrat
     }
     sources = [joint_accuracy(m, test_batches) for m in mlp.models]
     print("\nMLP×0.25 joint acc: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    print("MLP×0.25 sources' joint acc: " + ", ".join(f"{s:.3f}" for s in sources))
     assert scores["aligned regmean"] > scores["average"] + 0.05
     assert scores["aligned mats"] > scores["average"] + 0.05
     assert scores["aligned(wm) regmean"] > scores["average"]
@@ -254,6 +255,7 @@ def test_runs_through_merge_module(source_pair: Callable) -> None:
     assert set(module.results) == {
         f"{m}/{k}" for m in ("merged", "ensemble") for k in ("joint_acc", "task0_acc", "task1_acc")
     }
+    print(f"\naligned MaTS through the module: joint acc {module.results['merged/joint_acc']:.3f}")
     assert module.results["merged/joint_acc"] > 0.3
     assert module.statistics is not None and module.statistics.moments  # the alignment's pass
     assert set(method.merger_method.cg_results) == {"layers.0", "layers.2", "layers.4", "head.proj"}

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+from trained import trained_pair
 
 from lightning_merge.apply.repair import reset_batchnorm
 from lightning_merge.graph import permute_model, random_permutations, trace_graph
@@ -21,7 +22,6 @@ from lightning_merge.match.permute import match_permute
 from lightning_merge.methods import METHODS, get_method
 from lightning_merge.methods.pleas import PLeaSMerge, partial_to_first
 from lightning_merge.methods.transform_base import TransformMethod
-from lightning_merge.models import quick_pair
 from lightning_merge.stats.collect import collect_statistics
 
 DIFF_INIT = sorted(n for n, cls in METHODS.items() if issubclass(cls, TransformMethod))
@@ -84,7 +84,7 @@ def resnet(resnet_pair: list, fmnist) -> Setup:
 
 @pytest.fixture(scope="module")
 def mlp3(calibration: DataLoader) -> Setup:
-    triple = quick_pair("mlp", width=0.25, tasks=THREE_TASKS, seeds=(0, 1, 2))
+    triple = trained_pair("mlp", width=0.25, tasks=THREE_TASKS, seeds=(0, 1, 2))
     return Setup([s.model for s in triple], calibration)
 
 

@@ -8,11 +8,10 @@ fine-tuned model has its task's data, not the other's). Checkpoints are cached i
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
+from trained import TEST_MODELS_DIR, shifted
 
 from lightning_merge.data import TaskSplitDataModule
 from lightning_merge.graph.spec import MergeGraph
@@ -21,7 +20,6 @@ from lightning_merge.models.training import train_source
 from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.container import Statistics
 
-TEST_MODELS_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test_models"
 TASKS = ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
 WIDTH = 0.125  # hidden layers of 64 units
 CALIBRATION = 512
@@ -44,13 +42,13 @@ DATA_DRIVEN = ("Fisher", "RegMean α=0.9", "MaTS regmean α=0.9", "MaTS fisher",
 @pytest.fixture(scope="module")
 def family() -> tuple[nn.Module, list[nn.Module]]:
     base = train_source(
-        "mlp", list(range(10)), 0, width=WIDTH, limit_train_batches=40, cache_dir=TEST_MODELS_DIR
+        "mlp", list(range(10)), shifted(0)[0], width=WIDTH, limit_train_batches=40, cache_dir=TEST_MODELS_DIR
     )
     tuned = [
         train_source(
             "mlp",
             task,
-            1 + t,
+            shifted(1 + t)[0],
             width=WIDTH,
             limit_train_batches=200,
             init_state_dict=base.state_dict(),
