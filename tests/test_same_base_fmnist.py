@@ -28,7 +28,7 @@ CALIBRATION = 512
 #   seed  fine-tuned 0 / 1   mean    weakest merge (which)    average   weakest data-driven  (which)
 #   0     0.7241 / 0.5852   0.6547   0.6968 (TA λ=1)          0.7317    0.7763 (Fisher)
 #   100   0.5620 / 0.5330   0.5475   0.6035 (TIES)            0.6429    0.6719 (MaTS kfac)
-#   200   TABLE200
+#   200   0.7022 / 0.5292   0.6157   0.6692 (TA λ=1)          0.7197    0.7779 (MaTS kfac)
 #
 # An absolute floor (0.65 before) failed at seed 100: the 40-batch base and what fine-tuning makes of
 # it vary a lot between draws, so every threshold is relative to the same draw's models.
