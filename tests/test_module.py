@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
+from trained import trained_pair
 
 from lightning_merge.callbacks.statistics import MergeStatistics
 from lightning_merge.data import MergeDataModule, TaskSplitDataModule
@@ -21,15 +22,13 @@ from lightning_merge.evaluation import (
     merged_logits,
 )
 from lightning_merge.methods import ALL_METHODS, TIES, MaTS, MergeMethod, RegMean, ZipItMerge
-from lightning_merge.models import SourceClassifier, quick_pair, task_accuracy
+from lightning_merge.models import SourceClassifier, task_accuracy
 from lightning_merge.module import MergeModule
-
-TEST_MODELS_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test_models"
 
 
 def small_pair() -> list[SourceClassifier]:
     """Two MLP×0.25 sources (task [0..4] seed 0, task [5..9] seed 1), cached on disk."""
-    return quick_pair("mlp", width=0.25, cache_dir=TEST_MODELS_DIR)
+    return trained_pair("mlp", width=0.25)
 
 
 def datamodule() -> TaskSplitDataModule:
@@ -115,6 +114,7 @@ def test_metrics_match_independent_computations(validated: tuple[MergeModule, Ta
     loaders = [dm.task_test_dataloader(t) for t in range(2)]
     again = evaluate_model(module.merged, loaders, dm.tasks, module.prepared.heads)
     assert again == pytest.approx({k.split("/")[1]: v for k, v in r.items() if k.startswith("merged/")})
+    print(f"\nMLP×0.25 ensemble joint {r['ensemble/joint_acc']:.3f}, source0 {r['source0/task0_acc']:.3f}")
     assert r["ensemble/joint_acc"] > 0.3 and r["source0/task0_acc"] > 0.7  # real, trained models
     logged = module.trainer.callback_metrics
     assert float(logged["val/merged/joint_acc"]) == pytest.approx(r["merged/joint_acc"])
@@ -252,6 +252,7 @@ def test_every_method_runs_through_the_module(cls: type[MergeMethod]) -> None:
     assert set(module.results) == {
         f"{m}/{k}" for m in ("merged", "ensemble") for k in ("joint_acc", "task0_acc", "task1_acc")
     }
+    print(f"\nMLP×0.25 {cls.name} through the module: joint acc {module.results['merged/joint_acc']:.3f}")
     assert module.results["merged/joint_acc"] > 0.1  # better than chance over 10 classes
 
 
