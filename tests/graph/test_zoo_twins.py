@@ -17,7 +17,7 @@ tv = pytest.importorskip("torchvision")
 from torchvision.models import convnext as tv_convnext  # noqa: E402
 
 _SPEC = importlib.util.spec_from_file_location(
-    "zoo_coverage", Path(__file__).parents[1] / "benchmarks/zoo_coverage.py"
+    "zoo_coverage", Path(__file__).parents[2] / "benchmarks/zoo_coverage.py"
 )
 zoo = importlib.util.module_from_spec(_SPEC)
 sys.modules["zoo_coverage"] = zoo

@@ -17,7 +17,7 @@ from lightning_merge.data import TaskSplitDataModule
 from lightning_merge.methods import AverageMerge, MaTS, PermuteMerge, ZipItMerge
 from lightning_merge.models.default_pair import DEFAULT_PAIR, SourceSpec, checkpoint_of
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from lightning_merge.data import TaskSplitDataModule
 from lightning_merge.graph import trace_graph
 from lightning_merge.models import MLP
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def load(name: str) -> ModuleType:
