@@ -150,9 +150,15 @@ def merged_logits(output: torch.Tensor | Sequence[torch.Tensor], heads: Sequence
     widths = [h.width for h in heads]
     if all(h.kind == "linear" for h in heads) and width == sum(widths):
         return ensemble_logits(list(output.split(widths, dim=-1)), heads)
+    hint = (
+        "; linear heads over different classes cannot be merged into one: keep one head per source "
+        "with a partial zip at the head's input (e.g. ZipItMerge(stop_at=1.0))"
+        if all(h.kind == "linear" for h in heads) and width in widths
+        else ""
+    )
     raise ValueError(
         f"merged model output has {width} columns; expected {num_classes} (shared embedding head) "
-        f"or {sum(widths)} (the sources' linear heads {widths} concatenated)"
+        f"or {sum(widths)} (the sources' linear heads {widths} concatenated){hint}"
     )
 
 
