@@ -1,4 +1,4 @@
-"""A Lightning user's own models and data, merged by ``lightning-merge validate`` with no change to the library.
+"""A Lightning user's own models and data, merged by ``lightning-merge validate``, no change to the library.
 
 The user's code (a LightningModule, a Dataset with local labels 0..4, a LightningDataModule) is written
 by this test into a folder outside the package, trained a few steps (one pair through the user's own
@@ -19,6 +19,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lightning_merge.pipeline.export import load_merged
+
+pytestmark = pytest.mark.slow  # trains 4 small models and runs 3 merges in subprocesses (~6 min on 2 CPUs)
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
@@ -41,7 +46,8 @@ class FashionTask(Dataset):
     def __init__(self, classes: list[int], train: bool = True, limit: int = 2000, channels: int = 1):
         images, labels = load_split(ROOT, train=train)
         keep = torch.isin(labels, torch.tensor(classes)).nonzero().squeeze(1)[:limit]
-        self.x = (images[keep].float().div(255).sub(0.286).div(0.353)).unsqueeze(1).expand(-1, channels, -1, -1)
+        x = images[keep].float().div(255).sub(0.286).div(0.353)
+        self.x = x.unsqueeze(1).expand(-1, channels, -1, -1)
         self.y = torch.searchsorted(torch.tensor(sorted(classes)), labels[keep])
 
     def __len__(self):
@@ -57,7 +63,8 @@ class FashionTaskData(pl.LightningDataModule):
         self.classes, self.batch_size, self.limit = classes, batch_size, limit
 
     def train_dataloader(self):
-        return DataLoader(FashionTask(self.classes, True, self.limit), batch_size=self.batch_size, shuffle=True)
+        data = FashionTask(self.classes, True, self.limit)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=True)
 
     def test_dataloader(self):
         return DataLoader(FashionTask(self.classes, False, 500), batch_size=250)
@@ -114,7 +121,9 @@ def run(args: list[str], cwd: Path, user: Path | None = None) -> subprocess.Comp
     return proc
 
 
-def task_data(classes: list[int], name: str, channels: int = 1, as_datamodule: bool = False) -> dict:
+def task_data(
+    classes: list[int], name: str, channels: int = 1, as_datamodule: bool = False, test_size: int = 500
+) -> dict:
     """A ``TaskData`` entry of the YAML: the user's dataset (or data module) with its global ids."""
     if as_datamodule:
         return {
@@ -129,7 +138,7 @@ def task_data(classes: list[int], name: str, channels: int = 1, as_datamodule: b
     return {
         "name": name,
         "classes": classes,
-        "test": data | {"init_args": data["init_args"] | {"train": False, "limit": 500}},
+        "test": data | {"init_args": data["init_args"] | {"train": False, "limit": test_size}},
         "calibration": data | {"init_args": data["init_args"] | {"limit": 300}},
     }
 
@@ -209,9 +218,12 @@ def test_checkpoints_of_a_users_lightning_cli_merge_from_yaml(user_folder: Path)
     sources = [{"path": p, "attribute": "net"} for p in paths]
     recipe = validate(folder, sources, [task_data(c, f"fashion{i}") for i, c in enumerate(TASKS)])
     assert_trained_and_merged(recipe)
-    weights = load_file(str(folder / "export" / "model.safetensors"))
-    print(sorted(weights))
     assert recipe["partial"]["node"] == "_4"  # cut at the input of UserNet.net's last Linear
+    template = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 5)
+    )  # the user's network, rebuilt from the exported safetensors: one 5-class head per source
+    outputs = load_merged(folder / "export", template=template)(torch.randn(3, 1, 28, 28))
+    assert [tuple(o.shape) for o in outputs] == [(3, 5), (3, 5)]
 
 
 def test_checkpoints_of_a_plain_trainer_merge_from_yaml(user_folder: Path) -> None:
@@ -247,8 +259,8 @@ def test_torchvision_models_from_state_dict_files_merge_from_yaml(user_folder: P
          "head": "embedding", "classes": classes}
         for p, classes in zip(paths, TASKS, strict=True)
     ]  # fmt: skip
-    tasks = [task_data(c, f"fashion{i}", channels=3) for i, c in enumerate(TASKS)]
-    method = {"class_path": "lightning_merge.methods.zipit.ZipItMerge"}  # one shared 10-class head
+    tasks = [task_data(c, f"fashion{i}", channels=3, test_size=200) for i, c in enumerate(TASKS)]
+    method = {"class_path": "lightning_merge.methods.permute.PermuteMerge"}  # one shared 10-class head
     recipe = validate(folder, sources, tasks, method)
     assert [s["classes"] for s in recipe["sources"]] == TASKS
     assert set(recipe["metrics"]) >= {"merged/joint_acc", "merged/task0_acc", "merged/task1_acc"}
