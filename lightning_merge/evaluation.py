@@ -82,15 +82,18 @@ def head_of(
 
     name = name or f"source {i}"
     if isinstance(model, SourceClassifier):
-        head = SourceHead(model.head_kind, tuple(model.classes), model.num_classes)
-        if (kind is not None and kind != head.kind) or (
-            classes is not None and tuple(classes) != head.classes
-        ):
+        if kind is not None and kind != model.head_kind:
             raise ValueError(
-                f"{name} declares head={kind!r} classes={classes!r} but its checkpoint records "
-                f"head={head.kind!r} classes={list(head.classes)}"
+                f"{name} declares head={kind!r} but its checkpoint records head={model.head_kind!r}"
             )
-        return head
+        if classes is None and model.num_classes != num_classes:
+            raise ValueError(
+                f"{name} was trained on a {model.num_classes}-class label space but the data have "
+                f"{num_classes} classes: declare its global class ids (classes: [...])"
+            )
+        if classes is None:
+            return SourceHead(model.head_kind, tuple(model.classes), model.num_classes)
+        kind = model.head_kind  # its own label space, placed at the declared global ids
     if classes is None:
         if i >= len(tasks):
             raise ValueError(f"{name} declares no classes and the data have only {len(tasks)} tasks")

@@ -208,3 +208,24 @@ def test_different_networks_at_the_attribute_are_named(tmp_path: Path) -> None:
     ]
     with pytest.raises(ValueError, match=r"parameter '1.weight' has shape \(9, 4\) in .*b.ckpt but \(8, 4\)"):
         check_same_architecture(loaded)
+
+
+def test_a_source_classifier_is_placed_at_declared_global_ids() -> None:
+    """A model trained on another data set's 10 labels joins a 20-class merge at ids 10..19."""
+    from lightning_merge.models.classifier import SourceClassifier
+
+    model = SourceClassifier(arch="mlp", width=0.25, head="linear", num_classes=10).eval()
+    example = torch.randn(2, 1, 28, 28)
+    tasks = [list(range(10)), list(range(10, 20))]
+    own = head_of(1, model, [list(range(10))], 10, example)
+    assert (own.kind, own.classes, own.num_classes) == ("linear", tuple(range(10)), 10)
+    placed = head_of(1, model, tasks, 20, example, classes=list(range(10, 20)))
+    assert (placed.kind, placed.classes, placed.num_classes) == ("linear", tuple(range(10, 20)), 20)
+    with pytest.raises(
+        ValueError, match=r"source 1 was trained on a 10-class label space but the data have 20"
+    ):
+        head_of(1, model, tasks, 20, example)
+    with pytest.raises(
+        ValueError, match=r"declares head='embedding' but its checkpoint records head='linear'"
+    ):
+        head_of(1, model, tasks, 20, example, kind="embedding", classes=list(range(10, 20)))
