@@ -65,25 +65,62 @@ class SourceHead:
 
 
 def head_of(
-    i: int, model: nn.Module, tasks: Sequence[Sequence[int]], num_classes: int, example: torch.Tensor
+    i: int,
+    model: nn.Module,
+    tasks: Sequence[Sequence[int]],
+    num_classes: int,
+    example: torch.Tensor,
+    *,
+    kind: HeadKind | None = None,
+    classes: Sequence[int] | None = None,
+    name: str | None = None,
 ) -> SourceHead:
-    """Source ``i``'s head: a classifier's own record, or (plain module) read from its output width on
-    ``example``: all ``num_classes`` columns (embedding head) or task i's classes (linear head)."""
+    """Source ``i``'s head: a ``SourceClassifier``'s own record, else its declared ``kind`` / ``classes``
+    (default ``classes``: task i's) checked against its output width on ``example``: all
+    ``num_classes`` columns (embedding head: a shared head / label space) or one per class (linear)."""
     from lightning_merge.models.classifier import SourceClassifier
 
+    name = name or f"source {i}"
     if isinstance(model, SourceClassifier):
-        return SourceHead(model.head_kind, tuple(model.classes), model.num_classes)
-    if i >= len(tasks):
-        raise ValueError(f"source {i} is a plain module but the data have only {len(tasks)} tasks")
+        if kind is not None and kind != model.head_kind:
+            raise ValueError(
+                f"{name} declares head={kind!r} but its checkpoint records head={model.head_kind!r}"
+            )
+        if classes is None and model.num_classes != num_classes:
+            raise ValueError(
+                f"{name} was trained on a {model.num_classes}-class label space but the data have "
+                f"{num_classes} classes: declare its global class ids (classes: [...])"
+            )
+        if classes is None:
+            return SourceHead(model.head_kind, tuple(model.classes), model.num_classes)
+        kind = model.head_kind  # its own label space, placed at the declared global ids
+    if classes is None:
+        if i >= len(tasks):
+            raise ValueError(f"{name} declares no classes and the data have only {len(tasks)} tasks")
+        classes = tasks[i]
+    classes = _checked_classes(classes, num_classes, name)
     with torch.no_grad():
-        width = model(example[:1]).shape[-1]
-    if width not in (num_classes, len(tasks[i])):
+        output = model(example[:1])
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"{name} returns {type(output).__name__}; a source must return one logits tensor")
+    width = output.shape[-1]
+    widths = {"embedding": num_classes, "linear": len(classes)}
+    if kind is None:
+        kind = "embedding" if width == num_classes else "linear" if width == len(classes) else None
+    if kind not in widths or width != widths[kind]:
+        wanted = f"a {kind} head needs {widths[kind]}" if kind in widths else "neither"
         raise ValueError(
-            f"source {i} outputs {width} logits: neither all {num_classes} classes (embedding head) "
-            f"nor task {i}'s {len(tasks[i])} classes (linear head)"
+            f"{name} outputs {width} logits: {wanted} (all {num_classes} classes for an embedding / shared "
+            f"head, its {len(classes)} classes {list(classes)} for a linear head)"
         )
-    kind: HeadKind = "embedding" if width == num_classes else "linear"
-    return SourceHead(kind, tuple(tasks[i]), num_classes)
+    return SourceHead(kind, classes, num_classes)
+
+
+def _checked_classes(classes: Sequence[int], num_classes: int, name: str) -> tuple[int, ...]:
+    out = tuple(int(c) for c in classes)
+    if not out or len(set(out)) != len(out) or not all(0 <= c < num_classes for c in out):
+        raise ValueError(f"{name}: classes must be distinct ids in [0, {num_classes}), got {list(classes)}")
+    return out
 
 
 def combine(global_logits: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -116,9 +153,15 @@ def merged_logits(output: torch.Tensor | Sequence[torch.Tensor], heads: Sequence
     widths = [h.width for h in heads]
     if all(h.kind == "linear" for h in heads) and width == sum(widths):
         return ensemble_logits(list(output.split(widths, dim=-1)), heads)
+    hint = (
+        "; linear heads over different classes cannot be merged into one: keep one head per source "
+        "with a partial zip at the head's input (e.g. ZipItMerge(stop_at=1.0))"
+        if all(h.kind == "linear" for h in heads) and width in widths
+        else ""
+    )
     raise ValueError(
         f"merged model output has {width} columns; expected {num_classes} (shared embedding head) "
-        f"or {sum(widths)} (the sources' linear heads {widths} concatenated)"
+        f"or {sum(widths)} (the sources' linear heads {widths} concatenated){hint}"
     )
 
 

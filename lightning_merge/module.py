@@ -40,7 +40,9 @@ class MergeModule(pl.LightningModule):
     """Merge N sources with ``method`` and evaluate the merge on every task.
 
     Args:
-        sources: checkpoint paths (or, from Python, modules; a plain module i is scored on task i).
+        sources: checkpoint paths, :class:`~lightning_merge.pipeline.load.SourceSpec` s (any
+            LightningModule checkpoint, state-dict / safetensors files with a constructor; YAML: dicts)
+            or, from Python, modules (a plain module i is scored on task i).
         method: a :class:`MergeMethod` (YAML: ``class_path`` + ``init_args``).
         base: checkpoint (or module) of the shared pre-trained model, for same-base methods.
         repair: ``True`` / ``"reset"``: reset the merge's BatchNorm statistics on the calibration data;
@@ -65,6 +67,7 @@ class MergeModule(pl.LightningModule):
         evaluate_ensemble: bool = True,
         heatmaps: int = 3,
         graph_file: str | None = None,
+        trusted_checkpoints: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(sources, (str, os.PathLike)) or len(sources) < 2:
@@ -82,12 +85,14 @@ class MergeModule(pl.LightningModule):
         self.method, self.source_specs, self.base_spec = method, list(sources), base
         self.repair, self.heatmaps, self.graph_file = repair, heatmaps, graph_file
         self.stats_path, self.export_dir = stats_path, export_dir
+        self.trusted_checkpoints = trusted_checkpoints
         self.evaluate_sources, self.evaluate_ensemble = evaluate_sources, evaluate_ensemble
         self.save_hyperparameters(
             {"sources": [describe(s) for s in sources], "method": method_config(method)}
             | {"base": None if base is None else describe(base), "repair": repair, "graph_file": graph_file}
             | {"stats_path": stats_path, "export_dir": export_dir, "heatmaps": heatmaps}
             | {"evaluate_sources": evaluate_sources, "evaluate_ensemble": evaluate_ensemble}
+            | {"trusted_checkpoints": trusted_checkpoints}
         )
         self.sources = nn.ModuleList()
         self.prepared: PreparedSources | None = None
@@ -123,7 +128,7 @@ class MergeModule(pl.LightningModule):
             example = batch_inputs(next(iter(data.calibration_dataloader())))
             prepared = prepare_sources(
                 self.source_specs, data.tasks, data.num_classes, example, base=self.base_spec,
-                graph_file=self.graph_file,
+                graph_file=self.graph_file, trusted=self.trusted_checkpoints,
             )  # fmt: skip
             device = self.trainer.strategy.root_device
             for m in [*prepared.models, *([prepared.base] if prepared.base is not None else [])]:

@@ -205,7 +205,7 @@ def test_not_a_source_checkpoint(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(3)}, path)
     module = MergeModule(sources=[str(path), small_pair()[1]], method=ZipItMerge())
     with pytest.raises(
-        ValueError, match=r"sources\[0\]: .*weights.ckpt is not a SourceClassifier checkpoint"
+        ValueError, match=r"sources\[0\]: .*weights.ckpt holds bare weights .*give the model .*constructor"
     ):
         trainer().validate(module, datamodule=MergeDataModule(datamodule()), verbose=False)
 

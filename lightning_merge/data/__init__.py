@@ -1,4 +1,5 @@
-"""Data: an IDX reader and the disjoint-task ``TaskSplitDataModule`` over Fashion-MNIST / MNIST."""
+"""Data: an IDX reader, the disjoint-task ``TaskSplitDataModule`` over Fashion-MNIST / MNIST, tasks from any
+data sets (``DatasetTasks``) and the ``MergeDataModule`` that serves a merge."""
 
 from lightning_merge.data.datamodule import (
     DEFAULT_ROOT,
@@ -8,13 +9,17 @@ from lightning_merge.data.datamodule import (
 )
 from lightning_merge.data.idx import DATASETS, FASHION_MNIST_CLASSES, MNIST_CLASSES, load_split, read_idx
 from lightning_merge.data.merge_data import MergeDataModule
+from lightning_merge.data.tasks import DatasetTasks, GlobalLabels, TaskData
 
 __all__ = [
     "DATASETS",
     "DEFAULT_ROOT",
+    "DatasetTasks",
+    "GlobalLabels",
     "FASHION_MNIST_CLASSES",
     "MergeDataModule",
     "MNIST_CLASSES",
+    "TaskData",
     "TaskSplitDataModule",
     "TensorImageDataset",
     "load_split",

@@ -8,8 +8,10 @@ REPAIR, least squares) and one *evaluation* loader per task. Lightning asks the 
 image is scored on exactly one rank.
 
 ``tasks`` is any data module with ``tasks`` (global class ids per task), ``num_classes``,
-``task_<split>_dataloader(t)`` and ``calibration_dataloader()``, e.g.
-:class:`~lightning_merge.data.datamodule.TaskSplitDataModule`. ``calibration`` optionally takes the
+``task_<split>_dataloader(t)`` and ``calibration_dataloader()``:
+:class:`~lightning_merge.data.tasks.DatasetTasks` (each task its own data set or data module, with its
+own label space) or :class:`~lightning_merge.data.datamodule.TaskSplitDataModule` (class splits of one
+data set). ``calibration`` optionally takes the
 calibration images from another data module (another domain, as PLeaS' data-free variant does).
 """
 

@@ -207,7 +207,7 @@ def load_source(path: str | Path) -> SourceClassifier:
             f"source checkpoint {path} not found; train it with `lightning-merge fit --config ...` "
             "or lightning_merge.models.train_source(...)"
         )
-    return SourceClassifier.load_from_checkpoint(path, map_location="cpu").eval()
+    return SourceClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
 
 
 @torch.no_grad()

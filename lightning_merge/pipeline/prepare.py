@@ -20,14 +20,7 @@ from torch import nn
 from lightning_merge.apply.twin import check_equivalence
 from lightning_merge.evaluation import SourceHead, head_of
 from lightning_merge.graph import MergeGraph, load_graph, trace_graph
-from lightning_merge.pipeline.load import (
-    Source,
-    architecture_of,
-    check_same_architecture,
-    describe,
-    load_source,
-    network,
-)
+from lightning_merge.pipeline.load import LoadedSource, Source, check_same_architecture, load_source
 from lightning_merge.stats.store import model_fingerprint
 
 
@@ -54,30 +47,41 @@ def prepare_sources(
     base: Source | None = None,
     graph_file: str | os.PathLike | None = None,
     check_graph: bool = True,
+    trusted: bool = False,
 ) -> PreparedSources:
-    """Load and check the sources (and base), map their heads, trace or read the graph and check it."""
-    labels = [describe(s) for s in sources]
-    loaded = [load_source(s, f"sources[{i}]") for i, s in enumerate(sources)]
-    check_same_architecture(loaded, labels)
-    models = [_frozen(network(m)) for m in loaded]
+    """Load and check the sources (and base), map their heads, trace or read the graph and check it.
+
+    ``trusted`` unpickles every checkpoint in full (see :mod:`lightning_merge.pipeline.load`)."""
+    loaded = [load_source(s, f"sources[{i}]", trusted=trusted) for i, s in enumerate(sources)]
+    check_same_architecture(loaded)
+    models = [_frozen(s.network) for s in loaded]
     base_model = None
     if base is not None:
-        base_loaded = load_source(base, "base")
-        check_same_architecture([loaded[0], base_loaded], [labels[0], describe(base)])
-        base_model = _frozen(network(base_loaded))
-    heads = [head_of(i, m, tasks, num_classes, example) for i, m in enumerate(loaded)]
+        base_loaded = load_source(base, "base", trusted=trusted)
+        check_same_architecture([loaded[0], base_loaded])
+        base_model = _frozen(base_loaded.network)
+    heads = [_head(i, s, tasks, num_classes, example) for i, s in enumerate(loaded)]
     graph = merge_graph_of(models[0], example[:2], graph_file)
     error = check_equivalence(models[0], graph, example[:2]) if check_graph else 0.0
     return PreparedSources(
         models=models,
-        labels=labels,
+        labels=[s.name for s in loaded],
         heads=heads,
         fingerprints=[model_fingerprint(m) for m in models],
-        architecture=architecture_of(loaded[0]),
+        architecture=loaded[0].architecture,
         graph=graph,
         base=base_model,
         equivalence_error=error,
     )
+
+
+def _head(
+    i: int, source: LoadedSource, tasks: Sequence[Sequence[int]], num_classes: int, example: torch.Tensor
+) -> SourceHead:
+    """Source i's head: its classifier's record, or what it declares, checked on its outputs."""
+    model = source.classifier or source.network
+    name = f"sources[{i}] ({source.name})"
+    return head_of(i, model, tasks, num_classes, example, kind=source.head, classes=source.classes, name=name)
 
 
 def merge_graph_of(
