@@ -204,6 +204,7 @@ def head_outputs(
 
     * a tuple/list of N tensors (partial zip: one head per source) → those tensors;
     * a tensor with ``num_classes`` columns when the sources have embedding heads → ``None``;
+    * a tensor with one linear head's columns when every source has that head (one task) → ``None``;
     * a tensor whose columns are the sources' linear heads side by side → the N column blocks.
     """
     if isinstance(output, (tuple, list)):
@@ -211,6 +212,8 @@ def head_outputs(
     num_classes = heads[0].num_classes
     width = output.shape[-1]
     if all(h.kind == "embedding" for h in heads) and width == num_classes:
+        return None
+    if all(h == heads[0] for h in heads) and width == heads[0].width:
         return None
     widths = [h.width for h in heads]
     if all(h.kind == "linear" for h in heads) and width == sum(widths):
@@ -224,11 +227,11 @@ def head_outputs(
 def merged_scores(
     output: torch.Tensor | Sequence[torch.Tensor], heads: Sequence[SourceHead], scoring: Scoring = "logits"
 ) -> torch.Tensor:
-    """Global scores of a merged model: per-source heads by :func:`ensemble_scores`; one shared embedding
-    head by its scores over all classes (ZipIt! applies no softmax to a single head: the argmax is the
-    same)."""
+    """Global scores of a merged model: per-source heads by :func:`ensemble_scores`; one shared head by
+    its own scores (an embedding head over all classes; ZipIt! applies no softmax to a single head, it
+    would not change the argmax)."""
     parts = head_outputs(output, heads)
-    return output if parts is None else ensemble_scores(parts, heads, scoring)
+    return heads[0].to_global(output) if parts is None else ensemble_scores(parts, heads, scoring)
 
 
 def merged_logits(output: torch.Tensor | Sequence[torch.Tensor], heads: Sequence[SourceHead]) -> torch.Tensor:
