@@ -24,6 +24,7 @@ the same BatchNorm reset, :func:`lightning_merge.pipeline.merge.treat_references
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -170,8 +171,8 @@ def combine(global_logits: Sequence[torch.Tensor]) -> torch.Tensor:
     """Joint scores of several heads: the best score any of them gives each class."""
     if not global_logits:
         raise ValueError("combine needs at least one logits tensor")
-    dtype = torch.promote_types(*[g.dtype for g in global_logits]) if len(global_logits) > 1 else None
-    return torch.stack([g.to(dtype) if dtype else g for g in global_logits]).amax(0)
+    dtype = functools.reduce(torch.promote_types, [g.dtype for g in global_logits])
+    return torch.stack([g.to(dtype) for g in global_logits]).amax(0)
 
 
 def ensemble_scores(

@@ -106,6 +106,11 @@ def test_side_by_side_concatenation_scores_as_the_ensemble(scoring: str) -> None
     assert torch.equal(together, ensemble_scores([m(x) for m in models], HEADS, scoring))
     concatenated = merged_scores(torch.cat([m(x) for m in models], -1), HEADS, scoring)
     assert torch.equal(concatenated, together)  # linear heads side by side: the same rule
+    three = [SourceHead("linear", (c, c + 1), 6) for c in (0, 2, 4)]
+    outs = [torch.randn(10, 2) for _ in three]
+    joint = ensemble_scores(outs, three, scoring)
+    per_head = [o.log_softmax(-1).double() if scoring == "per_head_softmax" else o for o in outs]
+    torch.testing.assert_close(joint, torch.cat(per_head, -1), rtol=1e-6, atol=1e-6)
 
 
 def test_scoring_options_are_checked() -> None:
