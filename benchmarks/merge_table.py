@@ -35,14 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_io import command_line, machine_description  # noqa: E402
 
 from lightning_merge.callbacks.statistics import MergeStatistics  # noqa: E402
+from lightning_merge.cost import count_flops, count_params
 from lightning_merge.data import MergeDataModule, TaskSplitDataModule
 from lightning_merge.data.datamodule import DEFAULT_ROOT
 from lightning_merge.methods import (
@@ -202,22 +201,6 @@ def group_sources(
     return [train_spec(s, cache_dir, root) for s in specs]
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def count_flops(model: nn.Module, image_shape: Sequence[int]) -> int:
-    """FLOPs of one forward pass on a single image (matmuls/convolutions, as torch counts them)."""
-    was_training = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(torch.zeros(1, *image_shape))
-    model.train(was_training)
-    return counter.get_total_flops()
-
-
 def _row(
     seeds: str,
     label: str,
@@ -262,10 +245,11 @@ def evaluate_merge(
 ) -> tuple[list[MetricRow], MergeModule]:
     """One merge run → its table row (and, with ``references``, the source and ensemble rows first).
 
-    Relative parameters and FLOPs are against one source (a partial zip counts trunk + N tails, the
-    ensemble is N); ``seconds`` is the whole run (statistics pass or cache load, merge, test-set
-    evaluation, counts); ``stats`` says whether the statistics came from a ``"pass"``, the
-    ``"cache"`` file or ``"none"``. ``repair`` is the ``MergeModule``'s (BatchNorm reset / REPAIR).
+    Relative parameters and FLOPs (nonzero weights only, :mod:`lightning_merge.cost`) are against one
+    source (a partial zip counts trunk + N tails, the ensemble is N); ``seconds`` is the whole run
+    (statistics pass or cache load, merge, test-set evaluation, counts); ``stats`` says whether the
+    statistics came from a ``"pass"``, the ``"cache"`` file or ``"none"``. ``repair`` is the
+    ``MergeModule``'s (BatchNorm reset / REPAIR).
     """
     n = datamodule.num_tasks
     if len(sources) != n:

@@ -6,10 +6,9 @@
   trace and check the merge graph (:mod:`~lightning_merge.pipeline.prepare`); ask the
   :class:`~lightning_merge.callbacks.statistics.MergeStatistics` callback for the statistics; run the
   method and the post-merge passes (:mod:`~lightning_merge.pipeline.merge`), identical on every rank;
-* validation steps over the data module's per-task evaluation loaders update torchmetrics accuracies
-  of the merge, each source and the ensemble (:mod:`~lightning_merge.evaluation`);
-* ``on_validation_epoch_end``: log ``val/<model>/{joint,taskT}_acc``, print the results table, send the
-  W&B table and charts (rank zero), export the merge when ``export_dir`` is set.
+* validation steps (one loader per task) update accuracies of the merge, each source and the ensemble,
+  untreated and given the merge's BatchNorm reset, under one scoring rule (:mod:`~.evaluation`);
+* ``on_validation_epoch_end``: log ``val/<model>/{joint,taskT}_acc``, report (rank zero), export.
 """
 
 from __future__ import annotations
@@ -23,15 +22,18 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_merge import reporting
 from lightning_merge.callbacks.statistics import MergeStatistics, StatisticsInputs
+from lightning_merge.cost import Cost
 from lightning_merge.data.merge_data import MergeDataModule
 from lightning_merge.dataflow import Ranks, batch_inputs
-from lightning_merge.evaluation import MergeScores
-from lightning_merge.methods.base import MergeMethod, MergeResult
+from lightning_merge.evaluation import Scoring, Treat
+from lightning_merge.methods.base import MergeMethod
 from lightning_merge.methods.config import method_config
+from lightning_merge.pipeline import merge as stages
 from lightning_merge.pipeline.export import MergeRecord, export_merged
 from lightning_merge.pipeline.load import Source, check_source_paths, describe
-from lightning_merge.pipeline.merge import Repair, agree_across_ranks, check_repair, post_merge, run_method
+from lightning_merge.pipeline.merge import ReferenceOptions, Repair
 from lightning_merge.pipeline.prepare import PreparedSources, prepare_sources
 from lightning_merge.stats.container import Statistics
 
@@ -50,6 +52,9 @@ class MergeModule(pl.LightningModule):
         stats_path: statistics file to reuse (when it matches these sources and graph) or write.
         export_dir: write ``model.safetensors`` + ``recipe.yaml`` of the merge there.
         evaluate_sources / evaluate_ensemble: also score each source / the ensemble as references.
+        treated_references: ``"ensemble"`` / ``"all"`` (+ sources) / ``"none"``: also score copies given
+            the merge's BatchNorm reset (``<name>_reset``; none when ``repair`` is false).
+        scoring: ``"logits"`` or ``"per_head_softmax"`` (ZipIt!'s; ``<model>/phs_joint_acc``).
         heatmaps: number of merge points whose correlation matrices are logged as images.
         graph_file: a merge graph JSON file (``lightning_merge.graph.save_graph``) used instead of the
             traced one; the equivalence check judges it all the same.
@@ -65,6 +70,8 @@ class MergeModule(pl.LightningModule):
         export_dir: str | None = None,
         evaluate_sources: bool = True,
         evaluate_ensemble: bool = True,
+        treated_references: Treat = "ensemble",
+        scoring: Scoring = "logits",
         heatmaps: int = 3,
         graph_file: str | None = None,
         trusted_checkpoints: bool = False,
@@ -78,7 +85,7 @@ class MergeModule(pl.LightningModule):
             )
         if method.needs_base and base is None:
             raise ValueError(f"method {method.name!r} merges task vectors: give base= (the shared model)")
-        check_repair(repair, method)
+        stages.check_repair(repair, method)
         if heatmaps < 0:
             raise ValueError(f"heatmaps must be >= 0, got {heatmaps}")
         check_source_paths([*sources, *([] if base is None else [base])], has_base=base is not None)
@@ -86,21 +93,21 @@ class MergeModule(pl.LightningModule):
         self.repair, self.heatmaps, self.graph_file = repair, heatmaps, graph_file
         self.stats_path, self.export_dir = stats_path, export_dir
         self.trusted_checkpoints = trusted_checkpoints
-        self.evaluate_sources, self.evaluate_ensemble = evaluate_sources, evaluate_ensemble
+        self.references = ReferenceOptions(evaluate_sources, evaluate_ensemble, treated_references, scoring)
         self.save_hyperparameters(
             {"sources": [describe(s) for s in sources], "method": method_config(method)}
             | {"base": None if base is None else describe(base), "repair": repair, "graph_file": graph_file}
             | {"stats_path": stats_path, "export_dir": export_dir, "heatmaps": heatmaps}
             | {"evaluate_sources": evaluate_sources, "evaluate_ensemble": evaluate_ensemble}
+            | {"treated_references": treated_references, "scoring": scoring}
             | {"trusted_checkpoints": trusted_checkpoints}
         )
-        self.sources = nn.ModuleList()
+        self.sources, self.treated = nn.ModuleList(), nn.ModuleList()
         self.prepared: PreparedSources | None = None
         self.statistics: Statistics | None = None
-        self.result: MergeResult | None = None
-        self.merged: nn.Module | None = None
-        self.scores: MergeScores | None = None
+        self.result, self.merged, self.scores = None, None, None  # MergeResult, nn.Module, MergeScores
         self.results: dict[str, float] = {}
+        self.costs: dict[str, Cost] = {}
 
     # ------------------------------------------------------------------ stages
     def setup(self, stage: str) -> None:
@@ -112,14 +119,11 @@ class MergeModule(pl.LightningModule):
             callback = next(c for c in self.trainer.callbacks if isinstance(c, MergeStatistics))
             callback.ensure_statistics(self.trainer, self)
         data, ranks = self.data.calibration_dataloader(), Ranks.of_strategy(self.trainer.strategy)
-        self.result = run_method(self.method, prepared, self.statistics, data, ranks)
-        merged = post_merge(self.result, prepared, data, self.repair, ranks)
-        agree_across_ranks(merged, self.trainer.strategy)
-        self.merged = merged
-        scores = MergeScores(
-            prepared.heads, self.data.tasks, sources=self.evaluate_sources, ensemble=self.evaluate_ensemble
-        )
-        self.scores = scores.to(self.trainer.strategy.root_device)
+        self.result = stages.run_method(self.method, prepared, self.statistics, data, ranks)
+        self.merged = stages.post_merge(self.result, prepared, data, self.repair, ranks)
+        stages.agree_across_ranks(self.merged, self.trainer.strategy)
+        scores, treated = self.references.of(prepared, self.merged, self.data.tasks, data, self.repair, ranks)
+        self.scores, self.treated = scores.to(self.trainer.strategy.root_device), nn.ModuleList(treated)
 
     def prepare(self) -> PreparedSources:
         """Load and check the sources, trace and check the graph, on the strategy's device (idempotent)."""
@@ -139,19 +143,12 @@ class MergeModule(pl.LightningModule):
 
     def statistics_inputs(self) -> StatisticsInputs:
         """What the statistics callback reads (:class:`StatisticsConsumer`)."""
-        prepared = self.prepare()
-        return StatisticsInputs(prepared.models, prepared.graph, self.data.calibration_dataloader())
+        p = self.prepare()
+        return StatisticsInputs(p.models, p.graph, self.data.calibration_dataloader())
 
     @property
     def data(self) -> MergeDataModule:
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if not isinstance(dm, MergeDataModule):
-            raise TypeError(
-                f"MergeModule reads its tasks, evaluation and calibration data from a MergeDataModule; got "
-                f"{type(dm).__name__}: pass datamodule=MergeDataModule(tasks=TaskSplitDataModule(...)) "
-                "to trainer.validate (YAML: data.class_path lightning_merge.data.MergeDataModule)"
-            )
-        return dm
+        return MergeDataModule.of(self._trainer, "MergeModule")
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """The statistics pass, unless the trainer already has a ``MergeStatistics`` callback."""
@@ -168,9 +165,7 @@ class MergeModule(pl.LightningModule):
         return self.merged(x)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, labels = batch[0], batch[1]
-        outputs = [m(images) for m in self.sources] if self.scores.needs_sources else None
-        self.scores.update(self(images), outputs, labels, dataloader_idx)
+        self.scores.score_batch(self.merged, self.sources, self.treated, batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         """Compute (synced across ranks), log, report and export."""
@@ -185,10 +180,10 @@ class MergeModule(pl.LightningModule):
                 self.export(self.export_dir)
 
     def _report(self) -> None:
-        from lightning_merge import reporting
-
         tasks, graph = len(self.data.tasks), self.prepare().graph
-        reporting.print_results(self.results, tasks)
+        shape = batch_inputs(next(iter(self.data.calibration_dataloader()))).shape[1:]
+        self.costs = reporting.model_costs(self.merged, list(self.sources), shape)
+        reporting.print_results(self.results, tasks, costs=self.costs)
         for logger in self.loggers:
             reporting.log_to_logger(logger, self.results, tasks, self.statistics, graph, self.heatmaps)
 

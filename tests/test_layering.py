@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_merge"
 LAYERS: list[tuple[str, ...]] = [
-    ("dataflow",),
+    ("dataflow", "cost"),
     ("graph",),
     ("stats", "match"),
     ("apply",),

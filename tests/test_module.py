@@ -100,10 +100,13 @@ def test_metrics_match_independent_computations(validated: tuple[MergeModule, Ta
     r = module.results
     expected_keys = {
         f"{m}/{k}"
-        for m in ("merged", "source0", "source1", "ensemble")
+        for m in ("merged", "source0", "source1", "ensemble", "ensemble_reset")
         for k in ("joint_acc", "task0_acc", "task1_acc")
     }
     assert set(r) == expected_keys
+    # MLP sources have no BatchNorm: the merge's treatment leaves the ensemble exactly as it was
+    metrics = ("joint_acc", "task0_acc", "task1_acc")
+    assert all(r[f"ensemble_reset/{k}"] == r[f"ensemble/{k}"] for k in metrics)
     pair = small_pair()
     for i in range(2):  # each source on its own task: the foundation's own accuracy helper
         assert r[f"source{i}/task{i}_acc"] == pytest.approx(
@@ -250,7 +253,9 @@ def test_every_method_runs_through_the_module(cls: type[MergeMethod]) -> None:
     dm = TaskSplitDataModule(calibration_size=128, eval_batch_size=500)
     trainer(limit_val_batches=1).validate(module, datamodule=MergeDataModule(dm), verbose=False)
     assert set(module.results) == {
-        f"{m}/{k}" for m in ("merged", "ensemble") for k in ("joint_acc", "task0_acc", "task1_acc")
+        f"{m}/{k}"
+        for m in ("merged", "ensemble", "ensemble_reset")
+        for k in ("joint_acc", "task0_acc", "task1_acc")
     }
     print(f"\nMLP×0.25 {cls.name} through the module: joint acc {module.results['merged/joint_acc']:.3f}")
     assert module.results["merged/joint_acc"] > 0.1  # better than chance over 10 classes

@@ -54,6 +54,18 @@ class MergeDataModule(pl.LightningDataModule):
         # loggers record the task data's own hyperparameters (and the split), not a nested object
         self.save_hyperparameters(dict(getattr(tasks, "hparams", {})) | {"split": split})
 
+    @staticmethod
+    def of(trainer: Any, who: str) -> MergeDataModule:
+        """The trainer's data module, which must be a ``MergeDataModule`` (a named error otherwise)."""
+        dm = trainer.datamodule if trainer is not None else None
+        if not isinstance(dm, MergeDataModule):
+            raise TypeError(
+                f"{who} reads its tasks, evaluation and calibration data from a MergeDataModule; got "
+                f"{type(dm).__name__}: pass datamodule=MergeDataModule(tasks=TaskSplitDataModule(...)) "
+                "to trainer.validate (YAML: data.class_path lightning_merge.data.MergeDataModule)"
+            )
+        return dm
+
     @property
     def tasks(self) -> list[list[int]]:
         return [list(t) for t in self.task_data.tasks]

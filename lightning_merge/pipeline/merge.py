@@ -1,4 +1,5 @@
-"""Stages 4–5 of a merge: run the method, then the post-merge passes (REPAIR, BatchNorm reset).
+"""Stages 4–5 of a merge: run the method, then the post-merge passes (REPAIR, BatchNorm reset); and
+the same treatment for the references the merge is compared with (:func:`treat_references`).
 
 Both read the calibration data through :mod:`lightning_merge.dataflow` (whole batches per rank, sums
 added once), so every rank computes the same merged weights; :func:`agree_across_ranks` checks that
@@ -7,8 +8,10 @@ and falls back to rank 0's weights if a rank drifted.
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -18,6 +21,7 @@ from lightning_merge.apply.batchnorm_reset import reset_batchnorm
 from lightning_merge.apply.partial import PartialZipModel
 from lightning_merge.apply.repair import repair_rescale
 from lightning_merge.dataflow import Ranks
+from lightning_merge.evaluation import MergeScores, Scoring, Treat, check_scoring_models
 from lightning_merge.methods.base import MergeMethod, MergeResult
 from lightning_merge.pipeline.prepare import PreparedSources
 from lightning_merge.stats.container import Statistics
@@ -28,11 +32,11 @@ log = logging.getLogger(__name__)
 Repair = bool | Literal["reset", "rescale"]
 
 
-def check_repair(repair: Any, method: MergeMethod) -> None:
+def check_repair(repair: Any, method: MergeMethod | None) -> None:
     """``repair`` must be one of the documented values, and ``"rescale"`` needs a matching method."""
     if repair not in (True, False, "reset", "rescale"):
         raise ValueError(f"repair must be True, False, 'reset' or 'rescale', got {repair!r}")
-    if repair == "rescale" and not method.has_transforms:
+    if repair == "rescale" and method is not None and not method.has_transforms:
         raise ValueError(
             f"repair='rescale' needs a matching method's transforms; method {method.name!r} has none "
             "(use repair='reset')"
@@ -79,6 +83,60 @@ def post_merge(
     if repair:
         reset_batchnorm(merged, calibration, ranks=ranks)
     return merged.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def treat_references(
+    models: Sequence[nn.Module], calibration: Iterable[Any], repair: Repair, ranks: Ranks | None = None
+) -> list[nn.Module]:
+    """Copies of ``models`` given the treatment :func:`post_merge` gives the merge, for equal comparison.
+
+    Any true ``repair`` resets the merge's BatchNorm statistics on ``calibration``; each copy gets the
+    same reset on the same data (REPAIR's rescaling matches a merge to its sources, so a source's
+    treatment is the reset alone). ``repair=False``: untouched copies. The sources themselves are never
+    modified (the merge reads them). Copies are in eval mode without gradients.
+    """
+    if not models:
+        raise ValueError("treat_references needs at least one model")
+    check_repair(repair, None)
+    copies = [copy.deepcopy(m) for m in models]
+    if repair:
+        for copied in copies:
+            reset_batchnorm(copied, calibration, ranks=ranks)
+    return [c.eval().requires_grad_(False) for c in copies]
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """What a merge is compared with: ``MergeModule``'s ``evaluate_sources``, ``evaluate_ensemble``,
+    ``treated_references`` and ``scoring`` (checked here, so a bad value fails at construction)."""
+
+    sources: bool = True
+    ensemble: bool = True
+    treat: Treat = "ensemble"
+    scoring: Scoring = "logits"
+
+    def __post_init__(self) -> None:
+        MergeScores.check_options(self.treat, self.scoring)
+
+    def of(
+        self,
+        sources: PreparedSources,
+        merged: nn.Module,
+        tasks: Sequence[Sequence[int]],
+        calibration: Iterable[Any],
+        repair: Repair,
+        ranks: Ranks | None = None,
+    ) -> tuple[MergeScores, list[nn.Module]]:
+        """The metrics, and the treated copies of the sources they need (none when ``repair`` is false:
+        the merge got no treatment, so the treated references would be the untreated ones)."""
+        check_scoring_models(self.scoring, merged, sources.models, sources.heads)
+        treat = self.treat if repair else "none"
+        scores = MergeScores.of_options(
+            sources.heads, tasks, self.sources, self.ensemble, treat=treat, scoring=self.scoring
+        )
+        treated = treat_references(sources.models, calibration, repair, ranks) if scores.needs_treated else []
+        return scores, treated
 
 
 def agree_across_ranks(merged: nn.Module, strategy: Any) -> bool:

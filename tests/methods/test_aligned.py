@@ -291,7 +291,9 @@ def test_runs_through_merge_module(source_pair: Callable) -> None:
     )
     trainer.validate(module, datamodule=MergeDataModule(dm), verbose=False)
     assert set(module.results) == {
-        f"{m}/{k}" for m in ("merged", "ensemble") for k in ("joint_acc", "task0_acc", "task1_acc")
+        f"{m}/{k}"
+        for m in ("merged", "ensemble", "ensemble_reset")
+        for k in ("joint_acc", "task0_acc", "task1_acc")
     }
     print(f"\naligned MaTS through the module: joint acc {module.results['merged/joint_acc']:.3f}")
     assert module.results["merged/joint_acc"] > 0.3
