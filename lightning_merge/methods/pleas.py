@@ -5,12 +5,20 @@
    every model to model 0 by Hungarian matching and fuse the N·n − m best-scoring of those
    (N − 1)·n pairs (:func:`partial_to_first`; equal to the two-model rule up to feature order,
    always feasible for m in [n, N·n], and Permute at m = n).
-2. Merge the weights through those transforms, then re-fit every Linear/Conv2d in forward order so
-   the merged model's own inputs reproduce the sources' (partially permuted) outputs
+2. Re-fit every Linear/Conv2d by least squares. ``objective="published"`` (the paper's and official
+   code's): per layer and independently, inputs built from the *sources' own* activations
+   [ (x_A,m + x_B,m)/2 , x_A,u , x_B,u ], targets from their outputs the same way, the weights from
+   one model's unmatched inputs to the other's unmatched outputs held at zero; solved in closed form
+   from the ``joint_inputs`` statistics, no data pass
+   (:func:`lightning_merge.apply.block_least_squares.refit_from_statistics`). At merged width 2n the
+   result is the two sources side by side; at unmatched ratio r a layer has (1 + 2r − r²) of a source
+   layer's non-zero weights, reported in the result's ``diagnostics["cost"]``.
+   ``objective="propagated"`` (this library's earlier variant): a dense refit in forward order on
+   the *merged* model's propagated inputs, reading the calibration loader
    (:func:`lightning_merge.apply.least_squares.least_squares_refit`).
 
-The data-free variant is the same with a loader from another domain: ``merge(..., data=...)`` uses
-whatever loader it is given (the MergeModule decides which).
+PLeaS-free (the paper's data-free variant) is the same with statistics gathered on another data set:
+``MergeDataModule(calibration=...)`` chooses what the statistics pass (and the propagated refit) read.
 """
 
 from __future__ import annotations
@@ -21,15 +29,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_merge.apply.block_least_squares import refit_from_statistics
 from lightning_merge.apply.least_squares import least_squares_refit
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match._checks import check_similarity, check_target_width
 from lightning_merge.match.partial import match_partial
 from lightning_merge.match.permute import group_hungarian
 from lightning_merge.match.transform import SpaceTransform, from_assignment
+from lightning_merge.methods.base import MergeResult
 from lightning_merge.methods.transform_base import TransformMethod, Transforms, check_ratio, correlation
 from lightning_merge.methods.zipit import resolve_widths
 from lightning_merge.stats.container import Statistics
+
+OBJECTIVES = ("published", "propagated")
 
 
 def partial_to_first(
@@ -67,19 +79,32 @@ def partial_to_first(
     return from_assignment(assign, target_width, num_models)
 
 
+def cost_summary(cost: Mapping[str, tuple[int, int, float]]) -> dict[str, Any]:
+    """PLeaS' cost of the refitted layers relative to one source: non-zero (allowed) weights, and
+    FLOPs = weights × output positions (the rows a layer saw per sample, the same sample count for all)."""
+    if not cost:
+        return {"layers": {}, "params": None, "flops": None}
+    nnz = sum(c[0] for c in cost.values())
+    src = sum(c[1] for c in cost.values())
+    flops = sum(c[0] * c[2] for c in cost.values()) / sum(c[1] * c[2] for c in cost.values())
+    return {"layers": {k: c[0] / c[1] for k, c in cost.items()}, "params": nnz / src, "flops": flops}
+
+
 class PLeaSMerge(TransformMethod):
-    """``width`` = m/n in [1, N] (or per-merge-point ``widths``); ``ridge`` is the relative Tikhonov
-    term of the solve; ``max_batches`` caps the batches read per layer; ``refit=False`` skips step 2."""
+    """``width`` = m/n in [1, N] (or per-merge-point ``widths``); ``objective``: "published" (per-layer
+    fit on the sources' own activations, from statistics, structural zero blocks) or "propagated"
+    (dense forward-order refit on the merged model's inputs); ``ridge`` is the relative Tikhonov term
+    of the solve (0: pseudo-inverse, published objective only); ``max_batches`` caps the batches the
+    propagated refit reads; ``refit=False`` skips step 2."""
 
     name = "pleas"
-
-    requires = frozenset({"moments"})
 
     def __init__(
         self,
         *,
         width: float = 1.0,
         widths: dict[str, int] | None = None,
+        objective: str = "published",
         ridge: float = 1e-4,
         max_batches: int | None = None,
         refit: bool = True,
@@ -87,17 +112,48 @@ class PLeaSMerge(TransformMethod):
     ) -> None:
         super().__init__(stop_at=stop_at)
         check_ratio(width, "width")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
             raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
+        if objective == "propagated" and ridge == 0:
+            raise ValueError("ridge=0 (pseudo-inverse) is for objective='published'; give ridge > 0")
         if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
             raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
-        self.width, self.widths, self.ridge = float(width), widths, float(ridge)
+        self.width, self.widths, self.objective, self.ridge = float(width), widths, objective, float(ridge)
         self.max_batches, self.refit = max_batches, refit
 
     @property
+    def requires(self) -> frozenset[str]:  # type: ignore[override]
+        """The published refit reads the sources' joint layer-input moments."""
+        if self.refit and self.objective == "published":
+            return frozenset({"moments", "joint_inputs"})
+        return frozenset({"moments"})
+
+    @property
     def needs_data(self) -> bool:  # type: ignore[override]
-        """Only the least-squares refit reads the calibration data."""
-        return self.refit
+        """Only the propagated refit reads the calibration data."""
+        return self.refit and self.objective == "propagated"
+
+    def merge(
+        self,
+        sources: Sequence[nn.Module],
+        *,
+        graph: MergeGraph | None,
+        stats: Statistics | None,
+        base: nn.Module | None = None,
+        data: Iterable[Any] | None = None,
+    ) -> MergeResult:
+        result = super().merge(sources, graph=graph, stats=stats, base=base, data=data)
+        if not (self.refit and self.objective == "published"):
+            return result
+        assert graph is not None and stats is not None and result.transforms is not None  # checked above
+        target = getattr(result.model, "trunk", result.model)  # a partial zip refits its merged trunk
+        cost = refit_from_statistics(
+            target, sources, graph, result.transforms, stats.joint_inputs, ridge=self.ridge
+        )
+        diagnostics = {**result.diagnostics, "cost": cost_summary(cost)}
+        return MergeResult(result.model, result.transforms, diagnostics)
 
     def match(self, sources: Sequence[nn.Module], graph: MergeGraph, stats: Statistics | None) -> Transforms:
         num = len(sources)
@@ -121,7 +177,7 @@ class PLeaSMerge(TransformMethod):
         transforms: Mapping[str, SpaceTransform],
         data: Iterable[Any] | None,
     ) -> dict[str, Any]:
-        if not self.refit:
+        if not (self.refit and self.objective == "propagated"):
             return {}
         if data is None:
             raise ValueError("pleas needs a data loader for its least-squares refit (data=None given)")

@@ -29,7 +29,8 @@ COLLECTORS: dict[str, CollectorFactory] = {"moments": FeatureMomentsCollector}
 # modules that register the other statistics when imported (see ``register_collector``)
 _PROVIDERS = {"grams": "lightning_merge.stats.gram", "fisher": "lightning_merge.stats.fisher"}
 _PROVIDERS["kfac"] = "lightning_merge.stats.kfac"
-KNOWN_STATISTICS = ("moments", "grams", "fisher", "kfac")
+_PROVIDERS["joint_inputs"] = "lightning_merge.stats.joint_inputs"
+KNOWN_STATISTICS = ("moments", "grams", "fisher", "kfac", "joint_inputs")
 
 
 def register_collector(name: str) -> Callable[[CollectorFactory], CollectorFactory]:

@@ -48,7 +48,9 @@ class Statistics:
     * ``fisher[i][param]``: model i's diagonal Fisher, summed squared gradients (divide by
       ``fisher_counts[i]``);
     * ``kfac[i][module]``: model i's K-FAC factors (A = Σ input outer products, G = Σ output-gradient
-      outer products), with ``kfac_counts[i]``.
+      outer products), with ``kfac_counts[i]``;
+    * ``joint_inputs[module]``: moments of the N models' inputs to Linear/Conv ``module`` side by side,
+      z = [x_1; …; x_N] (conv: unfolded patches, every position a row; PLeaS from statistics).
     """
 
     num_models: int
@@ -60,3 +62,4 @@ class Statistics:
     fisher_counts: list[float] = field(default_factory=list)
     kfac: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     kfac_counts: list[float] = field(default_factory=list)
+    joint_inputs: dict[str, FeatureMoments] = field(default_factory=dict)

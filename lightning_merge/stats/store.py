@@ -7,7 +7,7 @@ so a crash leaves either the old pair, or a tensor file whose checksum does not 
 a partial or truncated save is always detected on load. The round trip is bitwise exact.
 
 Tensor keys: ``moments/<space>/{count,total,outer}``, ``grams/<i>/<module>``,
-``fisher/<i>/<param>``, ``kfac/<i>/<module>/{A,G}``.
+``fisher/<i>/<param>``, ``kfac/<i>/<module>/{A,G}``, ``joint_inputs/<module>/{count,total,outer}``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from lightning_merge.stats.container import FeatureMoments, Statistics
 FORMAT = "lightning_merge.statistics"
 VERSION = 1
 _MOMENT_FIELDS = ("count", "total", "outer")
+_KINDS = ("moments", "grams", "fisher", "kfac", "joint_inputs")
 
 
 class StatisticsFileError(ValueError):
@@ -76,7 +77,7 @@ def save_statistics(
         "num_models": stats.num_models,
         "graph_digest": stats.graph_digest,
         "model_fingerprints": list(model_fingerprints) if model_fingerprints is not None else None,
-        "statistics": [k for k in ("moments", "grams", "fisher", "kfac") if getattr(stats, k)],
+        "statistics": [k for k in _KINDS if getattr(stats, k)],
         "moment_counts": {s: float(m.count) for s, m in stats.moments.items()},
         "gram_counts": stats.gram_counts,
         "fisher_counts": stats.fisher_counts,
@@ -133,6 +134,9 @@ def _flatten(stats: Statistics) -> dict[str, torch.Tensor]:
     for space, m in stats.moments.items():
         for name in _MOMENT_FIELDS:
             put(f"moments/{space}/{name}", getattr(m, name))
+    for module, m in stats.joint_inputs.items():
+        for name in _MOMENT_FIELDS:
+            put(f"joint_inputs/{module}/{name}", getattr(m, name))
     for i, grams in enumerate(stats.grams):
         for module, g in grams.items():
             put(f"grams/{i}/{module}", g)
@@ -162,9 +166,9 @@ def _unflatten(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Statis
     kfac: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key in meta["keys"]:
         kind, rest = key.split("/", 1)
-        if kind == "moments":
+        if kind in ("moments", "joint_inputs"):
             space, name = rest.rsplit("/", 1)
-            moments.setdefault(space, {})[name] = tensors[key]
+            moments.setdefault(f"{kind}/{space}", {})[name] = tensors[key]
         elif kind == "kfac":
             i, rest = rest.split("/", 1)
             module, factor = rest.rsplit("/", 1)
@@ -172,8 +176,9 @@ def _unflatten(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Statis
         else:
             i, name = rest.split("/", 1)
             getattr(stats, "grams" if kind == "grams" else "fisher")[int(i)][name] = tensors[key]
-    for space, parts in moments.items():
-        stats.moments[space] = FeatureMoments(parts["count"], parts["total"], parts["outer"], n)
+    for key, parts in moments.items():
+        kind, space = key.split("/", 1)
+        getattr(stats, kind)[space] = FeatureMoments(parts["count"], parts["total"], parts["outer"], n)
     for (i, module), parts in kfac.items():
         stats.kfac[i][module] = (parts["A"], parts["G"])
     return stats
