@@ -96,6 +96,22 @@ def test_width_two_is_the_two_sources_side_by_side() -> None:
     assert result.diagnostics["cost"]["params"] == pytest.approx(2.0)
 
 
+def test_partial_zip_at_width_two_returns_each_source_output() -> None:
+    """The published refit runs on a partial zip's merged trunk too (same layer names)."""
+    models = random_pair(lambda: ResNet20(width=0.25, blocks_per_stage=1))
+    data = batches((64, 1, 16, 16), 2)
+    graph = trace_graph(models[0], data[0][0][:2])
+    stats = collect_statistics(models, graph, data, requires=BOTH, progress=False)
+    result = PLeaSMerge(width=2.0, ridge=0.0, stop_at=0.5).merge(models, graph=graph, stats=stats)
+    assert result.diagnostics["cost"]["params"] == pytest.approx(2.0)
+    x = batches((16, 1, 16, 16), 1, seed=3)[0][0]
+    with torch.no_grad():
+        outs = result.model(x)
+        for out, source in zip(outs, models, strict=True):
+            want = source(x)
+            assert float((out - want).norm() / want.norm()) < 1e-6
+
+
 # ------------------------------------------------------------------ statistics = direct fit
 def _channel_map(t: SpaceTransform | None, n: int, num: int = 2) -> list[torch.Tensor]:
     """Each model's (m, n) map of a feature axis: M_i, or 1/N for a fixed axis."""

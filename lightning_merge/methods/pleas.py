@@ -36,7 +36,6 @@ from lightning_merge.match._checks import check_similarity, check_target_width
 from lightning_merge.match.partial import match_partial
 from lightning_merge.match.permute import group_hungarian
 from lightning_merge.match.transform import SpaceTransform, from_assignment
-from lightning_merge.methods.base import MergeResult
 from lightning_merge.methods.transform_base import TransformMethod, Transforms, check_ratio, correlation
 from lightning_merge.methods.zipit import resolve_widths
 from lightning_merge.stats.container import Statistics
@@ -135,26 +134,6 @@ class PLeaSMerge(TransformMethod):
         """Only the propagated refit reads the calibration data."""
         return self.refit and self.objective == "propagated"
 
-    def merge(
-        self,
-        sources: Sequence[nn.Module],
-        *,
-        graph: MergeGraph | None,
-        stats: Statistics | None,
-        base: nn.Module | None = None,
-        data: Iterable[Any] | None = None,
-    ) -> MergeResult:
-        result = super().merge(sources, graph=graph, stats=stats, base=base, data=data)
-        if not (self.refit and self.objective == "published"):
-            return result
-        assert graph is not None and stats is not None and result.transforms is not None  # checked above
-        target = getattr(result.model, "trunk", result.model)  # a partial zip refits its merged trunk
-        cost = refit_from_statistics(
-            target, sources, graph, result.transforms, stats.joint_inputs, ridge=self.ridge
-        )
-        diagnostics = {**result.diagnostics, "cost": cost_summary(cost)}
-        return MergeResult(result.model, result.transforms, diagnostics)
-
     def match(self, sources: Sequence[nn.Module], graph: MergeGraph, stats: Statistics | None) -> Transforms:
         num = len(sources)
         widths = resolve_widths(graph, num, self.width, self.widths)
@@ -176,11 +155,20 @@ class PLeaSMerge(TransformMethod):
         graph: MergeGraph,
         transforms: Mapping[str, SpaceTransform],
         data: Iterable[Any] | None,
+        stats: Statistics | None = None,
     ) -> dict[str, Any]:
-        if not (self.refit and self.objective == "propagated"):
+        """Step 2 on ``merged`` (the full model, or a partial zip's trunk), in place."""
+        if not self.refit:
             return {}
+        if self.objective == "published":
+            self.check_stats(stats)
+            assert stats is not None  # check_stats raised otherwise
+            cost = refit_from_statistics(
+                merged, sources, graph, transforms, stats.joint_inputs, ridge=self.ridge
+            )
+            return {"cost": cost_summary(cost)}
         if data is None:
-            raise ValueError("pleas needs a data loader for its least-squares refit (data=None given)")
+            raise ValueError("pleas needs a data loader for its propagated refit (data=None given)")
         least_squares_refit(
             merged, sources, graph, transforms, data, ridge=self.ridge, max_batches=self.max_batches
         )
