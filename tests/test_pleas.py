@@ -10,11 +10,17 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from pleas_ddp_script import METHOD, PLeaSSources
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -25,6 +31,7 @@ from lightning_merge.methods import PLeaSMerge
 from lightning_merge.models.resnet import ResNet20
 from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.container import Statistics
+from lightning_merge.stats.store import load_statistics, save_statistics
 from tests.stats_nets import MLP, ConvNet
 
 BOTH = ("moments", "joint_inputs")
@@ -248,3 +255,44 @@ def test_statistics_of_other_models_are_refused() -> None:
     other.joint_inputs["fc2"] = other.joint_inputs["fc1"]
     with pytest.raises(ValueError, match="'fc2'.*width"):
         PLeaSMerge().merge(models, graph=graph, stats=other)
+
+
+# ------------------------------------------------------------------ DDP and the statistics store
+@pytest.mark.ddp
+def test_two_ddp_processes_give_the_single_process_weights(tmp_path) -> None:
+    script = Path(__file__).with_name("pleas_ddp_script.py")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.pop("LOCAL_RANK", None)
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    module = PLeaSSources()  # same seeds → same sources and data
+    module.statistics = collect_statistics(
+        list(module.sources),
+        module.merge_graph,
+        module.calibration_dataloader(),
+        requires=sorted(METHOD.requires),
+        progress=False,
+    )
+    want = module.merged_state()
+    got = load_file(str(tmp_path / "pleas_ddp.safetensors"))
+    assert set(got) == set(want)
+    for key, w in want.items():
+        if w.is_floating_point():
+            assert (got[key] - w).abs().max() <= 1e-6 * w.abs().max().clamp_min(1e-12), key
+
+
+def test_joint_inputs_survive_the_statistics_store(tmp_path) -> None:
+    models = random_pair(MLP)
+    graph = trace_graph(models[0], torch.zeros(2, 8, dtype=torch.float64))
+    stats = collect_statistics(models, graph, batches((50, 8), 2), requires=BOTH, progress=False)
+    back = load_statistics(save_statistics(stats, tmp_path / "s.safetensors"), graph=graph)
+    assert set(back.joint_inputs) == set(stats.joint_inputs) == {"fc1", "fc2", "fc3"}
+    for name, m in stats.joint_inputs.items():
+        for field in ("count", "total", "outer"):
+            assert torch.equal(getattr(back.joint_inputs[name], field), getattr(m, field)), (name, field)
+    assert float(stats.joint_inputs["fc1"].count) == 100
