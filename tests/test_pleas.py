@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_merge.graph import trace_graph
 from lightning_merge.graph.spec import MergeGraph
+from lightning_merge.match.budget import LayerCost, budget_unmatched, relative_flops
 from lightning_merge.match.transform import SpaceTransform
 from lightning_merge.methods import PLeaSMerge
 from lightning_merge.models.resnet import ResNet20
@@ -296,3 +298,48 @@ def test_joint_inputs_survive_the_statistics_store(tmp_path) -> None:
         for field in ("count", "total", "outer"):
             assert torch.equal(getattr(back.joint_inputs[name], field), getattr(m, field)), (name, field)
     assert float(stats.joint_inputs["fc1"].count) == 100
+
+
+# ------------------------------------------------------------------ budget solver
+def _chain(sizes: dict[str, int]) -> list[LayerCost]:
+    """input → a → b → c → output, each layer 100 FLOPs per in×out unit."""
+    names = list(sizes)
+    ends = [None, *names, None]
+    return [LayerCost(100.0, i, o) for i, o in itertools.pairwise(ends)]
+
+
+def test_budget_solver_spans_a_full_merge_to_the_ensemble() -> None:
+    sizes = {"a": 16, "b": 32, "c": 8}
+    layers = _chain(sizes)
+    assert budget_unmatched(layers, sizes, {}, 1.0) == {"a": 0, "b": 0, "c": 0}
+    assert budget_unmatched(layers, sizes, {}, 2.0) == sizes
+    assert relative_flops(layers, dict.fromkeys(sizes, 1.0)) == pytest.approx(2.0)
+    assert relative_flops(layers, dict.fromkeys(sizes, 0.5)) == pytest.approx((1.5 + 1.75 + 1.75 + 1.5) / 4)
+    for budget in (1.2, 1.5, 1.8):
+        u = budget_unmatched(layers, sizes, {}, budget)
+        cost = relative_flops(layers, {k: u[k] / n for k, n in sizes.items()})
+        assert budget - 0.05 <= cost <= budget, (budget, u, cost)
+
+
+def test_budget_solver_opens_the_merge_point_that_loses_most() -> None:
+    sizes = {"a": 32, "b": 32, "c": 32}
+    layers = [LayerCost(1.0, None, "a"), LayerCost(1.0, None, "b"), LayerCost(1.0, None, "c")]
+    u = budget_unmatched(layers, sizes, {"a": 0.1, "b": 0.9, "c": 0.2}, 4 / 3)
+    assert u == {"a": 0, "b": 32, "c": 0}
+    with pytest.raises(ValueError, match="budget must be in"):
+        budget_unmatched(layers, sizes, {}, 2.5)
+    with pytest.raises(KeyError, match="'z'"):
+        budget_unmatched([LayerCost(1.0, "z", None)], sizes, {}, 1.5)
+
+
+def test_pleas_under_a_budget_meets_it(mlp_pair: list, fmnist) -> None:
+    models = [s.model.eval() for s in mlp_pair]
+    calibration = DataLoader(Subset(fmnist.calibration_dataset(), range(500)), batch_size=250)
+    graph = trace_graph(models[0], torch.zeros(2, 1, 28, 28))
+    stats = collect_statistics(models, graph, calibration, requires=BOTH, progress=False)
+    for budget in (1.0, 1.5):
+        result = PLeaSMerge(budget=budget).merge(models, graph=graph, stats=stats)
+        flops = result.diagnostics["cost"]["flops"]
+        assert budget - 0.05 <= flops <= budget + 1e-9, (budget, flops)
+    with pytest.raises(ValueError, match="not both"):
+        PLeaSMerge(budget=1.5, width=1.5)

@@ -33,8 +33,9 @@ from lightning_merge.apply.block_least_squares import refit_from_statistics
 from lightning_merge.apply.least_squares import least_squares_refit
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match._checks import check_similarity, check_target_width
+from lightning_merge.match.budget import LayerCost, budget_unmatched
 from lightning_merge.match.partial import match_partial
-from lightning_merge.match.permute import group_hungarian
+from lightning_merge.match.permute import group_hungarian, hungarian
 from lightning_merge.match.transform import SpaceTransform, from_assignment
 from lightning_merge.methods.transform_base import TransformMethod, Transforms, check_ratio, correlation
 from lightning_merge.methods.zipit import resolve_widths
@@ -78,6 +79,54 @@ def partial_to_first(
     return from_assignment(assign, target_width, num_models)
 
 
+def _axis_space(graph: MergeGraph, param: str, axis: int) -> str | None:
+    """The merge point on a weight axis (the first one when a concatenation joins several)."""
+    for space in graph.spaces:
+        if any(r.param == param and r.axis == axis for r in space.members):
+            return space.name
+    return None
+
+
+def budget_widths(
+    sources: Sequence[nn.Module], graph: MergeGraph, stats: Statistics | None, budget: float
+) -> dict[str, int]:
+    """Merged width per merge point from :func:`~lightning_merge.match.budget.budget_unmatched`.
+
+    FLOPs per layer = weights × output positions (the rows the ``joint_inputs`` pass saw; the same
+    samples for every layer). Objective weight of a merge point: 1 − the mean correlation of its
+    Hungarian pairs, i.e. what merging its features loses (the official code reads per-layer weights
+    from archived layer-wise experiments instead)."""
+    if len(sources) != 2:
+        raise ValueError(f"the PLeaS budget solver merges 2 models, got {len(sources)}")
+    if stats is None or not stats.joint_inputs:
+        raise ValueError("the PLeaS budget needs the 'joint_inputs' statistics (rows per layer)")
+    layers = []
+    for name, moments in stats.joint_inputs.items():
+        weight = sources[0].get_submodule(name).weight
+        flops = float(weight.numel()) * float(moments.count)
+        param = f"{name}.weight"
+        layers.append(LayerCost(flops, _axis_space(graph, param, 1), _axis_space(graph, param, 0)))
+    sizes, weights = {}, {}
+    for s in graph.spaces:
+        if s.group_size != 1:
+            raise ValueError(f"the budget solver fuses single features; merge point {s.name!r} has groups")
+        corr = correlation(stats, s.name)
+        n = s.size
+        pairs = corr[torch.arange(n, device=corr.device), n + hungarian(corr[:n, n:])]
+        sizes[s.name], weights[s.name] = n, float(1.0 - pairs.mean())
+    unmatched = budget_unmatched(layers, sizes, weights, budget)
+    return {k: sizes[k] + u for k, u in unmatched.items()}
+
+
+def _check_budget(budget: float | None, width: float, widths: dict[str, int] | None) -> None:
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 1.0 <= budget <= 2.0:
+        raise ValueError(f"budget must be a number in [1, 2] (FLOPs relative to one source), got {budget!r}")
+    if width != 1.0 or widths:
+        raise ValueError("give either budget (per-layer widths from the solver) or width/widths, not both")
+
+
 def cost_summary(cost: Mapping[str, tuple[int, int, float]]) -> dict[str, Any]:
     """PLeaS' cost of the refitted layers relative to one source: non-zero (allowed) weights, and
     FLOPs = weights × output positions (the rows a layer saw per sample, the same sample count for all)."""
@@ -90,7 +139,8 @@ def cost_summary(cost: Mapping[str, tuple[int, int, float]]) -> dict[str, Any]:
 
 
 class PLeaSMerge(TransformMethod):
-    """``width`` = m/n in [1, N] (or per-merge-point ``widths``); ``objective``: "published" (per-layer
+    """``width`` = m/n in [1, N] (or per-merge-point ``widths``, or widths from the budget solver under
+    ``budget`` = FLOPs relative to one source, in [1, 2]); ``objective``: "published" (per-layer
     fit on the sources' own activations, from statistics, structural zero blocks) or "propagated"
     (dense forward-order refit on the merged model's inputs); ``ridge`` is the relative Tikhonov term
     of the solve (0: pseudo-inverse, published objective only); ``max_batches`` caps the batches the
@@ -103,6 +153,7 @@ class PLeaSMerge(TransformMethod):
         *,
         width: float = 1.0,
         widths: dict[str, int] | None = None,
+        budget: float | None = None,
         objective: str = "published",
         ridge: float = 1e-4,
         max_batches: int | None = None,
@@ -119,13 +170,15 @@ class PLeaSMerge(TransformMethod):
             raise ValueError("ridge=0 (pseudo-inverse) is for objective='published'; give ridge > 0")
         if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
             raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+        _check_budget(budget, width, widths)
         self.width, self.widths, self.objective, self.ridge = float(width), widths, objective, float(ridge)
+        self.budget = None if budget is None else float(budget)
         self.max_batches, self.refit = max_batches, refit
 
     @property
     def requires(self) -> frozenset[str]:  # type: ignore[override]
         """The published refit reads the sources' joint layer-input moments."""
-        if self.refit and self.objective == "published":
+        if (self.refit and self.objective == "published") or self.budget is not None:
             return frozenset({"moments", "joint_inputs"})
         return frozenset({"moments"})
 
@@ -136,7 +189,10 @@ class PLeaSMerge(TransformMethod):
 
     def match(self, sources: Sequence[nn.Module], graph: MergeGraph, stats: Statistics | None) -> Transforms:
         num = len(sources)
-        widths = resolve_widths(graph, num, self.width, self.widths)
+        if self.budget is not None:
+            widths = budget_widths(sources, graph, stats, self.budget)
+        else:
+            widths = resolve_widths(graph, num, self.width, self.widths)
         out = {}
         for s in graph.spaces:
             corr = correlation(stats, s.name)
