@@ -154,9 +154,9 @@ def staged_merge(
         with stage(times, "apply", device):
             state = merge_state_dicts([m.state_dict() for m in models], graph, transforms)
             merged = build_merged_module(models[0], state).to(device)
-    if method.needs_data:
+    if type(method).refine is not TransformMethod.refine:  # PLeaS: from statistics or a data pass
         with stage(times, "refit", device):
-            method.refine(merged, models, graph, transforms, calib)  # in place
+            method.refine(merged, models, graph, transforms, calib, stats)  # in place
     with torch.no_grad(), stage(times, "repair", device):
         reset_batchnorm(merged, calib)
     with stage(times, "evaluate", device):

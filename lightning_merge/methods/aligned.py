@@ -159,6 +159,7 @@ class AlignedMerge(TransformMethod):
         graph: MergeGraph,
         transforms: Mapping[str, SpaceTransform],
         data: Iterable[Any] | None,
+        stats: Statistics | None = None,
     ) -> dict[str, Any]:
         """Replace the averaged aligned weights in ``merged`` (the full model, or a partial zip's
         trunk, in place) by the merger's result on the aligned copies."""

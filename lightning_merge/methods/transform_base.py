@@ -96,9 +96,11 @@ class TransformMethod(MergeMethod):
         graph: MergeGraph,
         transforms: Mapping[str, SpaceTransform],
         data: Iterable[Any] | None,
+        stats: Statistics | None = None,
     ) -> dict[str, Any]:
-        """Hook for a data pass after the weights are merged (PLeaS' least squares): updates ``merged``
-        (the full model, or a partial zip's trunk) in place and returns its diagnostics; default: none."""
+        """Hook for a step after the weights are merged (PLeaS' least squares, from ``stats`` or a data
+        pass): updates ``merged`` (the full model, or a partial zip's trunk) in place and returns its
+        diagnostics; default: none."""
         return {}
 
     def merge(
@@ -122,11 +124,11 @@ class TransformMethod(MergeMethod):
         if self.stop_at is not None:
             cut = resolve_cut(graph, self.stop_at)
             partial = build_partial(sources, graph, transforms, cut)
-            diagnostics = self.refine(partial.trunk, sources, graph, transforms, data)
+            diagnostics = self.refine(partial.trunk, sources, graph, transforms, data, stats)
             return MergeResult(partial, transforms, diagnostics)
         merged_sd = merge_state_dicts([s.state_dict() for s in sources], graph, transforms)
         merged = build_merged_module(sources[0], merged_sd)
-        return MergeResult(merged, transforms, self.refine(merged, sources, graph, transforms, data))
+        return MergeResult(merged, transforms, self.refine(merged, sources, graph, transforms, data, stats))
 
 
 def correlation(stats: Statistics | None, space: str, eps: float = 1e-8) -> Any:

@@ -4,7 +4,7 @@ Importing the package registers the built-in statistics: feature moments, Gram m
 Fisher and K-FAC factors.
 """
 
-from lightning_merge.stats import fisher, gram, kfac, moments  # noqa: F401  (registers them)
+from lightning_merge.stats import fisher, gram, joint_inputs, kfac, moments  # noqa: F401  (registers them)
 from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.collector import StatisticCollector, SumStates
 from lightning_merge.stats.container import FeatureMoments, Statistics

@@ -136,6 +136,15 @@ class Statistics:
         self.values["moments"] = value
 
     @property
+    def joint_inputs(self) -> dict[str, FeatureMoments]:
+        """Per layer, moments of the N sources' inputs side by side (PLeaS' published refit)."""
+        return self._value("joint_inputs", dict)
+
+    @joint_inputs.setter
+    def joint_inputs(self, value: dict[str, FeatureMoments]) -> None:
+        self.values["joint_inputs"] = value
+
+    @property
     def grams(self) -> list[dict[str, torch.Tensor]]:
         return self._value("grams", GramStatistics).sums
 

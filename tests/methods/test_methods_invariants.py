@@ -36,7 +36,7 @@ from lightning_merge.models.registry import build_model
 from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.container import Statistics
 
-EVERY_STATISTIC = ["moments", "grams", "fisher", "kfac"]
+EVERY_STATISTIC = ["moments", "grams", "fisher", "kfac", "joint_inputs"]
 ARCHS = {"mlp": {"width": 0.25}, "resnet20": {}}
 #: the same-source weights come back bit for bit from these (the others solve in float64)
 BITWISE = {"average", "weight_matching", "permute", "task_arithmetic", "ties", "fisher"}

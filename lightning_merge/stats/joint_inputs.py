@@ -1,0 +1,155 @@
+"""Joint second moments of the N sources' inputs to every Linear / Conv2d layer (PLeaS from statistics).
+
+For each supported layer (Linear, ungrouped Conv2d) one row is z = [x_1; …; x_N]: the N source
+models' own input rows at that layer for the same sample and position, side by side (a conv row is
+each model's unfolded C·kh·kw patch, in ``weight.flatten(1)`` order). We keep Σ z zᵀ, Σ z and the
+row count, as a :class:`~lightning_merge.stats.container.FeatureMoments` per layer name, summed in
+float64. Any least-squares problem whose inputs and targets are linear maps of the sources' own layer
+inputs (PLeaS' published objective: averaged matched features, unmatched ones kept apart, targets
+y_i = W_i x_i + b_i) has its normal equations in these sums, so the merge needs no data pass.
+
+Conv patches: the N inputs are concatenated along channels and passed to
+:func:`~lightning_merge.stats.patch_gram.input_gram` with the source layer's kernel geometry, so a
+stride-1 conv takes the shifted-window products and never materialises patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_merge.stats.collector import StatisticCollector
+from lightning_merge.stats.container import FeatureMoments
+from lightning_merge.stats.gram import supported_layers
+from lightning_merge.stats.patch_gram import input_gram
+from lightning_merge.stats.registry import register_statistic
+
+
+def joint_rows(layer: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The N models' inputs to ``layer`` side by side along the channel (conv) / feature (Linear) axis."""
+    shapes = {tuple(x.shape) for x in inputs}
+    if len(shapes) != 1:
+        raise ValueError(f"the sources' inputs to one layer differ in shape: {sorted(shapes)}")
+    return torch.cat(list(inputs), dim=1 if isinstance(layer, nn.Conv2d) else -1)
+
+
+def joint_inputs_memory_bytes(model: nn.Module, num_models: int) -> int:
+    """float64 bytes of the accumulators for ``num_models`` copies of ``model``: (N·d)² + N·d + 1 per layer.
+
+    Quadratic in N·d: a 3×3 conv with 256 input channels holds (2·2304)² values (170 MB) for N = 2."""
+    dims = [num_models * m.weight[0].numel() for _, m in supported_layers(model)]
+    return 8 * sum(d * d + d + 1 for d in dims)
+
+
+@register_statistic
+class JointInputsCollector(StatisticCollector):
+    """Accumulates, per supported layer, Σ z zᵀ, Σ z and the row count of z = [x_1; …; x_N].
+
+    A forward of models 0 … N−2 parks each layer input (in call order, so a layer called twice pairs
+    call by call); model N−1's hook takes the parked inputs and adds the joint row products."""
+
+    name = "joint_inputs"
+
+    def __init__(self) -> None:
+        self.handles: list[RemovableHandle] = []
+        self.active = False
+        self.outer: dict[str, torch.Tensor] = {}
+        self.total: dict[str, torch.Tensor] = {}
+        self.count: dict[str, torch.Tensor] = {}
+        self.parked: list[dict[str, list[torch.Tensor]]] = []
+        self.num_models = 0
+
+    def attach(self, models: Sequence[nn.Module]) -> None:
+        self.detach()
+        self.num_models = len(models)
+        layers = [dict(supported_layers(m)) for m in models]
+        names = list(layers[0])
+        for i, per in enumerate(layers[1:], start=1):
+            if list(per) != names:
+                raise ValueError(f"model {i} has other Linear/Conv2d layers than model 0; cannot pair inputs")
+        self.outer, self.total, self.count = {}, {}, {}
+        for name, module in layers[0].items():
+            d, dev = self.num_models * module.weight[0].numel(), module.weight.device
+            self.outer[name] = torch.zeros(d, d, dtype=torch.float64, device=dev)
+            self.total[name] = torch.zeros(d, dtype=torch.float64, device=dev)
+            self.count[name] = torch.zeros((), dtype=torch.float64, device=dev)
+        self.parked = [{n: [] for n in names} for _ in range(self.num_models - 1)]
+        for i, per in enumerate(layers):
+            for name, module in per.items():
+                self.handles.append(module.register_forward_hook(self._hook(i, name)))
+
+    def _hook(self, i: int, name: str):  # noqa: ANN202 — a forward hook
+        def hook(mod: nn.Module, args: tuple, _out: torch.Tensor) -> None:
+            if not self.active:
+                return
+            x = args[0].detach()
+            if i < self.num_models - 1:
+                self.parked[i][name].append(x)
+                return
+            xs = [p[name].pop(0) for p in self.parked] + [x]
+            xx, xs_sum, rows = input_gram(mod, joint_rows(mod, xs))
+            self.outer[name].add_(xx)
+            self.total[name].add_(xs_sum)
+            self.count[name] += rows
+
+        return hook
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def step(self, models: Sequence[nn.Module], inputs: torch.Tensor) -> None:
+        self.active = True
+        try:
+            with torch.no_grad():
+                for model in models:
+                    model(inputs)
+        finally:
+            self.active = False
+            for p in self.parked:
+                for lst in p.values():
+                    lst.clear()
+
+    def states(self) -> list[torch.Tensor]:
+        return [*self.outer.values(), *self.total.values(), *self.count.values()]
+
+    def result(self) -> dict[str, FeatureMoments]:
+        return {
+            name: FeatureMoments(
+                self.count[name].clone(), self.total[name].clone(), self.outer[name].clone(), self.num_models
+            )
+            for name in self.outer
+        }
+
+    @classmethod
+    def to_tensors(cls, value: dict[str, FeatureMoments]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"{layer}/{f}": getattr(m, f) for layer, m in value.items() for f in _FIELDS}
+        return tensors, {"layers": list(value)}
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], meta: Any, num_models: int
+    ) -> dict[str, FeatureMoments]:
+        return {
+            layer: FeatureMoments(*(tensors[f"{layer}/{f}"] for f in _FIELDS), num_models)
+            for layer in meta["layers"]
+        }
+
+    @classmethod
+    def check(cls, value: Any, num_models: int) -> None:
+        if not isinstance(value, dict) or not all(isinstance(m, FeatureMoments) for m in value.values()):
+            raise ValueError("statistics 'joint_inputs' must map layer names to FeatureMoments")
+        for layer, m in value.items():
+            if m.num_models != num_models or m.outer.shape != (m.total.numel(), m.total.numel()):
+                raise ValueError(
+                    f"statistics 'joint_inputs' of layer {layer!r}: {m.num_models} models, sums of shapes "
+                    f"{tuple(m.total.shape)} / {tuple(m.outer.shape)}; expected {num_models} models, d / d×d"
+                )
+
+
+_FIELDS = ("count", "total", "outer")
