@@ -3,6 +3,13 @@
 Groups (attention heads, GroupNorm groups; ``Space.group_size``) are matched as units. The official
 code also searches λ over 0.1–0.9 on training accuracy; here λ is a plain hyperparameter (a sweep is
 a loop over configurations).
+
+A feature's weight slices are compared after mapping the tensor's other axes through the neighbouring
+merge points' matching (as the official code does), in two passes: a forward pass over the spaces on
+their producing slices with the upstream matchings applied, then every space again on all slices with
+every other space's first-pass matching applied. Compared unaligned, a twin's matched features look
+dissimilar on every axis but their own and the weight term outvotes the activations (MobileNetV2,
+DenseNet: error 5e-2 on a permuted copy of itself).
 """
 
 from __future__ import annotations
@@ -10,11 +17,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from torch import nn
 
-from lightning_merge.graph.spec import MergeGraph
+from lightning_merge.graph.spec import MergeGraph, Space
 from lightning_merge.match._checks import check_unit_interval
+from lightning_merge.match._weights import StateDict
 from lightning_merge.match.mudsc import match_mudsc, weight_similarity
+from lightning_merge.match.transform import SpaceTransform
 from lightning_merge.match.zip import check_alpha_beta
 from lightning_merge.methods.base import register_method
 from lightning_merge.methods.transform_base import TransformMethod, Transforms, check_ratio, correlation
@@ -58,19 +68,54 @@ class MuDSCMerge(TransformMethod):
         num = len(sources)
         state_dicts = [s.state_dict() for s in sources]
         widths = resolve_widths(graph, num, self.width, self.widths)
-        out = {}
-        for s in graph.spaces:
-            wsim = weight_similarity(state_dicts, graph, s.name, measure=self.measure)
-            extra = {}
-            if self.matcher == "zipit":
-                extra = {"alpha": self.alpha, "beta": self.beta, "target_width": widths[s.name]}
-            out[s.name] = match_mudsc(
-                correlation(stats, s.name),
-                wsim,
-                num,
-                lam=self.lam,
-                matcher=self.matcher,
-                group_size=s.group_size,
-                **extra,
-            )
-        return out
+        perms: list[dict[str, torch.Tensor]] = [{} for _ in range(num)]
+        for s in graph.spaces:  # pass 1: producers, upstream axes aligned
+            roles = ("out",) if any(m.role == "out" for m in s.members) else ("out", "in")
+            _add_pairing(perms, s.name, self._match_space(state_dicts, graph, s, stats, widths, perms, roles))
+        return {
+            s.name: self._match_space(state_dicts, graph, s, stats, widths, perms, ("out", "in"))
+            for s in graph.spaces
+        }
+
+    def _match_space(
+        self,
+        state_dicts: list[StateDict],
+        graph: MergeGraph,
+        space: Space,
+        stats: Statistics | None,
+        widths: dict[str, int],
+        perms: list[dict[str, torch.Tensor]],
+        roles: tuple[str, ...],
+    ) -> SpaceTransform:
+        """One space's MuDSC matching, the weight slices read with ``perms`` on the other axes."""
+        num = len(state_dicts)
+        wsim = weight_similarity(
+            state_dicts, graph, space.name, measure=self.measure, roles=roles, perms=perms
+        )
+        extra = {}
+        if self.matcher == "zipit":
+            extra = {"alpha": self.alpha, "beta": self.beta, "target_width": widths[space.name]}
+        return match_mudsc(
+            correlation(stats, space.name),
+            wsim,
+            num,
+            lam=self.lam,
+            matcher=self.matcher,
+            group_size=space.group_size,
+            **extra,
+        )
+
+
+def _add_pairing(perms: list[dict[str, torch.Tensor]], name: str, t: SpaceTransform) -> None:
+    """``perms[i][name][k]``: model i's feature merged with model 0's feature k, where the
+    transform pairs them one to one (otherwise model i's axis is compared unaligned)."""
+    n = t.source_width
+    if t.width != n:
+        return
+    slots = [t.unmerge_block(i).argmax(1).cpu() for i in range(t.num_models)]
+    for i in range(1, t.num_models):
+        if torch.unique(slots[i]).numel() != n or torch.unique(slots[0]).numel() != n:
+            continue
+        inverse = torch.empty(n, dtype=torch.long)
+        inverse[slots[i]] = torch.arange(n)
+        perms[i][name] = inverse[slots[0]]
