@@ -15,6 +15,8 @@ from torch import nn
 
 tv = pytest.importorskip("torchvision")
 from torchvision.models import convnext as tv_convnext  # noqa: E402
+from torchvision.models import efficientnet as tv_efficientnet  # noqa: E402
+from torchvision.models import regnet as tv_regnet  # noqa: E402
 
 _SPEC = importlib.util.spec_from_file_location(
     "zoo_coverage", Path(__file__).parents[2] / "benchmarks/zoo_coverage.py"
@@ -24,17 +26,44 @@ sys.modules["zoo_coverage"] = zoo
 _SPEC.loader.exec_module(zoo)
 
 
+def _resnet() -> nn.Module:
+    """torchvision's ResNet code (BasicBlock, downsampling shortcuts) at widths 16–128 (from 64–512)."""
+    model = tv.models.resnet.ResNet(tv.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
+    model.inplanes = 16
+    model.conv1 = nn.Conv2d(3, 16, 7, 2, 3, bias=False)
+    model.bn1 = nn.BatchNorm2d(16)
+    for k, width in enumerate((16, 32, 64, 128)):
+        setattr(model, f"layer{k + 1}", model._make_layer(tv.models.resnet.BasicBlock, width, 1, 1 + (k > 0)))
+    model.fc = nn.Linear(128, 10)
+    return model
+
+
 def _convnext() -> nn.Module:
     cfg = tv_convnext.CNBlockConfig
     return tv.models.ConvNeXt([cfg(16, 32, 1), cfg(32, None, 1)], stochastic_depth_prob=0.1, num_classes=10)
 
 
+def _efficientnet() -> nn.Module:
+    """B0's blocks (MBConv with squeeze-excitation, SiLU, stochastic depth) at 1/4 width and depth."""
+    setting, last = tv_efficientnet._efficientnet_conf("efficientnet_b0", width_mult=0.25, depth_mult=0.25)
+    return tv.models.EfficientNet(setting, dropout=0.2, last_channel=last, num_classes=10)
+
+
+def _regnet() -> nn.Module:
+    """RegNetY blocks (grouped 3×3 convs, squeeze-excitation) over four narrow stages."""
+    params = tv_regnet.BlockParams.from_init_params(
+        depth=5, w_0=16, w_a=8.0, w_m=2.0, group_width=8, se_ratio=0.25
+    )
+    return tv.models.RegNet(params, num_classes=10)
+
+
+#: one small model per family; the zoo's own sizes are the benchmark's (benchmarks/zoo_coverage.py)
 FAMILIES: dict[str, Callable[[], nn.Module]] = {
-    "resnet": lambda: tv.models.resnet.ResNet(tv.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10),
+    "resnet": _resnet,
     "mobilenet": lambda: tv.models.MobileNetV2(width_mult=0.25, num_classes=10),
-    "efficientnet": lambda: tv.models.efficientnet_b0(num_classes=10),
+    "efficientnet": _efficientnet,
     "convnext": _convnext,
-    "regnet": lambda: tv.models.regnet_y_400mf(num_classes=10),
+    "regnet": _regnet,
     "densenet": lambda: tv.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16),
     "vit": lambda: tv.models.VisionTransformer(32, 8, 2, 4, 64, 128, num_classes=10),
 }
