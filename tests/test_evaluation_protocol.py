@@ -27,7 +27,7 @@ from lightning_merge.evaluation import (
     merged_scores,
     per_head_log_softmax,
 )
-from lightning_merge.methods import get_method
+from lightning_merge.methods import AverageMerge
 from lightning_merge.models import SourceClassifier
 from lightning_merge.models.heads import EmbeddingHead
 from lightning_merge.module import MergeModule
@@ -169,7 +169,7 @@ def test_module_scores_treated_references_like_a_by_hand_reset_of_copies(scoring
     dm = TaskSplitDataModule(calibration_size=256, eval_batch_size=100)
     sources = [_untrained("vgg11_bn", [0, 1, 2, 3, 4], 0), _untrained("vgg11_bn", [5, 6, 7, 8, 9], 1)]
     module = MergeModule(
-        sources, get_method("average"), treated_references="all", scoring=scoring, heatmaps=0
+        sources, AverageMerge(), treated_references="all", scoring=scoring, heatmaps=0
     )
     r = _validate(module, dm).results
     tag = "phs_" if scoring == "per_head_softmax" else ""
@@ -196,7 +196,7 @@ def test_module_scores_treated_references_like_a_by_hand_reset_of_copies(scoring
 def test_module_without_treatment_scores_no_reset_references() -> None:
     dm = TaskSplitDataModule(calibration_size=128, eval_batch_size=100)
     sources = [_untrained("mlp", [0, 1, 2, 3, 4], 0), _untrained("mlp", [5, 6, 7, 8, 9], 1)]
-    r = _validate(MergeModule(sources, get_method("average"), repair=False, heatmaps=0), dm).results
+    r = _validate(MergeModule(sources, AverageMerge(), repair=False, heatmaps=0), dm).results
     assert {k.split("/")[0] for k in r} == {"merged", "source0", "source1", "ensemble"}
 
 
@@ -208,7 +208,7 @@ def test_identical_sources_give_ensemble_equal_to_the_source(head: str, scoring:
     With an embedding head the source alone scores all classes, so only the per-task accuracy compares."""
     dm = TaskSplitDataModule(calibration_size=128, eval_batch_size=200)
     one = _untrained("mlp", [0, 1, 2, 3, 4], 3, head=head)
-    module = MergeModule([one, copy.deepcopy(one)], get_method("average"), scoring=scoring, heatmaps=0)
+    module = MergeModule([one, copy.deepcopy(one)], AverageMerge(), scoring=scoring, heatmaps=0)
     r = _validate(module, dm).results
     tag = "phs_" if scoring == "per_head_softmax" else ""
     metrics = ["task0_acc", "joint_acc"] if head == "linear" else ["task0_acc"]
