@@ -45,13 +45,23 @@ from bench_io import command_line, machine_description  # noqa: E402
 from lightning_merge.callbacks.statistics import MergeStatistics  # noqa: E402
 from lightning_merge.data import MergeDataModule, TaskSplitDataModule
 from lightning_merge.data.datamodule import DEFAULT_ROOT
-from lightning_merge.methods import get_method
-from lightning_merge.methods.base import MergeMethod
+from lightning_merge.methods import (
+    AlignedMerge,
+    AverageMerge,
+    MaTS,
+    MergeMethod,
+    MuDSCMerge,
+    PermuteMerge,
+    PLeaSMerge,
+    RegMean,
+    WeightMatchingMerge,
+    ZipItMerge,
+    method_config,
+)
 from lightning_merge.models import SourceClassifier
 from lightning_merge.models.default_pair import DEFAULT_CACHE_DIR, DEFAULT_PAIR, SourceSpec, train_spec
 from lightning_merge.models.training import quiet_lightning
 from lightning_merge.module import MergeModule
-from lightning_merge.pipeline.export import method_config
 
 #: ``--split N`` → the N tasks (global class ids); 2 is the default pair's split.
 SPLITS: dict[int, tuple[tuple[int, ...], ...]] = {
@@ -95,8 +105,9 @@ def zip_settings(num_models: int) -> dict[str, float]:
     return {"alpha": 0.3, "beta": 0.125 if num_models == 2 else 0.5}
 
 
-def _factory(name: str, **kwargs: Any) -> Callable[[], MergeMethod]:
-    return lambda: get_method(name, **kwargs)
+def _factory(cls: Callable[..., MergeMethod], **kwargs: Any) -> Callable[[], MergeMethod]:
+    """A fresh ``cls(**kwargs)`` per call (built inside the row, so a bad argument fails that row)."""
+    return lambda: cls(**kwargs)
 
 
 def method_rows(
@@ -107,18 +118,19 @@ def method_rows(
     """The table's merge rows in order (``pleas_widths=()`` leaves PLeaS out: minutes per CPU merge)."""
     zip_ = zip_settings(num_models)
     rows: list[MethodRow] = [
-        ("average", _factory("average")),
-        ("weight_matching", _factory("weight_matching", max_iter=100, seed=0)),
-        ("permute", _factory("permute", anchor="first")),
-        ("zipit", _factory("zipit", **zip_)),
+        ("average", _factory(AverageMerge)),
+        ("weight_matching", _factory(WeightMatchingMerge, max_iter=100, seed=0)),
+        ("permute", _factory(PermuteMerge, anchor="first")),
+        ("zipit", _factory(ZipItMerge, **zip_)),
     ]
-    rows += [(f"zipit partial@{s:g}", _factory("zipit", **zip_, stop_at=s)) for s in stops]
-    rows.append(("mudsc", _factory("mudsc", lam=0.5, matcher="zipit", **zip_)))
-    rows += [(f"pleas w={w:g}", _factory("pleas", width=w, ridge=1e-4, refit=True)) for w in pleas_widths]
-    rows.append(("zipit w=1.5", _factory("zipit", **zip_, width=1.5)))
-    rows.append(("regmean (aligned)", _factory("aligned", align="permute", merger="regmean")))
-    mats = {"subspace": "regmean", "iterations": 100}
-    rows.append(("mats (aligned)", _factory("aligned", align="permute", merger="mats", merger_kwargs=mats)))
+    rows += [(f"zipit partial@{s:g}", _factory(ZipItMerge, **zip_, stop_at=s)) for s in stops]
+    rows.append(("mudsc", _factory(MuDSCMerge, lam=0.5, matcher="zipit", **zip_)))
+    rows += [(f"pleas w={w:g}", _factory(PLeaSMerge, width=w, ridge=1e-4, refit=True)) for w in pleas_widths]
+    rows.append(("zipit w=1.5", _factory(ZipItMerge, **zip_, width=1.5)))
+    aligner = PermuteMerge(anchor="first")
+    rows.append(("regmean (aligned)", _factory(AlignedMerge, aligner=aligner, merger=RegMean())))
+    mats = MaTS(subspace="regmean", iterations=100)
+    rows.append(("mats (aligned)", _factory(AlignedMerge, aligner=aligner, merger=mats)))
     return rows
 
 
@@ -550,9 +562,18 @@ def _settings(rows: Sequence[MetricRow]) -> list[str]:
     for label in dict.fromkeys(r["method"] for r in rows):
         config = next((r["config"] for r in rows if r["method"] == label and r.get("config")), None)
         if config:
-            args = ", ".join(f"{k}={v}" for k, v in config.get("init_args", {}).items())
-            out.append(f"- {label}: `{config['name']}({args})`")
+            out.append(f"- {label}: `{_call_text(config, config['name'])}`")
     return out
+
+
+def _call_text(config: dict[str, Any], name: str) -> str:
+    """``name(k=v, ...)``; a nested method config reads as ``ClassName(k=v, ...)``."""
+    args = []
+    for k, v in config.get("init_args", {}).items():
+        if isinstance(v, dict) and "class_path" in v:
+            v = _call_text(v, v["class_path"].rpartition(".")[2])
+        args.append(f"{k}={v}")
+    return f"{name}({', '.join(args)})"
 
 
 def _precision_note(meta: dict[str, Any]) -> str:

@@ -37,7 +37,7 @@ from lightning_merge.apply.module import build_merged_module
 from lightning_merge.apply.weights import merge_state_dicts
 from lightning_merge.data import TaskSplitDataModule
 from lightning_merge.graph import trace_graph
-from lightning_merge.methods import get_method
+from lightning_merge.methods import PLeaSMerge
 from lightning_merge.stats import patch_gram
 from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.patch_gram import input_gram, sym_gram, unfolded_rows
@@ -112,7 +112,7 @@ def refit_row(label: str, arch: str, width: float, seeds: tuple[int, ...], image
     dm.setup()
     batches = [x for x, _ in dm.calibration_dataloader()]
     graph = trace_graph(models[0], batches[0][:2])
-    method = get_method("pleas", width=1.5, ridge=1e-4, refit=True)
+    method = PLeaSMerge(width=1.5, ridge=1e-4, refit=True)
     stats = collect_statistics(models, graph, batches, requires=sorted(method.requires), progress=False)
     with torch.no_grad():
         transforms = method.match(models, graph, stats)

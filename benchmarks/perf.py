@@ -49,8 +49,7 @@ from lightning_merge.data import MergeDataModule, TaskSplitDataModule  # noqa: E
 from lightning_merge.evaluation import SourceHead, evaluate_model  # noqa: E402
 from lightning_merge.graph import trace_graph  # noqa: E402
 from lightning_merge.graph.spec import MergeGraph  # noqa: E402
-from lightning_merge.methods import get_method  # noqa: E402
-from lightning_merge.methods.base import MergeMethod  # noqa: E402
+from lightning_merge.methods import MergeMethod, PermuteMerge, PLeaSMerge, ZipItMerge  # noqa: E402
 from lightning_merge.methods.transform_base import TransformMethod, check_statistics_match  # noqa: E402
 from lightning_merge.models.classifier import SourceClassifier  # noqa: E402
 from lightning_merge.models.registry import build_model  # noqa: E402
@@ -63,9 +62,9 @@ SECTIONS = ("e2e", "memory", "ddp")
 ZIP = {"alpha": 0.3, "beta": 0.125}
 #: label → factory; the arguments of configs/merge/*_fmnist_resnet20x1.yaml (as benchmarks/merge_table.py)
 METHODS: dict[str, Callable[[], MergeMethod]] = {
-    "zipit": lambda: get_method("zipit", **ZIP),
-    "permute": lambda: get_method("permute", anchor="first"),
-    "pleas": lambda: get_method("pleas", width=1.5, ridge=1e-4, refit=True),
+    "zipit": lambda: ZipItMerge(**ZIP),
+    "permute": lambda: PermuteMerge(anchor="first"),
+    "pleas": lambda: PLeaSMerge(width=1.5, ridge=1e-4, refit=True),
 }
 METHOD_LABELS = {"zipit": "zipit", "permute": "permute", "pleas": "pleas w=1.5"}
 STAGES = ("trace", "collect", "match", "apply", "refit", "repair", "evaluate")
@@ -157,7 +156,7 @@ def staged_merge(
             merged = build_merged_module(models[0], state).to(device)
     if method.needs_data:
         with stage(times, "refit", device):
-            merged = method.refine(merged, models, graph, transforms, calib)
+            method.refine(merged, models, graph, transforms, calib)  # in place
     with torch.no_grad(), stage(times, "repair", device):
         reset_batchnorm(merged, calib)
     with stage(times, "evaluate", device):

@@ -32,6 +32,7 @@ from torch import nn  # noqa: E402
 from lightning_merge.apply.partial import resolve_cut  # noqa: E402
 from lightning_merge.graph import trace_graph  # noqa: E402
 from lightning_merge.graph.spec import CutPoint  # noqa: E402
+from lightning_merge.methods import PLeaSMerge, ZipItMerge  # noqa: E402
 from lightning_merge.models import SourceClassifier  # noqa: E402
 
 Point = dict[str, Any]  # {"sweep": "width" | "depth", "series": ..., "x": float | None, "cut": str | None}
@@ -56,19 +57,19 @@ def sweep_rows(
     rows: list[mt.MethodRow] = []
     points: dict[str, Point] = {}
     for w in widths:
-        for series, name, kwargs in (
-            ("PLeaS", "pleas", {"ridge": 1e-4, "refit": True}),
-            ("ZipIt!", "zipit", zip_),
+        for series, name, cls, kwargs in (
+            ("PLeaS", "pleas", PLeaSMerge, {"ridge": 1e-4, "refit": True}),
+            ("ZipIt!", "zipit", ZipItMerge, zip_),
         ):
             label = f"{name} w={w:g}"
-            rows.append((label, mt._factory(name, width=w, **kwargs)))
+            rows.append((label, mt._factory(cls, width=w, **kwargs)))
             points[label] = {"sweep": "width", "series": series, "x": float(w), "cut": None}
     for cut in cuts:
         label = f"zipit partial@{cut.node}"
-        rows.append((label, mt._factory("zipit", **zip_, stop_at=cut.node)))
+        rows.append((label, mt._factory(ZipItMerge, **zip_, stop_at=cut.node)))
         points[label] = {"sweep": "depth", "series": "ZipIt! partial", "x": cut.depth, "cut": cut.node}
     if cuts:
-        rows.append(("zipit", mt._factory("zipit", **zip_)))
+        rows.append(("zipit", mt._factory(ZipItMerge, **zip_)))
         points["zipit"] = {"sweep": "depth", "series": "ZipIt! full", "x": None, "cut": None}
     return rows, points
 

@@ -5,7 +5,8 @@ The main entry points, imported lazily so ``import lightning_merge`` stays cheap
 * :class:`MergeModule` — the LightningModule that gathers statistics, merges and evaluates;
 * :class:`MergeStatistics` — the callback that runs the statistics pass;
 * :func:`trace_graph` / :func:`check_equivalence` — the merge graph of any traceable model;
-* :func:`get_method` / ``METHODS`` — the registry of merge methods.
+* ``ALL_METHODS`` — every merge method class (a method is named by its class, e.g. ``ZipItMerge``);
+  :class:`MergeResult` — what ``method.merge(...)`` returns.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ _EXPORTS = {
     "MergeModule": "lightning_merge.module",
     "MergeStatistics": "lightning_merge.callbacks.statistics",
     "trace_graph": "lightning_merge.graph",
-    "check_equivalence": "lightning_merge.graph",
+    "check_equivalence": "lightning_merge.apply.twin",
     "MergeGraph": "lightning_merge.graph.spec",
-    "get_method": "lightning_merge.methods",
-    "METHODS": "lightning_merge.methods",
+    "ALL_METHODS": "lightning_merge.methods",
+    "MergeResult": "lightning_merge.methods",
     "collect_statistics": "lightning_merge.stats",
     "load_merged": "lightning_merge.pipeline.export",
 }

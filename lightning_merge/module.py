@@ -28,7 +28,8 @@ from lightning_merge.data.merge_data import MergeDataModule
 from lightning_merge.dataflow import Ranks, batch_inputs
 from lightning_merge.evaluation import MergeScores
 from lightning_merge.methods.base import MergeMethod, MergeResult
-from lightning_merge.pipeline.export import MergeRecord, export_merged, method_config
+from lightning_merge.methods.config import method_config
+from lightning_merge.pipeline.export import MergeRecord, export_merged
 from lightning_merge.pipeline.load import Source, check_source_paths, describe
 from lightning_merge.pipeline.merge import Repair, agree_across_ranks, check_repair, post_merge, run_method
 from lightning_merge.pipeline.prepare import PreparedSources, prepare_sources
@@ -72,7 +73,9 @@ class MergeModule(pl.LightningModule):
         if isinstance(sources, (str, os.PathLike)) or len(sources) < 2:
             raise ValueError(f"sources must list at least 2 models to merge, got {sources!r}")
         if not isinstance(method, MergeMethod):
-            raise TypeError(f"method must be a MergeMethod, got {type(method).__name__}")
+            raise TypeError(
+                f"method must be a MergeMethod instance (e.g. ZipItMerge()), got {type(method).__name__}"
+            )
         if method.needs_base and base is None:
             raise ValueError(f"method {method.name!r} merges task vectors: give base= (the shared model)")
         check_repair(repair, method)

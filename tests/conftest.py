@@ -1,17 +1,21 @@
-"""Shared fixtures: the Fashion-MNIST data module and small trained source models (cached on disk)."""
+"""Shared fixtures: the Fashion-MNIST data module and small trained source models (cached on disk).
+
+Seeds of the trained test models: ``LIGHTNING_MERGE_TEST_SEED=k`` (default 0) shifts every training
+seed the fixtures and tests use by ``k`` (see ``tests/trained.py``); the seed is in each checkpoint's
+cache key, so each ``k`` trains its own models once. Every quality threshold is meant to hold for any
+``k``: check a change of one with, e.g.,
+``LIGHTNING_MERGE_TEST_SEED=100 .venv/bin/python -m pytest -q`` and ``=200`` as well as the default.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
+from trained import SEED_OFFSET, trained_pair
 
 from lightning_merge.data import TaskSplitDataModule
-from lightning_merge.models import SourceClassifier, quick_pair
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TEST_MODELS_DIR = REPO_ROOT / ".cache" / "test_models"
+from lightning_merge.models import SourceClassifier
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +30,9 @@ def fmnist() -> TaskSplitDataModule:
 def source_pair() -> Callable[..., list[SourceClassifier]]:
     """``source_pair(arch="mlp", width=1, head="embedding")`` → two small source models.
 
-    Task [0..4] with seed 0 and task [5..9] with seed 1, trained for one short epoch; the checkpoints
-    are cached under ``.cache/test_models`` so only the first run pays (MLP ≈ 5 s, ResNet-20×1 ≈ 30 s).
+    Task [0..4] with seed 0 and task [5..9] with seed 1 (plus the run's ``LIGHTNING_MERGE_TEST_SEED``),
+    trained for one short epoch; the checkpoints are cached under ``.cache/test_models`` so only the
+    first run pays (MLP ≈ 5 s, ResNet-20×1 ≈ 30 s).
     The models are shared by all tests: deep-copy before modifying them.
     """
     memo: dict[tuple, list[SourceClassifier]] = {}
@@ -35,7 +40,7 @@ def source_pair() -> Callable[..., list[SourceClassifier]]:
     def get(arch: str = "mlp", **kwargs: object) -> list[SourceClassifier]:
         key = (arch, repr(sorted(kwargs.items())))
         if key not in memo:
-            memo[key] = quick_pair(arch, cache_dir=TEST_MODELS_DIR, **kwargs)
+            memo[key] = trained_pair(arch, **kwargs)
         return memo[key]
 
     return get
@@ -51,3 +56,8 @@ def mlp_pair(source_pair: Callable[..., list[SourceClassifier]]) -> list[SourceC
 def resnet_pair(source_pair: Callable[..., list[SourceClassifier]]) -> list[SourceClassifier]:
     """Two ResNet-20×1 sources with the shared embedding head."""
     return source_pair("resnet20")
+
+
+def pytest_report_header() -> str:
+    """Say which seeds trained the test models, so a failure report names the weights it saw."""
+    return f"test models: LIGHTNING_MERGE_TEST_SEED={SEED_OFFSET}"

@@ -16,16 +16,15 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from trained import trained_pair
 
 from lightning_merge.cli import main
 from lightning_merge.data import MergeDataModule, TaskSplitDataModule
-from lightning_merge.methods import METHODS
+from lightning_merge.methods import ALL_METHODS
 from lightning_merge.methods.zipit import ZipItMerge
-from lightning_merge.models import quick_pair
 from lightning_merge.module import MergeModule
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_MODELS_DIR = REPO / ".cache" / "test_models"
 CONFIGS = sorted((REPO / "configs" / "merge").glob("*.yaml"))
 METRIC_KEYS = {
     f"val/{m}/{k}"
@@ -39,7 +38,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """The cached MLP×0.25 test pair written as Lightning checkpoints (what `lightning-merge fit` saves)."""
     folder = tmp_path_factory.mktemp("sources")
     paths = []
-    for i, model in enumerate(quick_pair("mlp", width=0.25, cache_dir=TEST_MODELS_DIR)):
+    for i, model in enumerate(trained_pair("mlp", width=0.25)):
         paths.append(str(folder / f"task{i}.ckpt"))
         torch.save(
             {
@@ -181,9 +180,9 @@ def test_python_api_agrees_with_the_cli(single: Path, checkpoints: list[str]) ->
     assert all(torch.equal(cli_weights[k], v) for k, v in module.merged.state_dict().items())
 
 
-def test_every_registered_method_has_a_config() -> None:
+def test_every_method_has_a_config() -> None:
     names = {yaml.safe_load(p.read_text())["model"]["init_args"]["method"]["class_path"] for p in CONFIGS}
-    assert {f"{cls.__module__}.{cls.__qualname__}" for cls in METHODS.values()} <= names
+    assert {f"{cls.__module__}.{cls.__qualname__}" for cls in ALL_METHODS} <= names
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -207,10 +206,17 @@ def test_config_instantiates_with_command_line_overrides(
     module = cli.model
     assert isinstance(module, MergeModule) and module.source_specs == checkpoints
     assert module.repair == parsed["model"]["init_args"]["repair"]
-    expected = parsed["model"]["init_args"]["method"]
-    assert f"{type(module.method).__module__}.{type(module.method).__qualname__}" == expected["class_path"]
+    assert_built_as_configured(module.method, parsed["model"]["init_args"]["method"])
+
+
+def assert_built_as_configured(method: object, expected: dict) -> None:
+    """The object has the YAML's class and every argument the YAML sets (nested methods likewise)."""
+    assert f"{type(method).__module__}.{type(method).__qualname__}" == expected["class_path"]
     for key, value in (expected.get("init_args") or {}).items():
-        assert getattr(module.method, key) == value, key
+        if isinstance(value, dict) and "class_path" in value:
+            assert_built_as_configured(getattr(method, key), value)
+        else:
+            assert getattr(method, key) == value, key
 
 
 def test_repair_rescale_on_two_processes_equals_one(tmp_path: Path, checkpoints: list[str]) -> None:

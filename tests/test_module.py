@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
+from trained import trained_pair
 
 from lightning_merge.callbacks.statistics import MergeStatistics
 from lightning_merge.data import MergeDataModule, TaskSplitDataModule
@@ -20,17 +21,14 @@ from lightning_merge.evaluation import (
     evaluate_model,
     merged_logits,
 )
-from lightning_merge.methods import METHODS, get_method
-from lightning_merge.methods.zipit import ZipItMerge
-from lightning_merge.models import SourceClassifier, quick_pair, task_accuracy
+from lightning_merge.methods import ALL_METHODS, TIES, MaTS, MergeMethod, RegMean, ZipItMerge
+from lightning_merge.models import SourceClassifier, task_accuracy
 from lightning_merge.module import MergeModule
-
-TEST_MODELS_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test_models"
 
 
 def small_pair() -> list[SourceClassifier]:
     """Two MLP×0.25 sources (task [0..4] seed 0, task [5..9] seed 1), cached on disk."""
-    return quick_pair("mlp", width=0.25, cache_dir=TEST_MODELS_DIR)
+    return trained_pair("mlp", width=0.25)
 
 
 def datamodule() -> TaskSplitDataModule:
@@ -116,6 +114,7 @@ def test_metrics_match_independent_computations(validated: tuple[MergeModule, Ta
     loaders = [dm.task_test_dataloader(t) for t in range(2)]
     again = evaluate_model(module.merged, loaders, dm.tasks, module.prepared.heads)
     assert again == pytest.approx({k.split("/")[1]: v for k, v in r.items() if k.startswith("merged/")})
+    print(f"\nMLP×0.25 ensemble joint {r['ensemble/joint_acc']:.3f}, source0 {r['source0/task0_acc']:.3f}")
     assert r["ensemble/joint_acc"] > 0.3 and r["source0/task0_acc"] > 0.7  # real, trained models
     logged = module.trainer.callback_metrics
     assert float(logged["val/merged/joint_acc"]) == pytest.approx(r["merged/joint_acc"])
@@ -153,10 +152,16 @@ def test_saved_statistics_are_reused(
     assert all(torch.equal(ref[k], v) for k, v in second.merged.state_dict().items())
 
 
-def test_method_by_name_with_arguments() -> None:
+def test_method_is_an_instance_and_recorded_by_class_path() -> None:
     module = MergeModule(sources=small_pair(), method=ZipItMerge(alpha=0.5))
-    assert isinstance(module.method, ZipItMerge) and module.method.alpha == 0.5
+    assert module.hparams["method"]["class_path"] == "lightning_merge.methods.zipit.ZipItMerge"
     assert module.hparams["method"]["init_args"]["alpha"] == 0.5
+    with pytest.raises(
+        TypeError, match=r"method must be a MergeMethod instance \(e.g. ZipItMerge\(\)\), got str"
+    ):
+        MergeModule(sources=small_pair(), method="zipit")
+    with pytest.raises(TypeError, match="method_args"):
+        MergeModule(sources=small_pair(), method=ZipItMerge(), method_args={"alpha": 0.5})
 
 
 # --------------------------------------------------------------------------- errors
@@ -205,11 +210,6 @@ def test_not_a_source_checkpoint(tmp_path: Path) -> None:
         trainer().validate(module, datamodule=MergeDataModule(datamodule()), verbose=False)
 
 
-def test_a_method_name_instead_of_a_method_is_refused() -> None:
-    with pytest.raises(TypeError, match="method must be a MergeMethod, got str"):
-        MergeModule(sources=small_pair(), method="zipit")
-
-
 def test_data_that_cannot_serve_a_merge_are_named() -> None:
     class NoCalibration(pl.LightningDataModule):
         def __init__(self) -> None:
@@ -229,7 +229,7 @@ def test_data_that_cannot_serve_a_merge_are_named() -> None:
 
 def test_missing_base_for_a_task_vector_method() -> None:
     with pytest.raises(ValueError, match="'ties' merges task vectors: give base="):
-        MergeModule(sources=small_pair(), method=get_method("ties"))
+        MergeModule(sources=small_pair(), method=TIES())
 
 
 def test_plain_module_sources_take_heads_from_the_tasks() -> None:
@@ -240,18 +240,19 @@ def test_plain_module_sources_take_heads_from_the_tasks() -> None:
     assert module.prepared.heads[0].kind == "embedding" and "merged/task1_acc" in module.results
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_registered_method_runs_through_the_module(name: str) -> None:
+@pytest.mark.parametrize("cls", ALL_METHODS, ids=lambda cls: cls.name)
+def test_every_method_runs_through_the_module(cls: type[MergeMethod]) -> None:
     """Statistics (moments / Gram / Fisher / K-FAC), data-driven and base-needing methods all run."""
     pair = small_pair()
-    kwargs = {"iterations": 5} if name == "mats" else {}  # MaTS' CG count only sets its cost here
-    base = pair[0] if METHODS[name].needs_base else None
-    module = MergeModule(sources=pair, method=get_method(name, **kwargs), base=base, evaluate_sources=False)
+    method = cls(iterations=5) if cls is MaTS else cls()  # MaTS' CG count only sets its cost here
+    base = pair[0] if method.needs_base else None
+    module = MergeModule(sources=pair, method=method, base=base, evaluate_sources=False)
     dm = TaskSplitDataModule(calibration_size=128, eval_batch_size=500)
     trainer(limit_val_batches=1).validate(module, datamodule=MergeDataModule(dm), verbose=False)
     assert set(module.results) == {
         f"{m}/{k}" for m in ("merged", "ensemble") for k in ("joint_acc", "task0_acc", "task1_acc")
     }
+    print(f"\nMLP×0.25 {cls.name} through the module: joint acc {module.results['merged/joint_acc']:.3f}")
     assert module.results["merged/joint_acc"] > 0.1  # better than chance over 10 classes
 
 
@@ -272,15 +273,15 @@ def test_repair_rescale_equals_the_direct_calls_and_is_recorded(tmp_path: Path) 
     )
     trainer().validate(module, datamodule=MergeDataModule(dm), verbose=False)
     sources = list(module.sources)
-    method = ZipItMerge()
-    by_hand = method.merge(sources, graph=module.prepared.graph, stats=module.statistics)
+    result = ZipItMerge().merge(sources, graph=module.prepared.graph, stats=module.statistics)
+    by_hand = result.model
     plain = copy.deepcopy(by_hand)
     assert repair_points(by_hand, module.prepared.graph)  # the MLP's hidden layers
     repair_rescale(
         by_hand,
         sources,
         module.prepared.graph,
-        method.transforms,
+        result.transforms,
         dm.calibration_dataloader(),
     )
     for key, want in by_hand.state_dict().items():
@@ -293,7 +294,7 @@ def test_bad_repair_settings_are_named() -> None:
     with pytest.raises(ValueError, match="repair must be"):
         MergeModule(sources=small_pair(), method=ZipItMerge(), repair="repair")
     with pytest.raises(ValueError, match="'regmean' has none"):
-        MergeModule(sources=small_pair(), method=get_method("regmean"), repair="rescale")
+        MergeModule(sources=small_pair(), method=RegMean(), repair="rescale")
 
 
 # --------------------------------------------------------------------------- graph override

@@ -209,9 +209,11 @@ def _out_space(graph: MergeGraph, name: str) -> str | None:
     return None
 
 
-def _check_layer(name: str, layer: nn.Module) -> None:
-    if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"):
-        raise ValueError(f"least squares supports Conv2d with groups=1 and zero padding; {name!r} is not")
+def _check_layer(name: str, layer: nn.Module) -> bool:
+    """Whether to refit ``layer``: grouped/depthwise convs keep their merged weights (skipped)."""
+    if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+        raise ValueError(f"least squares supports Conv2d with zero padding only; {name!r} is not")
+    return not (isinstance(layer, nn.Conv2d) and layer.groups != 1)
 
 
 class _Replay:
@@ -375,7 +377,8 @@ def least_squares_refit(
             runners = [layer_runner(m, batches) for m in (merged, *sources)]
             for name in names:
                 layer = merged.get_submodule(name)
-                _check_layer(name, layer)
+                if not _check_layer(name, layer):
+                    continue
                 space = _out_space(graph, name)
                 blocks = None
                 if space is not None:

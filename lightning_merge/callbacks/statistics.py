@@ -24,9 +24,10 @@ from torch import nn
 
 from lightning_merge.dataflow import Ranks, destroy_gloo_group_at_exit
 from lightning_merge.graph.spec import MergeGraph
-from lightning_merge.stats.collect import KNOWN_STATISTICS, collect_statistics
+from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.container import Statistics
 from lightning_merge.stats.moments import moments_memory_bytes
+from lightning_merge.stats.registry import known_statistics
 from lightning_merge.stats.store import (
     StatisticsFileError,
     StatisticsMismatchError,
@@ -57,7 +58,8 @@ class MergeStatistics(Callback):
     """Run the statistics pass once, before the first validation / test / predict loop.
 
     Args:
-        requires: statistics to gather: any of "moments", "grams", "fisher", "kfac".
+        requires: statistics to gather: registered names (built in: "moments", "grams", "fisher",
+            "kfac"; see ``lightning_merge.stats.registry``).
         max_batches: use only the first this-many calibration batches (all when None).
         cache_path: a ``.safetensors`` file: reused when present and gathered for the same models and
             graph, written after a pass otherwise.
@@ -73,10 +75,11 @@ class MergeStatistics(Callback):
     ) -> None:
         if isinstance(requires, str) or not all(isinstance(r, str) for r in requires):
             raise TypeError(f"requires must be a list of statistic names, got {requires!r}")
-        unknown = [r for r in requires if r not in KNOWN_STATISTICS]
+        known = known_statistics()
+        unknown = [r for r in requires if r not in known]
         if unknown or not requires or len(set(requires)) != len(requires):
             raise ValueError(
-                f"requires={list(requires)!r}: give each of {list(KNOWN_STATISTICS)} at most once"
+                f"requires={list(requires)!r}: give each of {known} at most once"
                 + (f" (unknown: {unknown})" if unknown else "")
             )
         if max_batches is not None and (not isinstance(max_batches, int) or isinstance(max_batches, bool)):
@@ -126,7 +129,7 @@ class MergeStatistics(Callback):
         except (StatisticsMismatchError, StatisticsFileError) as err:
             rank_zero_warn(f"not reusing cached statistics: {err}")
             return None
-        missing = [r for r in self.requires if not getattr(stats, r)]
+        missing = [r for r in self.requires if r not in stats]
         if missing:
             rank_zero_warn(f"cached statistics in {self.cache_path} lack {missing}; gathering them again")
             return None

@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from .equivalence import check_equivalence
+from lightning_merge.apply.twin import check_equivalence
+
 from .manual import save_graph
 from .spec import MergeGraph
 from .trace import trace_graph

@@ -7,13 +7,15 @@ permuted model compute something else, so ``check_equivalence`` catches it on ra
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from .errors import EquivalenceError
 from .spec import MergeGraph, Space
+
+MergeTwin = Callable[[nn.Module, MergeGraph, Mapping[str, torch.Tensor]], nn.Module]
 
 
 def random_permutation(space: Space, generator: torch.Generator) -> torch.Tensor:
@@ -133,6 +135,18 @@ def _outputs(out: object, prefix: str = "output") -> dict[str, torch.Tensor]:
     return {}
 
 
+def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    worst, worst_name = 0.0, ""
+    for name, out in a.items():
+        if not out.is_floating_point():
+            continue
+        scale = out.abs().max().clamp_min(torch.finfo(out.dtype).tiny)
+        err = float((out - b[name]).abs().max() / scale)
+        if not err < float("inf") or err >= worst:  # NaN counts as the worst
+            worst, worst_name = err if err == err else float("inf"), name
+    return worst, worst_name
+
+
 def check_equivalence(
     model: nn.Module,
     graph: MergeGraph,
@@ -141,32 +155,39 @@ def check_equivalence(
     seed: int = 0,
     rtol: float = 1e-5,
     randomize: bool = True,
+    merge: MergeTwin | None = None,
 ) -> float:
     """Permute every space of a float64 copy of ``model``; return the worst max|Δ| / max|out|.
 
     Raises :class:`EquivalenceError` naming the worst output when it exceeds ``rtol``. With
     ``randomize`` (in the copy only) constant tensors are redrawn and BatchNorm statistics are set
-    from ``example_input``, so that a forgotten member cannot hide behind a constant.
+    from ``example_input``, so that a forgotten member cannot hide behind a constant. ``merge``
+    (``merge(model, graph, perms)``, e.g. :func:`lightning_merge.apply.twin.merged_twin`, which the
+    full check :func:`lightning_merge.apply.twin.check_equivalence` passes) merges the model with its
+    permuted copy through the true permutations, which must give the model back: this checks the roles
+    and layouts the merge reads, which a permutation alone cannot see.
     """
     work = copy.deepcopy(model).double().eval()
     x = example_input.double() if example_input.is_floating_point() else example_input
     if randomize:
         randomize_constants(work, seed)
         calibrate_batchnorm(work, x)
+    perms = random_permutations(graph, seed)
     with torch.no_grad():
         a = _outputs(work(x))
-        b = _outputs(permute_model(work, graph, random_permutations(graph, seed))(x))
-    worst, worst_name = 0.0, ""
-    for name, out in a.items():
-        if not out.is_floating_point():
-            continue
-        scale = out.abs().max().clamp_min(torch.finfo(out.dtype).tiny)
-        err = float((out - b[name]).abs().max() / scale)
-        if err >= worst:
-            worst, worst_name = err, name
+        merged = _outputs(merge(work, graph, perms)(x)) if merge is not None else a
+        b = _outputs(permute_model(work, graph, perms)(x))
+    worst, worst_name = _worst(a, b)
     if worst > rtol:
         raise EquivalenceError(
             f"permuting the merge points changed {worst_name}: max|Δ|/max|out| = {worst:.3g} > {rtol:g}; "
             "a space misses a member or joins axes that must differ"
         )
-    return worst
+    merge_err, merge_name = _worst(a, merged)
+    if merge_err > rtol:
+        raise EquivalenceError(
+            f"merging the model with its permuted copy through the true permutations changed "
+            f"{merge_name}: max|Δ|/max|out| = {merge_err:.3g} > {rtol:g}; the merge reads a member's "
+            "role or axis layout differently from the permutation"
+        )
+    return max(worst, merge_err)

@@ -5,7 +5,8 @@ module                                effect
 ====================================  ===============================================================
 Conv1d/2d/3d (groups=1)               input space -> ``weight`` axis 1 ("in"), tap; new space:
                                       ``weight`` axis 0 + ``bias`` ("out"). Depthwise: keeps the
-                                      input space (``weight`` axis 0, ``bias``). Other groups: error.
+                                      input space (``weight`` axis 0, ``bias``). Other groups: input
+                                      and output fixed (never permuted).
 Linear                                same on the last axis (any leading axes); over a non-channel
                                       axis (token mixing) the features pass through untouched.
 Embedding                             new space: ``weight`` axis 1 ("out").
@@ -72,10 +73,12 @@ def conv(op: Op) -> Layout:
             if getattr(m, p) is not None and not x.is_fixed:
                 op.state.register_layout(x, op.param(p), 0, "out")
         return x
-    raise op.fail(
-        f"grouped convolution (groups={m.groups}, in={m.in_channels}, out={m.out_channels}) mixes "
-        "features only within groups; only groups=1 and depthwise are supported"
-    )
+    # Other groups (ResNeXt, RegNet): output channel o reads input group o // (out/groups), so a
+    # permutation must move input and output groups together; a space cannot say that. Both sides
+    # stay fixed (averaged in place, never permuted): exact, at the cost of no alignment there.
+    if not x.is_fixed:
+        op.state.fix(x)
+    return Layout.fixed(ndim)
 
 
 @register_handler(nn.Linear)

@@ -4,6 +4,7 @@
 op                                      effect on the features
 ======================================  =============================================================
 relu/gelu/silu/tanh/sigmoid/dropout/…   pass through (functional and method forms)
+torchvision.ops.stochastic_depth        pass through (drops whole samples, never single channels)
 softmax / log_softmax                   pass through (equivariant along any axis)
 add/sub/mul/div/pow/maximum/minimum/+=  tensor ∘ tensor joins both spaces (broadcast-aligned);
                                         with a scalar or a size-1 axis: pass through; with a fixed
@@ -49,6 +50,13 @@ _UNARY_METHODS = [
     "double", "half", "type_as", "requires_grad_",
 ]  # fmt: skip
 register_handler(*_UNARY_FUNCS, *_UNARY_METHODS)(passthrough)
+
+try:  # torchvision's stochastic depth scales whole samples (or the batch): equivariant per channel
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+except ImportError:  # pragma: no cover - torchvision is optional
+    pass
+else:
+    register_handler(_stochastic_depth)(passthrough)
 
 
 def _entries(op: Op) -> list[tuple[Any, torch.Tensor]]:
@@ -245,6 +253,29 @@ def reduce(op: Op) -> Layout:
         return Layout.fixed(ndim)  # a sum over the features does not depend on their order
     keep = ndim == in_ndim
     return x.moved(ndim, x.dim if keep else x.dim - sum(d < x.dim for d in dims))
+
+
+@register_handler(F.layer_norm)
+def functional_layer_norm(op: Op) -> Layout:
+    """``F.layer_norm(x, shape, weight, bias)``: over the feature axis, ``weight``/``bias`` join it.
+
+    Normalising over the features is invariant to their order; over other axes the affine
+    parameters are per position, not per feature, and stay fixed.
+    """
+    ndim = op.out.dim()
+    x = as_layout(op.lay(0), ndim)
+    first = ndim - len(op.arg(1, "normalized_shape"))
+    for i, key in ((2, "weight"), (3, "bias")):
+        lay = op.lay(i, key)
+        if isinstance(lay, Layout) and not lay.is_fixed:
+            raise op.fail(f"its {key} argument carries merge-point features")
+        if x.is_fixed or x.dim < first or not isinstance(lay, ParamLayout):
+            continue
+        axis = lay.axes[x.dim - first - (ndim - first - lay.ndim)] if lay.ndim <= ndim - first else None
+        if axis is None:
+            raise op.fail(f"its {key} parameter {lay.param} does not span the feature axis")
+        op.state.register_layout(x, lay.param, axis, "out")
+    return x
 
 
 def _pool(spatial: int):

@@ -43,17 +43,23 @@ def register_handler(*keys: Any) -> Callable[[Handler], Handler]:
 
 
 def module_handler(module: nn.Module, extra: dict | None = None) -> Handler | None:
-    """Handler for a module instance: exact class path first, then along the MRO."""
+    """Handler for a module instance: exact class path first, then along the MRO.
+
+    A subclass inherits its base's handler only when it keeps the base's ``forward``: torchvision's
+    ``LayerNorm2d`` subclasses ``nn.LayerNorm`` but normalises the channels of an NCHW map, so the
+    LayerNorm rule would silently leave its affine parameters out. Such a subclass is traced into.
+    """
     tables = [extra or {}, MODULE_HANDLERS]
+    forward = type(module).forward
     for cls in type(module).__mro__:
         if cls is nn.Module:
             break
         for table in tables:
-            if cls in table:
-                return table[cls]
             path = f"{cls.__module__}.{cls.__qualname__}"
-            if path in table:
-                return table[path]
+            key = cls if cls in table else path if path in table else None
+            if key is None:
+                continue
+            return table[key] if cls.forward is forward else None
     return None
 
 

@@ -81,3 +81,68 @@ def space_rows(
     if not parts:
         raise ValueError(f"merge point {space.name!r} has no weight member with role in {roles}")
     return torch.cat(parts, dim=1)
+
+
+# (consume, produce) maps of one model into a merge point's merged coordinates, both (m, n).
+AxisMaps = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _map_axis(
+    tensor: torch.Tensor, axis: int, items: list[tuple[AxisRef, int, torch.Tensor]]
+) -> torch.Tensor:
+    """Replace the features of every (ref, size, map) on ``axis`` by ``map @ features``.
+
+    Positions of the axis that belong to no mapped space are kept, after the mapped blocks; every
+    model is treated alike, so the flattened vectors stay comparable across models.
+    """
+    moved = tensor.movedim(axis, 0)
+    covered = torch.zeros(moved.shape[0], dtype=torch.bool, device=tensor.device)
+    parts = []
+    for ref, size, mat in items:
+        pos = ref.positions(size).to(tensor.device).reshape(-1)
+        covered[pos] = True
+        block = moved[pos].reshape(size, -1)
+        parts.append((mat.to(block) @ block).reshape(-1, *moved.shape[1:]))
+    parts.append(moved[~covered])
+    return torch.cat(parts).movedim(0, axis)
+
+
+def weight_members(space: Space, roles: tuple[str, ...] = ("out", "in")) -> list[AxisRef]:
+    """The members whose slices make up a feature's weight vector (batch statistics left out)."""
+    members = [m for m in space.members if m.role in roles and not m.param.endswith(SKIP_SUFFIXES)]
+    if not members:
+        raise ValueError(f"merge point {space.name!r} has no weight member with role in {roles}")
+    return members
+
+
+def mapped_member_rows(
+    state_dict: StateDict,
+    index: dict[str, list[tuple[Space, AxisRef]]],
+    space: Space,
+    member: AxisRef,
+    maps: AxisMaps,
+) -> torch.Tensor:
+    """(n, d) float64: ``member``'s slice of every feature of ``space``, with every other axis carried
+    into the merged coordinates of its merge point: ``maps[name][0]`` along axes that consume that
+    point's features, ``maps[name][1]`` along axes that produce them (MuDSC's weight vectors)."""
+    tensor = state_dict[member.param].detach().to(torch.float64)
+    by_axis: dict[int, list[tuple[AxisRef, int, torch.Tensor]]] = {}
+    for other_space, other in index[member.param]:
+        if other.axis != member.axis and other_space.name in maps:
+            mat = maps[other_space.name][0 if other.role == "in" else 1]
+            by_axis.setdefault(other.axis, []).append((other, other_space.size, mat))
+    for axis, items in by_axis.items():
+        tensor = _map_axis(tensor, axis, items)
+    return feature_rows(tensor, member, space.size)
+
+
+def mapped_space_rows(
+    state_dict: StateDict,
+    index: dict[str, list[tuple[Space, AxisRef]]],
+    space: Space,
+    maps: AxisMaps,
+    roles: tuple[str, ...] = ("out", "in"),
+) -> torch.Tensor:
+    """(n, D): :func:`mapped_member_rows` of every weight member, side by side."""
+    parts = [mapped_member_rows(state_dict, index, space, m, maps) for m in weight_members(space, roles)]
+    return torch.cat(parts, dim=1)

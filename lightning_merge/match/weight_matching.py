@@ -5,6 +5,12 @@ For every model i > 0 separately, find permutations P_s of each merge point s ma
 visit the spaces in a random order, solve each one's linear assignment with all the others fixed,
 and stop after a sweep without improvement. The objective is a sum over pairs (0, i), so the N − 1
 problems are independent.
+
+The descent starts from a forward pass over the spaces (in graph order) that matches each one on
+its producing ("out") slices only, read with the permutations already found upstream. Started
+from the identity instead, the consumer slices of a deep, narrow net (MobileNetV2) are read under
+wrong downstream permutations; their noise outweighs the producer signal and the descent stalls
+in a local optimum even for an exact permuted copy.
 """
 
 from __future__ import annotations
@@ -19,16 +25,31 @@ from lightning_merge.match.permute import group_hungarian, permutations_to_trans
 from lightning_merge.match.transform import SpaceTransform
 
 
+def _forward_start(ref_state: StateDict, state_dict: StateDict, graph: MergeGraph) -> dict[str, torch.Tensor]:
+    """Match the spaces in forward order on their producer slices, upstream permutations applied."""
+    index = axes_by_param(graph)
+    perms = {s.name: torch.arange(s.size) for s in graph.spaces}
+    for space in graph.spaces:
+        try:
+            ref = space_rows(ref_state, index, space, {}, roles=("out",))
+        except ValueError:  # no producing weight (only consumers): keep the identity for now
+            continue
+        rows = space_rows(state_dict, index, space, perms, roles=("out",))
+        perms[space.name] = group_hungarian(ref @ rows.T, space.group_size).cpu()
+    return perms
+
+
 def _descend(
     ref_rows: dict[str, torch.Tensor],
     state_dict: StateDict,
     graph: MergeGraph,
     max_iter: int,
     generator: torch.Generator,
+    start: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """Coordinate descent of one model's permutations onto model 0's (given as ``ref_rows``)."""
     index = axes_by_param(graph)
-    perms = {s.name: torch.arange(s.size) for s in graph.spaces}
+    perms = dict(start)
     for _ in range(max_iter):
         improved = False
         for k in torch.randperm(len(graph.spaces), generator=generator).tolist():
@@ -60,7 +81,10 @@ def match_weights(
     ref_rows = {s.name: space_rows(state_dicts[0], index, s, {}) for s in graph.spaces}
     generator = torch.Generator().manual_seed(seed)
     identity = {s.name: torch.arange(s.size) for s in graph.spaces}
-    perms = [identity] + [_descend(ref_rows, sd, graph, max_iter, generator) for sd in state_dicts[1:]]
+    perms = [identity] + [
+        _descend(ref_rows, sd, graph, max_iter, generator, _forward_start(state_dicts[0], sd, graph))
+        for sd in state_dicts[1:]
+    ]
     return {
         s.name: permutations_to_transform([p[s.name] for p in perms], len(state_dicts)) for s in graph.spaces
     }

@@ -1,20 +1,59 @@
-"""Merge methods. Importing a method module registers it in ``METHODS``.
+"""Merge methods, each named by its class (``ZipItMerge(alpha=0.3)``; YAML: ``class_path``).
 
-Method modules are imported here once they exist; each adds one line.
+``ALL_METHODS`` lists every built-in method class, for tests and benchmarks that cover them all.
 """
 
-from lightning_merge.methods.base import METHODS, MergeMethod, get_method, register_method
+from lightning_merge.methods.aligned import AlignedMerge
+from lightning_merge.methods.average import AverageMerge
+from lightning_merge.methods.base import MergeMethod, MergeResult
+from lightning_merge.methods.config import build_method, method_config
+from lightning_merge.methods.fisher_merge import FisherMerge
+from lightning_merge.methods.mats import MaTS
+from lightning_merge.methods.mudsc import MuDSCMerge
+from lightning_merge.methods.permute import PermuteMerge
+from lightning_merge.methods.pleas import PLeaSMerge
+from lightning_merge.methods.regmean import RegMean
+from lightning_merge.methods.same_base import SameBaseMethod
+from lightning_merge.methods.task_arithmetic import TaskArithmetic
+from lightning_merge.methods.ties import TIES
+from lightning_merge.methods.transform_base import TransformMethod
+from lightning_merge.methods.weight_matching import WeightMatchingMerge
+from lightning_merge.methods.zipit import ZipItMerge
 
-__all__ = ["METHODS", "MergeMethod", "get_method", "register_method"]
+#: every built-in method: different-initialisation (matching) methods first, then same-base ones
+ALL_METHODS: tuple[type[MergeMethod], ...] = (
+    AverageMerge,
+    WeightMatchingMerge,
+    PermuteMerge,
+    ZipItMerge,
+    MuDSCMerge,
+    PLeaSMerge,
+    AlignedMerge,
+    TaskArithmetic,
+    TIES,
+    FisherMerge,
+    RegMean,
+    MaTS,
+)
 
-# same-base merges (issue 6)
-from lightning_merge.methods import fisher_merge, mats, regmean, task_arithmetic, ties  # noqa: E402, F401
-
-# isort: split
-# different-initialisation merges (issue 5)
-from lightning_merge.methods import average, mudsc, permute, pleas, weight_matching, zipit  # noqa: E402, F401
-from lightning_merge.methods.transform_base import TransformMethod  # noqa: E402, F401
-
-# isort: split
-# RegMean / MaTS / Fisher after a one-to-one alignment (uses the methods above)
-from lightning_merge.methods import aligned  # noqa: E402, F401
+__all__ = [
+    "ALL_METHODS",
+    "AlignedMerge",
+    "AverageMerge",
+    "FisherMerge",
+    "MaTS",
+    "MergeMethod",
+    "MergeResult",
+    "MuDSCMerge",
+    "PLeaSMerge",
+    "PermuteMerge",
+    "RegMean",
+    "SameBaseMethod",
+    "TIES",
+    "TaskArithmetic",
+    "TransformMethod",
+    "WeightMatchingMerge",
+    "ZipItMerge",
+    "build_method",
+    "method_config",
+]

@@ -12,14 +12,14 @@ from torch import nn
 
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.permute import match_identity
-from lightning_merge.methods.base import register_method
 from lightning_merge.methods.transform_base import TransformMethod, Transforms
 from lightning_merge.stats.container import Statistics
 
 
-@register_method("average")
 class AverageMerge(TransformMethod):
     """θ = mean of the sources' parameters (no alignment)."""
+
+    name = "average"
 
     def match(self, sources: Sequence[nn.Module], graph: MergeGraph, stats: Statistics | None) -> Transforms:
         return {s.name: match_identity(s.size, len(sources)) for s in graph.spaces}

@@ -1,50 +1,60 @@
-"""The merge-method registry: one class per method, registered by name.
+"""What every merge method is and returns: :class:`MergeMethod` and :class:`MergeResult`.
 
-A method is a plain object whose ``__init__`` takes its hyperparameters as typed keyword
-arguments (so LightningCLI/jsonargparse can build it from YAML via ``class_path``), validates them
-there (naming the bad value), and implements :meth:`MergeMethod.merge`.
+A method is a plain object named by its class (``ZipItMerge(alpha=0.3)`` in Python, ``class_path``
++ ``init_args`` in YAML). Its ``__init__`` takes typed keyword arguments (so LightningCLI /
+jsonargparse can build it), validates them there (naming the bad value) and keeps each one under
+its own name; nothing else is stored on the instance. :meth:`MergeMethod.merge` returns everything
+a call produced in a :class:`MergeResult`, so one method object can serve any number of merges.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from torch import nn
 
 from lightning_merge.graph.spec import MergeGraph
+from lightning_merge.match.transform import SpaceTransform
 from lightning_merge.stats.container import Statistics
-
-METHODS: dict[str, type[MergeMethod]] = {}
+from lightning_merge.stats.registry import statistic_collector
 
 
 @dataclass(frozen=True)
 class MergeResult:
-    """What a merge produced: the model, and what post-merge passes and reports need of it."""
+    """The outcome of one :meth:`MergeMethod.merge` call.
 
-    model: nn.Module  # the merged model (a PartialZipModel for a partial zip)
-    transforms: Mapping[str, Any] | None = None  # matching methods: SpaceTransform per merge point
-    diagnostics: Mapping[str, Any] = field(default_factory=dict)  # e.g. CG iterations / residuals
+    ``model``: the merged model (a ``PartialZipModel`` for a partial zip); ``transforms``: the
+    matching methods' transform per merge point (what REPAIR rescales by), ``None`` for the others;
+    ``diagnostics``: per-call details such as MaTS' conjugate-gradient histories.
+    """
 
+    model: nn.Module
+    transforms: Mapping[str, SpaceTransform] | None = None
+    diagnostics: Mapping[str, Any] = field(default_factory=dict)
 
-M = TypeVar("M", bound="type[MergeMethod]")
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f"MergeResult.model must be an nn.Module, got {type(self.model).__name__}")
 
 
 class MergeMethod(ABC):
-    """Turns N source models (and the statistics it ``requires``) into one merged ``nn.Module``.
+    """Turns N source models (and the statistics it ``requires``) into a :class:`MergeResult`.
 
     ``requires`` lists what the statistics pass must gather for it: any of ``"moments"``
     (feature moments per merge point), ``"grams"``, ``"fisher"``, ``"kfac"``.
     ``needs_base`` is True for methods that need the shared pre-trained base (task vectors);
     ``needs_data`` for methods that read the calibration loader in :meth:`merge`.
+    Subclasses set these as class attributes, or as read-only properties when an ``__init__``
+    argument decides them; never on the instance. ``name`` is a short label for tables and logs.
     """
 
     name: ClassVar[str] = ""
-    requires: ClassVar[frozenset[str]] = frozenset()
-    needs_base: ClassVar[bool] = False
-    needs_data: ClassVar[bool] = False
+    requires: frozenset[str] = frozenset()
+    needs_base: bool = False
+    needs_data: bool = False
     has_transforms: ClassVar[bool] = False  # merge() returns per-merge-point transforms (REPAIR needs them)
 
     @abstractmethod
@@ -56,40 +66,27 @@ class MergeMethod(ABC):
         stats: Statistics | None,
         base: nn.Module | None = None,
         data: Iterable[Any] | None = None,
-    ) -> nn.Module:
-        """Return the merged model; never modify ``sources``.
+    ) -> MergeResult:
+        """Merge ``sources``; never modify them nor ``self``.
 
         ``data`` is the calibration loader (batches of inputs, or (inputs, targets) tuples) for
         methods that need a pass of their own after matching (PLeaS' least squares).
         """
 
     def check_stats(self, stats: Statistics | None) -> None:
-        """Raise a clear error when a required statistic was not gathered."""
-        missing = [r for r in sorted(self.requires) if stats is None or not getattr(stats, r)]
+        """Raise a clear error when a required statistic was not gathered or is inconsistent
+        (each statistic's registered collector checks its own value)."""
+        missing = [r for r in sorted(self.requires) if stats is None or r not in stats]
         if missing:
             raise ValueError(
                 f"method {self.name!r} needs statistics {missing} that were not gathered; "
                 f"run the statistics pass with them requested (MergeStatistics(...))"
             )
+        for name in sorted(self.requires):  # stats is not None here unless nothing is required
+            statistic_collector(name).check(stats[name], stats.num_models)  # type: ignore[union-attr]
 
+    def __repr__(self) -> str:
+        from lightning_merge.methods.config import init_arguments
 
-def register_method(name: str) -> Callable[[M], M]:
-    """Class decorator: ``@register_method("zipit")``. Importing the module registers it."""
-
-    def wrap(cls: M) -> M:
-        if name in METHODS and METHODS[name] is not cls:
-            raise ValueError(f"merge method {name!r} is already registered by {METHODS[name].__name__}")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return wrap
-
-
-def get_method(name: str, **kwargs: object) -> MergeMethod:
-    """Instantiate a registered method by name; unknown names list the registered ones."""
-    import lightning_merge.methods  # noqa: F401  (registers the built-in methods)
-
-    if name not in METHODS:
-        raise KeyError(f"unknown merge method {name!r}; registered: {sorted(METHODS)}")
-    return METHODS[name](**kwargs)
+        args = ", ".join(f"{k}={v!r}" for k, v in init_arguments(self).items())
+        return f"{type(self).__name__}({args})"

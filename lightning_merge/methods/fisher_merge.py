@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from lightning_merge.methods import same_base as sb
-from lightning_merge.methods.base import register_method
 from lightning_merge.stats.container import Statistics
 
 
@@ -39,7 +38,6 @@ def fisher_of(
     return torch.stack([f[name] for f in fishers])
 
 
-@register_method("fisher")
 class FisherMerge(sb.SameBaseMethod):
     """θ = Σᵢ F̄ᵢθᵢ / Σᵢ F̄ᵢ per parameter entry, F̄ᵢ = max(Fᵢ/countᵢ, ``fisher_floor``).
 
@@ -48,6 +46,8 @@ class FisherMerge(sb.SameBaseMethod):
     wᵢ = F̄ᵢ / Σⱼ F̄ⱼ, so merging identical models returns them bit for bit. A base, if given, only
     has to be compatible: the weighted average of θᵢ equals θ₀ plus that of the task vectors.
     """
+
+    name = "fisher"
 
     requires = frozenset({"fisher"})
 

@@ -3,15 +3,12 @@ model i's "task parameter subspace" — a Gram (RegMean), diagonal Fisher or K-F
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from torch import nn
 
 from lightning_merge.apply.cg import CGResult, Operator, conjugate_gradient
 from lightning_merge.methods import same_base as sb
-from lightning_merge.methods.base import register_method
 from lightning_merge.methods.fisher_merge import fisher_of, mean_fisher
 from lightning_merge.methods.regmean import check_alpha, gram_layers, scaled_grams
 from lightning_merge.stats.container import Statistics
@@ -38,7 +35,6 @@ def kfac_factors(
     return torch.stack(a_list), torch.stack(g_list)
 
 
-@register_method("mats")
 class MaTS(sb.SameBaseMethod):
     """Conjugate-gradient merge in one task parameter subspace, ``iterations`` steps from ``init``.
 
@@ -51,8 +47,10 @@ class MaTS(sb.SameBaseMethod):
     ``init="task_arithmetic"`` starts from θ₀ + λΣτᵢ (λ = ``scaling``, needs the base),
     ``"average"`` from the mean. Parameters outside the subspace (norm layers, layers without
     statistics) keep the init, and so do directions no model's statistic sees (CG never moves them).
-    After :meth:`merge`, ``cg_results`` maps each solved layer/parameter to its :class:`CGResult`.
+    The result's ``diagnostics["cg"]`` maps each solved layer/parameter to its :class:`CGResult`.
     """
+
+    name = "mats"
 
     def __init__(
         self,
@@ -80,8 +78,16 @@ class MaTS(sb.SameBaseMethod):
             float(alpha),
             float(tol),
         )
-        self.requires = frozenset({SUBSPACE_STATS[subspace]})
-        self.cg_results: dict[str, CGResult] = {}
+
+    @property
+    def requires(self) -> frozenset[str]:  # type: ignore[override]
+        """The one statistic of the chosen subspace."""
+        return frozenset({SUBSPACE_STATS[self.subspace]})
+
+    @property
+    def needs_base(self) -> bool:  # type: ignore[override]
+        """Starting from task arithmetic needs the base; the average does not."""
+        return self.init == "task_arithmetic"
 
     def check_stats(self, stats: Statistics | None) -> None:
         field = SUBSPACE_STATS[self.subspace]
@@ -92,70 +98,55 @@ class MaTS(sb.SameBaseMethod):
                 f"(subspace={self.subspace!r}).requires] / MergeStatistics)"
             )
 
-    def _cg(
-        self, key: str, operator: Operator, b: torch.Tensor, x0: torch.Tensor, batch_dims: int = 0
-    ) -> torch.Tensor:
-        res = conjugate_gradient(
+    def _cg(self, operator: Operator, b: torch.Tensor, x0: torch.Tensor, batch_dims: int = 0) -> CGResult:
+        return conjugate_gradient(
             operator, b, x0, batch_dims=batch_dims, iterations=self.iterations, tol=self.tol
         )
-        self.cg_results[key] = res
-        return res.x
 
-    def _solve_regmean(
-        self, sources: Sequence[nn.Module], states: list[sb.State], stats: Statistics, merged: sb.State
-    ) -> set[str]:
-        done = set()
-        for layer in gram_layers(sources, stats, self.name):
+    def _solve_regmean(self, inputs: sb.SameBaseInputs, merged: sb.State) -> dict[str, CGResult]:
+        states, stats, results = inputs.states, inputs.stats, {}
+        for layer in gram_layers(inputs.sources, stats, self.name):
             weights = [sb.layer_matrix(s, layer) for s in states]
             grams = scaled_grams(stats, layer, self.alpha, weights[0].shape[1], self.name)
             total = torch.stack(grams).sum(0)
             rhs = sum(w @ g for w, g in zip(weights, grams, strict=True))
-            x = self._cg(layer, lambda v, t=total: v @ t, rhs, sb.layer_matrix(merged, layer), batch_dims=1)
-            merged.update(sb.split_layer_matrix(x, states[0], layer))
-            done.update(sb.layer_params(states[0], layer))
-        return done
+            res = self._cg(lambda v, t=total: v @ t, rhs, sb.layer_matrix(merged, layer), batch_dims=1)
+            merged.update(sb.split_layer_matrix(res.x, states[0], layer))
+            results[layer] = res
+        return results
 
-    def _solve_fisher(
-        self, sources: Sequence[nn.Module], states: list[sb.State], stats: Statistics, merged: sb.State
-    ) -> set[str]:
-        fishers = mean_fisher(stats, len(states), self.name)
-        done = set()
-        for name in sb.parameter_names(sources[0]):
+    def _solve_fisher(self, inputs: sb.SameBaseInputs, merged: sb.State) -> dict[str, CGResult]:
+        states = inputs.states
+        fishers = mean_fisher(inputs.stats, len(states), self.name)
+        results = {}
+        for name in inputs.params:
             f = fisher_of(fishers, name, states[0][name].shape, self.name)
             if f is None:
                 continue
-            total = f.sum(0)
-            rhs = (f * sb.stack(states, name)).sum(0)
-            merged[name] = self._cg(name, lambda v, t=total: t * v, rhs, merged[name])
-            done.add(name)
-        return done
+            total, rhs = f.sum(0), (f * sb.stack(states, name)).sum(0)
+            res = self._cg(lambda v, t=total: t * v, rhs, merged[name])
+            merged[name] = res.x
+            results[name] = res
+        return results
 
-    def _solve_kfac(
-        self, sources: Sequence[nn.Module], states: list[sb.State], stats: Statistics, merged: sb.State
-    ) -> set[str]:
+    def _solve_kfac(self, inputs: sb.SameBaseInputs, merged: sb.State) -> dict[str, CGResult]:
+        states, stats, results = inputs.states, inputs.stats, {}
         sb.check_count_list("kfac", stats.kfac, len(states), self.name)
         sb.check_count_list("kfac_counts", stats.kfac_counts, len(states), self.name)
-        done = set()
-        for layer, _ in supported_layers(sources[0]):
+        for layer, _ in supported_layers(inputs.sources[0]):
             if not all(layer in k for k in stats.kfac):
                 continue
             w = torch.stack([sb.layer_matrix(s, layer) for s in states])  # (N, out, d)
             a, g = kfac_factors(stats, layer, w.shape[1], w.shape[2], self.name)
             rhs = (g @ w @ a).sum(0)
-            x = self._cg(layer, lambda v, a=a, g=g: (g @ v @ a).sum(0), rhs, sb.layer_matrix(merged, layer))
-            merged.update(sb.split_layer_matrix(x, states[0], layer))
-            done.update(sb.layer_params(states[0], layer))
-        return done
+            res = self._cg(lambda v, a=a, g=g: (g @ v @ a).sum(0), rhs, sb.layer_matrix(merged, layer))
+            merged.update(sb.split_layer_matrix(res.x, states[0], layer))
+            results[layer] = res
+        return results
 
     def merge_parameters(self, inputs: sb.SameBaseInputs) -> sb.State:
-        if self.init == "task_arithmetic" and inputs.base is None:
-            raise ValueError(
-                "mats: init='task_arithmetic' needs the base model (base=...); or use init='average'"
-            )
-        states = inputs.states
         scaling = self.scaling if self.init == "task_arithmetic" else None
-        merged = {name: sb.fallback(states, inputs.base, name, scaling) for name in inputs.params}
-        self.cg_results = {}
+        merged = {name: sb.fallback(inputs.states, inputs.base, name, scaling) for name in inputs.params}
         solve = {"regmean": self._solve_regmean, "fisher": self._solve_fisher, "kfac": self._solve_kfac}
-        solve[self.subspace](inputs.sources, states, inputs.stats, merged)
+        inputs.diagnostics["cg"] = solve[self.subspace](inputs, merged)
         return merged

@@ -14,15 +14,15 @@ from torch import nn
 
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.permute import match_permute
-from lightning_merge.methods.base import register_method
 from lightning_merge.methods.transform_base import TransformMethod, Transforms, correlation
 from lightning_merge.stats.container import Statistics
 
 
-@register_method("permute")
 class PermuteMerge(TransformMethod):
     """Hungarian matching on correlations. ``anchor="mean"`` aligns model i to the running merged
     feature of models 0..i-1 instead of model 0 alone (helps for N > 2)."""
+
+    name = "permute"
 
     requires = frozenset({"moments"})
 

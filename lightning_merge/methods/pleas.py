@@ -27,7 +27,6 @@ from lightning_merge.match._checks import check_similarity, check_target_width
 from lightning_merge.match.partial import match_partial
 from lightning_merge.match.permute import group_hungarian
 from lightning_merge.match.transform import SpaceTransform, from_assignment
-from lightning_merge.methods.base import register_method
 from lightning_merge.methods.transform_base import TransformMethod, Transforms, check_ratio, correlation
 from lightning_merge.methods.zipit import resolve_widths
 from lightning_merge.stats.container import Statistics
@@ -68,13 +67,13 @@ def partial_to_first(
     return from_assignment(assign, target_width, num_models)
 
 
-@register_method("pleas")
 class PLeaSMerge(TransformMethod):
     """``width`` = m/n in [1, N] (or per-merge-point ``widths``); ``ridge`` is the relative Tikhonov
     term of the solve; ``max_batches`` caps the batches read per layer; ``refit=False`` skips step 2."""
 
+    name = "pleas"
+
     requires = frozenset({"moments"})
-    needs_data = True
 
     def __init__(
         self,
@@ -94,7 +93,11 @@ class PLeaSMerge(TransformMethod):
             raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
         self.width, self.widths, self.ridge = float(width), widths, float(ridge)
         self.max_batches, self.refit = max_batches, refit
-        self.needs_data = refit
+
+    @property
+    def needs_data(self) -> bool:  # type: ignore[override]
+        """Only the least-squares refit reads the calibration data."""
+        return self.refit
 
     def match(self, sources: Sequence[nn.Module], graph: MergeGraph, stats: Statistics | None) -> Transforms:
         num = len(sources)
@@ -117,11 +120,12 @@ class PLeaSMerge(TransformMethod):
         graph: MergeGraph,
         transforms: Mapping[str, SpaceTransform],
         data: Iterable[Any] | None,
-    ) -> nn.Module:
+    ) -> dict[str, Any]:
         if not self.refit:
-            return merged
+            return {}
         if data is None:
             raise ValueError("pleas needs a data loader for its least-squares refit (data=None given)")
-        return least_squares_refit(
+        least_squares_refit(
             merged, sources, graph, transforms, data, ridge=self.ridge, max_batches=self.max_batches
         )
+        return {}

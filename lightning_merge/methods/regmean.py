@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from lightning_merge.methods import same_base as sb
-from lightning_merge.methods.base import register_method
 from lightning_merge.stats.container import Statistics
 from lightning_merge.stats.gram import supported_layers
 
@@ -70,7 +69,6 @@ def solve_regmean(
     return out
 
 
-@register_method("regmean")
 class RegMean(sb.SameBaseMethod):
     """Closed-form RegMean on every Linear / ungrouped Conv2d layer with Gram statistics.
 
@@ -80,6 +78,8 @@ class RegMean(sb.SameBaseMethod):
     columns never active): the plain average, or task arithmetic θ₀ + λΣτᵢ with λ = ``scaling``
     when a base and ``scaling`` are given. Buffers (frozen class embeddings, BN stats) are averaged.
     """
+
+    name = "regmean"
 
     requires = frozenset({"grams"})
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 import copy
 from abc import abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_merge.graph.spec import MergeGraph
-from lightning_merge.methods.base import MergeMethod
+from lightning_merge.methods.base import MergeMethod, MergeResult
 from lightning_merge.stats.container import Statistics
 
 State = dict[str, torch.Tensor]
@@ -39,6 +39,7 @@ class SameBaseInputs:
     params: list[str]  # parameter (not buffer) names, state-dict order
     base: State | None  # the shared base's state dict, when given
     stats: Statistics | None
+    diagnostics: dict[str, Any] = field(default_factory=dict)  # this call's details, for the result
 
 
 class SameBaseMethod(MergeMethod):
@@ -56,7 +57,7 @@ class SameBaseMethod(MergeMethod):
         stats: Statistics | None = None,
         base: nn.Module | None = None,
         data: Iterable[Any] | None = None,
-    ) -> nn.Module:
+    ) -> MergeResult:
         if self.needs_base and base is None:
             raise ValueError(
                 f"{self.name}: the method works on task vectors θᵢ − θ₀ and needs the shared base "
@@ -66,12 +67,14 @@ class SameBaseMethod(MergeMethod):
         states = check_sources(sources, base, self.name)
         params = parameter_names(sources[0])
         merged = buffers_rule(states, params)
-        merged.update(self.merge_parameters(SameBaseInputs(sources, states, params, base_state(base), stats)))
-        return build(sources[0], merged)
+        inputs = SameBaseInputs(sources, states, params, base_state(base), stats)
+        merged.update(self.merge_parameters(inputs))
+        return MergeResult(build(sources[0], merged), diagnostics=inputs.diagnostics)
 
     @abstractmethod
     def merge_parameters(self, inputs: SameBaseInputs) -> State:
-        """The merged value (float64 is fine) of every name in ``inputs.params``."""
+        """The merged value (float64 is fine) of every name in ``inputs.params``; details worth
+        reporting go into ``inputs.diagnostics`` (a fresh dict per call)."""
 
 
 def _label(i: int | None) -> str:

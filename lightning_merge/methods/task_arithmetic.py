@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from lightning_merge.methods import same_base as sb
-from lightning_merge.methods.base import register_method
 
 
-@register_method("task_arithmetic")
 class TaskArithmetic(sb.SameBaseMethod):
     """θ = θ₀ + λ Σᵢ (θᵢ − θ₀) on every parameter; buffers averaged.
 
     Without a base the reference θ₀ is the sources' mean, whose task vectors sum to zero: the
     result is then plain weight averaging whatever λ (λ = 1/N with a base is also the average).
     """
+
+    name = "task_arithmetic"
 
     def __init__(self, scaling: float = 1.0) -> None:
         sb.check_scaling(scaling)

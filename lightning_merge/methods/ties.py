@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from lightning_merge.methods import same_base as sb
-from lightning_merge.methods.base import register_method
 
 
 def ties_vector(tau: torch.Tensor, k: float) -> torch.Tensor:
@@ -24,13 +23,14 @@ def ties_vector(tau: torch.Tensor, k: float) -> torch.Tensor:
     return (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
 
 
-@register_method("ties")
 class TIES(sb.SameBaseMethod):
     """θ = θ₀ + λ · TIES(τ₁ … τ_N) over all parameters; buffers averaged.
 
     Following the paper, trimming is *global*: the top-``k``% magnitudes are taken over each model's
     whole flattened task vector (all parameters concatenated), not per tensor. Needs the base.
     """
+
+    name = "ties"
 
     needs_base = True
 

@@ -6,7 +6,7 @@ blockdiag(W_i) · U_in through the merge graph, giving a plain module of the mer
 with ``stop_at``, a partial zip (merged trunk up to a cut point, every source's own tail after it).
 BatchNorm reset and REPAIR are not part of ``merge``: the MergeModule (or the caller) runs
 :func:`lightning_merge.apply.batchnorm_reset.reset_batchnorm` (and, asked for,
-:func:`lightning_merge.apply.repair.repair_rescale` with :attr:`TransformMethod.transforms`) afterwards.
+:func:`lightning_merge.apply.repair.repair_rescale` with the result's ``transforms``) afterwards.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lightning_merge.apply.partial import build_partial, resolve_cut
 from lightning_merge.apply.weights import merge_state_dicts
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.transform import SpaceTransform
-from lightning_merge.methods.base import MergeMethod
+from lightning_merge.methods.base import MergeMethod, MergeResult
 from lightning_merge.stats.container import Statistics
 
 Transforms = dict[str, SpaceTransform]
@@ -76,10 +76,9 @@ class TransformMethod(MergeMethod):
 
     ``stop_at``: None for a full merge, or a cut point (its fx node name, or a depth fraction in [0, 1],
     the nearest cut point is used) for a partial zip returning every source's output.
-    ``transforms`` holds the last merge's transforms, for post-merge steps such as REPAIR.
+    The result carries the transforms, for post-merge steps such as REPAIR.
     """
 
-    transforms: Transforms | None = None
     has_transforms = True
 
     def __init__(self, *, stop_at: str | float | None = None) -> None:
@@ -97,9 +96,10 @@ class TransformMethod(MergeMethod):
         graph: MergeGraph,
         transforms: Mapping[str, SpaceTransform],
         data: Iterable[Any] | None,
-    ) -> nn.Module:
-        """Hook for a data pass after the weights are merged (PLeaS' least squares); default: none."""
-        return merged
+    ) -> dict[str, Any]:
+        """Hook for a data pass after the weights are merged (PLeaS' least squares): updates ``merged``
+        (the full model, or a partial zip's trunk) in place and returns its diagnostics; default: none."""
+        return {}
 
     def merge(
         self,
@@ -109,7 +109,7 @@ class TransformMethod(MergeMethod):
         stats: Statistics | None,
         base: nn.Module | None = None,
         data: Iterable[Any] | None = None,
-    ) -> nn.Module:
+    ) -> MergeResult:
         if len(sources) < 2:
             raise ValueError(f"method {self.name!r} merges at least 2 sources, got {len(sources)}")
         if graph is None:
@@ -118,15 +118,15 @@ class TransformMethod(MergeMethod):
         check_statistics_match(stats, graph, len(sources))
         if self.needs_data and data is None:
             raise ValueError(f"method {self.name!r} needs a data loader (data=None given)")
-        transforms = self.transforms = dict(self.match(sources, graph, stats))
+        transforms = dict(self.match(sources, graph, stats))
         if self.stop_at is not None:
             cut = resolve_cut(graph, self.stop_at)
             partial = build_partial(sources, graph, transforms, cut)
-            self.refine(partial.trunk, sources, graph, transforms, data)
-            return partial
+            diagnostics = self.refine(partial.trunk, sources, graph, transforms, data)
+            return MergeResult(partial, transforms, diagnostics)
         merged_sd = merge_state_dicts([s.state_dict() for s in sources], graph, transforms)
         merged = build_merged_module(sources[0], merged_sd)
-        return self.refine(merged, sources, graph, transforms, data)
+        return MergeResult(merged, transforms, self.refine(merged, sources, graph, transforms, data))
 
 
 def correlation(stats: Statistics | None, space: str, eps: float = 1e-8) -> Any:

@@ -8,15 +8,15 @@ from torch import nn
 
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.weight_matching import match_weights
-from lightning_merge.methods.base import register_method
 from lightning_merge.methods.transform_base import TransformMethod, Transforms
 from lightning_merge.stats.container import Statistics
 
 
-@register_method("weight_matching")
 class WeightMatchingMerge(TransformMethod):
     """Coordinate descent over merge points maximising Σ⟨W_0, P W_i Pᵀ⟩ (``max_iter`` sweeps, ``seed``
     for the visiting order); every model is aligned to model 0."""
+
+    name = "weight_matching"
 
     def __init__(self, *, max_iter: int = 100, seed: int = 0, stop_at: str | float | None = None) -> None:
         super().__init__(stop_at=stop_at)

@@ -13,7 +13,6 @@ from torch import nn
 
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.zip import check_alpha_beta, match_zipit
-from lightning_merge.methods.base import register_method
 from lightning_merge.methods.transform_base import (
     TransformMethod,
     Transforms,
@@ -38,9 +37,10 @@ def resolve_widths(
     }
 
 
-@register_method("zipit")
 class ZipItMerge(TransformMethod):
     """ZipIt! (Stoica et al., 2023). Defaults α=0.3, β=0.125 are the paper's for two models."""
+
+    name = "zipit"
 
     requires = frozenset({"moments"})
 

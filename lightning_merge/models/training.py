@@ -157,41 +157,46 @@ def train_source(
 
     with quiet_lightning():
         pl.seed_everything(seed, verbose=False)
-        data = TaskSplitDataModule(
-            root=root,
-            dataset=dataset,
-            tasks=[list(key["classes"])],
-            task=0,
-            batch_size=batch_size,
-            val_size=0,
-        )
+        data = TaskSplitDataModule(root, dataset, [list(key["classes"])], 0, batch_size, val_size=0)
         model = SourceClassifier(arch=arch, width=width, classes=key["classes"], **model_kwargs)
         if init_state_dict is not None:
             _load_init(model, init_state_dict)
-        trainer = pl.Trainer(
-            accelerator="auto",
-            devices=1,
-            max_epochs=max_epochs,
-            limit_train_batches=limit_train_batches,
-            precision=precision if precision is not None else "32-true",
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=progress_bar,
-        )
+        trainer = _trainer(max_epochs, limit_train_batches, precision, progress_bar)
         start = time.perf_counter()
         trainer.fit(model, datamodule=data)
         seconds = time.perf_counter() - start
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            trainer.save_checkpoint(tmp, weights_only=True)
-            os.replace(tmp, path)
-            path.with_suffix(".json").write_text(json.dumps({**key, "train_seconds": seconds}, indent=2))
+            _save(trainer, path, {**key, "train_seconds": seconds})
     log.info("trained %s on classes %s (seed %d) in %.1f s", arch, key["classes"], seed, seconds)
     return model.cpu().eval()
+
+
+def _trainer(
+    max_epochs: int, limit_train_batches: int | float | None, precision: str | None, progress_bar: bool
+) -> pl.Trainer:
+    """A quiet single-device trainer without validation, logger or checkpoint callback."""
+    return pl.Trainer(
+        accelerator="auto",
+        devices=1,
+        max_epochs=max_epochs,
+        limit_train_batches=limit_train_batches,
+        precision=precision if precision is not None else "32-true",
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress_bar,
+    )
+
+
+def _save(trainer: pl.Trainer, path: Path, record: dict[str, Any]) -> None:
+    """The weights-only checkpoint (atomically) and its JSON record beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    trainer.save_checkpoint(tmp, weights_only=True)
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps(record, indent=2))
 
 
 def load_source(path: str | Path) -> SourceClassifier:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,10 @@ from torch import nn
 
 from lightning_merge.apply.module import resize_to_state_dict
 from lightning_merge.graph.spec import MergeGraph
+from lightning_merge.methods.config import method_config
 from lightning_merge.pipeline.prepare import PreparedSources
 from lightning_merge.stats.container import Statistics
-from lightning_merge.stats.store import sha256_file
+from lightning_merge.stats.store import flatten_statistics, sha256_file
 
 FORMAT = "lightning_merge.merged"
 VERSION = 1
@@ -35,32 +35,19 @@ WEIGHTS, RECIPE = "model.safetensors", "recipe.yaml"
 
 
 def statistics_digest(stats: Statistics | None) -> str | None:
-    """SHA-256 (16 hex digits) of every statistic tensor, by name: which data the merge saw."""
+    """SHA-256 (16 hex digits) of every statistic tensor, by name: which data the merge saw.
+
+    The tensors and their names are the ones the store saves (each statistic's collector decides).
+    """
     if stats is None:
         return None
     h = hashlib.sha256()
-    for key, tensor in sorted(_stat_tensors(stats).items()):
-        t = tensor.detach().to("cpu", torch.float64).contiguous()
+    tensors, _ = flatten_statistics(stats)
+    for key, tensor in sorted(tensors.items()):
+        t = tensor.to(torch.float64).contiguous()
         h.update(f"{key}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _stat_tensors(stats: Statistics) -> dict[str, torch.Tensor]:
-    out = {}
-    for space, m in stats.moments.items():
-        out |= {
-            f"moments/{space}/count": m.count,
-            f"moments/{space}/total": m.total,
-            f"moments/{space}/outer": m.outer,
-        }
-    for kind in ("grams", "fisher"):
-        for i, per_model in enumerate(getattr(stats, kind)):
-            out |= {f"{kind}/{i}/{k}": v for k, v in per_model.items()}
-    for i, per_model in enumerate(stats.kfac):
-        for k, (a, g) in per_model.items():
-            out |= {f"kfac/{i}/{k}/A": a, f"kfac/{i}/{k}/G": g}
-    return out
 
 
 def partial_cut(merged: nn.Module, graph: MergeGraph, method: Any) -> dict[str, Any] | None:
@@ -74,27 +61,6 @@ def partial_cut(merged: nn.Module, graph: MergeGraph, method: Any) -> dict[str, 
         raise ValueError(f"method {method.name!r} returned a partial zip but has no stop_at to record")
     cut = resolve_cut(graph, stop_at)
     return {"node": cut.node, "channel_dim": cut.channel_dim, "space": cut.space}
-
-
-def method_config(method: Any) -> dict[str, Any]:
-    """``{"name", "class_path", "init_args"}`` of a method: its ``__init__`` arguments read back."""
-    cls = type(method)
-    args = {}
-    for name in list(inspect.signature(cls.__init__).parameters)[1:]:
-        if hasattr(method, name):
-            args[name] = _plain(getattr(method, name))
-    return {"name": method.name, "class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
-
-
-def _plain(value: Any) -> Any:
-    """A YAML-safe copy of an ``__init__`` argument (dicts and lists kept, other objects as repr)."""
-    if isinstance(value, (bool, int, float, str, type(None))):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return repr(value)
 
 
 @dataclass(frozen=True)

@@ -55,10 +55,7 @@ def run_method(
         kwargs["base"] = sources.base
     if method.needs_data:
         kwargs["data"] = calibration
-    out = method.merge(list(sources.models), **kwargs)
-    if isinstance(out, MergeResult):
-        return out
-    return MergeResult(out, getattr(method, "transforms", None))
+    return method.merge(list(sources.models), **kwargs)
 
 
 @torch.no_grad()

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_merge.apply.twin import check_equivalence
 from lightning_merge.evaluation import SourceHead, head_of
-from lightning_merge.graph import MergeGraph, check_equivalence, load_graph, trace_graph
+from lightning_merge.graph import MergeGraph, load_graph, trace_graph
 from lightning_merge.pipeline.load import LoadedSource, Source, check_same_architecture, load_source
 from lightning_merge.stats.store import model_fingerprint
 

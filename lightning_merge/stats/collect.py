@@ -8,7 +8,6 @@ sample is seen by exactly one rank, and every collector state is summed across r
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -20,41 +19,19 @@ from lightning_merge.dataflow import Ranks, all_reduce_sum_, batch_inputs, model
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.stats.collector import Collector
 from lightning_merge.stats.container import Statistics
-from lightning_merge.stats.moments import FeatureMomentsCollector
+from lightning_merge.stats.registry import statistic_collector
 
 log = logging.getLogger(__name__)
 
-CollectorFactory = Callable[[MergeGraph], Collector]
-COLLECTORS: dict[str, CollectorFactory] = {"moments": FeatureMomentsCollector}
-# modules that register the other statistics when imported (see ``register_collector``)
-_PROVIDERS = {"grams": "lightning_merge.stats.gram", "fisher": "lightning_merge.stats.fisher"}
-_PROVIDERS["kfac"] = "lightning_merge.stats.kfac"
-KNOWN_STATISTICS = ("moments", "grams", "fisher", "kfac")
-
-
-def register_collector(name: str) -> Callable[[CollectorFactory], CollectorFactory]:
-    """Decorator: ``factory(graph) -> Collector`` builds the collector for ``requires=[name]``."""
-
-    def decorate(factory: CollectorFactory) -> CollectorFactory:
-        COLLECTORS[name] = factory
-        return factory
-
-    return decorate
-
 
 def build_collectors(requires: Iterable[str], graph: MergeGraph) -> list[Collector]:
-    """One collector per requested statistic, in the given order."""
+    """One collector per requested statistic (looked up in the registry), in the given order."""
     names = list(requires)
     if not names:
         raise ValueError("requires is empty: name at least one statistic, e.g. ['moments']")
-    collectors = []
-    for name in names:
-        if name not in COLLECTORS and name in _PROVIDERS:
-            importlib.import_module(_PROVIDERS[name])
-        if name not in COLLECTORS:
-            raise KeyError(f"unknown statistic {name!r} in requires; known: {sorted(COLLECTORS)}")
-        collectors.append(COLLECTORS[name](graph))
-    return collectors
+    if len(set(names)) != len(names):
+        raise ValueError(f"requires={names!r} names a statistic twice")
+    return [statistic_collector(name).from_graph(graph) for name in names]
 
 
 def collect_statistics(

@@ -1,27 +1,42 @@
-"""The protocol every statistic gatherer follows, so one pass can run any mix of them.
+"""What a statistic is made of: the pass protocol, the self-describing base class and sum states.
 
-A collector owns torchmetrics ``Metric`` states (``dist_reduce_fx="sum"``, float64), registers the
-hooks it needs on the N source models in :meth:`attach`, does its per-batch work in :meth:`step`
-(a forward for moments and Gram matrices, a forward + backward for Fisher and K-FAC), and writes
-its reduced results into the :class:`~lightning_merge.stats.container.Statistics` in :meth:`fill`.
-The statistics pass (``lightning_merge.stats.collect`` and the ``MergeStatistics`` callback) owns
-the loop, the device, the unpadded distributed sharding and the single in-place all-reduce.
+A collector registers the hooks it needs on the N source models in :meth:`attach`, does its
+per-batch work in :meth:`step` (a forward for moments and Gram matrices, a forward + backward for
+Fisher and K-FAC), keeps its sums as torchmetrics ``Metric`` states (``dist_reduce_fx="sum"``,
+float64) and hands them to the pass in :meth:`states` for the one in-place cross-rank sum
+(``lightning_merge.dataflow.all_reduce_sum_``; ``Metric.sync`` would gather W copies instead). The
+statistics pass (``lightning_merge.stats.collect`` and the ``MergeStatistics`` callback) owns the
+loop, the device and the sharding.
+
+A :class:`StatisticCollector` also describes its result, so that nothing else in the package has
+to know the statistic: :meth:`~StatisticCollector.to_tensors` / :meth:`~StatisticCollector.from_tensors`
+are its (bitwise exact) serialisation, :meth:`~StatisticCollector.check` its consistency checks.
+Registering the class (``lightning_merge.stats.registry.register_statistic``) is all the store, the
+export digest, the callback and the methods' ``check_stats`` need.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torchmetrics import Metric
 
-from lightning_merge.stats.container import Statistics
+if TYPE_CHECKING:
+    from lightning_merge.graph.spec import MergeGraph
+    from lightning_merge.stats.container import Statistics
+
+_F64 = torch.float64
 
 
 @runtime_checkable
 class Collector(Protocol):
-    name: str  # the Statistics field it fills: "moments", "grams", "fisher" or "kfac"
+    """What the statistics pass runs: any object with these methods (registered or not)."""
+
+    name: str  # the statistic it fills, e.g. "moments"
 
     def attach(self, models: Sequence[nn.Module]) -> None:
         """Register hooks / allocate states for these N models."""
@@ -29,11 +44,136 @@ class Collector(Protocol):
     def detach(self) -> None:
         """Remove every hook registered by :meth:`attach`."""
 
-    def step(self, models: Sequence[nn.Module], inputs: torch.Tensor) -> None:
+    def step(self, models: Sequence[nn.Module], inputs: Tensor) -> None:
         """Accumulate one batch of inputs (already on the models' device)."""
 
-    def states(self) -> list[torch.Tensor]:
+    def states(self) -> list[Tensor]:
         """Every accumulated tensor, for the in-place distributed sum-reduction."""
 
     def fill(self, stats: Statistics) -> None:
         """Write the (reduced) results into ``stats``."""
+
+
+class StatisticCollector(ABC):
+    """A registered statistic: its collector, plus how its value is saved, loaded and checked.
+
+    Subclasses set ``name`` (the key in :class:`~lightning_merge.stats.container.Statistics` and the
+    prefix of its tensors in files), implement the pass methods and :meth:`result`, and the
+    class-level :meth:`to_tensors`, :meth:`from_tensors` and :meth:`check`.
+    """
+
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def from_graph(cls, graph: MergeGraph) -> StatisticCollector:
+        """The collector for ``requires=[name]``; per-layer statistics need no merge graph."""
+        return cls()
+
+    @abstractmethod
+    def attach(self, models: Sequence[nn.Module]) -> None: ...
+
+    @abstractmethod
+    def detach(self) -> None:
+        """Remove every hook registered by :meth:`attach`."""
+
+    @abstractmethod
+    def step(self, models: Sequence[nn.Module], inputs: Tensor) -> None: ...
+
+    @abstractmethod
+    def states(self) -> list[Tensor]: ...
+
+    @abstractmethod
+    def result(self) -> Any:
+        """The reduced value stored under ``stats[name]`` (copies, not the live states)."""
+
+    def fill(self, stats: Statistics) -> None:
+        stats[self.name] = self.result()
+
+    @classmethod
+    @abstractmethod
+    def to_tensors(cls, value: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``(tensors, meta)``: tensors by key relative to ``name/`` (no ``name/`` in it), and the
+        JSON-serialisable rest; :meth:`from_tensors` must rebuild ``value`` bitwise from both."""
+
+    @classmethod
+    @abstractmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], meta: Any, num_models: int) -> Any:
+        """The value back from :meth:`to_tensors`' output (``tensors`` in their saved order)."""
+
+    @classmethod
+    @abstractmethod
+    def check(cls, value: Any, num_models: int) -> None:
+        """Raise ``ValueError`` naming the culprit when ``value`` is not a consistent value of this
+        statistic for ``num_models`` models."""
+
+
+class SumStates(Metric):
+    """Named float64 sums as torchmetrics states (``dist_reduce_fx="sum"``), one per key.
+
+    The keys (layer or parameter names, with dots) map to states ``s0, s1, ...``. Synchronisation
+    is left to the statistics pass, so ``sync_on_compute=False``; the registered defaults are
+    zero-stride views, so the only allocation per key is the state itself.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], device: torch.device | str | None = None) -> None:
+        super().__init__(sync_on_compute=False, dist_sync_on_step=False, compute_with_cache=False)
+        self.index = {key: f"s{j}" for j, key in enumerate(shapes)}
+        zero = torch.zeros((), dtype=_F64, device=device)
+        for key, shape in shapes.items():
+            self.add_state(self.index[key], zero.expand(tuple(shape)), dist_reduce_fx="sum")
+            setattr(self, self.index[key], torch.zeros(tuple(shape), dtype=_F64, device=device))
+
+    def update(self, key: str, value: Tensor | float) -> None:
+        """Add ``value`` to the sum of ``key``."""
+        getattr(self, self.index[key]).add_(value)
+
+    def __getitem__(self, key: str) -> Tensor:
+        return getattr(self, self.index[key])
+
+    def keys(self) -> list[str]:
+        return list(self.index)
+
+    def values(self) -> list[Tensor]:
+        return self.states()
+
+    def items(self) -> list[tuple[str, Tensor]]:
+        return list(self.compute().items())
+
+    def compute(self) -> dict[str, Tensor]:
+        return {key: getattr(self, state) for key, state in self.index.items()}
+
+    def states(self) -> list[Tensor]:
+        return [getattr(self, state) for state in self.index.values()]
+
+
+def check_per_model(statistic: str, part: str, values: Any, num_models: int) -> None:
+    """A per-model list of the right length (shared check of the per-model statistics)."""
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"statistics {statistic!r}: {part} is a {type(values).__name__}, expected a list")
+    if len(values) != num_models:
+        raise ValueError(
+            f"statistics {statistic!r}: {part} covers {len(values)} models, the statistics are for "
+            f"{num_models}"
+        )
+
+
+def check_square(statistic: str, where: str, tensor: Any) -> None:
+    """A square matrix (Gram matrices, K-FAC factors)."""
+    if not isinstance(tensor, Tensor) or tensor.ndim != 2 or tensor.shape[0] != tensor.shape[1]:
+        shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+        raise ValueError(f"statistics {statistic!r} {where}: expected a square matrix, got {shape}")
+
+
+def split_per_model(tensors: Mapping[str, Tensor], num_models: int) -> list[dict[str, Tensor]]:
+    """``{"<i>/<name>": t}`` back to ``[{name: t}]`` of ``num_models`` models (saved order kept)."""
+    out: list[dict[str, Tensor]] = [{} for _ in range(num_models)]
+    for key, tensor in tensors.items():
+        i, name = key.split("/", 1)
+        if not i.isdigit() or int(i) >= num_models:
+            raise ValueError(f"tensor key {key!r} names no model among {num_models}")
+        out[int(i)][name] = tensor
+    return out

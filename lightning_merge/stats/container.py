@@ -1,12 +1,19 @@
-"""The statistics every data-driven method reads, as one plain container.
+"""The statistics every data-driven method reads: one container keyed by statistic name.
 
 Produced by the statistics pass (``lightning_merge.stats`` / the ``MergeStatistics`` callback),
-saved and loaded by ``lightning_merge.stats.store``. All sums are float64.
+saved and loaded by ``lightning_merge.stats.store``. What a value looks like, how it is saved and
+checked is decided by the collector registered under its name (``lightning_merge.stats.registry``);
+the container only holds the values. All sums are float64.
+
+A statistic counts as gathered when its value is truthy: an empty value (no spaces, no models) is
+the same as none, so ``"grams" in stats`` is what a method asks before merging.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -38,8 +45,44 @@ class FeatureMoments:
 
 
 @dataclass
+class GramStatistics:
+    """``sums[i][layer]``: model i's Σ x xᵀ of the layer's augmented input rows; ``counts``: rows summed."""
+
+    sums: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    counts: list[dict[str, float]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.sums)
+
+
+@dataclass
+class FisherStatistics:
+    """``sums[i][param]``: model i's summed squared per-sample gradients; ``counts[i]``: its samples."""
+
+    sums: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    counts: list[float] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.sums)
+
+
+@dataclass
+class KFACStatistics:
+    """``factors[i][layer] = (A, G)``: model i's K-FAC factor sums; ``counts[i]``: its samples."""
+
+    factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    counts: list[float] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.factors)
+
+
+@dataclass
 class Statistics:
-    """Everything gathered for one set of N source models under one merge graph.
+    """Everything gathered for one set of N source models under one merge graph, by statistic name.
+
+    ``stats["name"]`` is the value the collector registered as ``name`` produced. The built-in ones
+    also have typed attributes (readable, assignable and mutable in place):
 
     * ``moments[space]``: feature moments per merge point (ZipIt!, Permute, MuDSC, PLeaS, REPAIR);
     * ``grams[i][module]``: model i's Gram matrix XᵀX of the inputs of Linear/Conv ``module``
@@ -53,10 +96,89 @@ class Statistics:
 
     num_models: int
     graph_digest: str
-    moments: dict[str, FeatureMoments] = field(default_factory=dict)
-    grams: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    gram_counts: list[dict[str, float]] = field(default_factory=list)
-    fisher: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    fisher_counts: list[float] = field(default_factory=list)
-    kfac: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
-    kfac_counts: list[float] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and bool(self.values.get(name))
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self:
+            raise KeyError(f"statistic {name!r} was not gathered; gathered: {self.names()}")
+        return self.values[name]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"a statistic name is a non-empty string without '/', got {name!r}")
+        self.values[name] = value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def names(self) -> list[str]:
+        """The gathered statistics, in the order they were added."""
+        return [name for name in self.values if name in self]
+
+    def _value(self, name: str, kind: type) -> Any:
+        """The value of a built-in statistic, created empty (not yet gathered) on first access."""
+        value = self.values.get(name)
+        if value is None:
+            value = self.values[name] = kind()
+        if not isinstance(value, kind):
+            raise TypeError(f"statistic {name!r} holds a {type(value).__name__}, expected {kind.__name__}")
+        return value
+
+    @property
+    def moments(self) -> dict[str, FeatureMoments]:
+        return self._value("moments", dict)
+
+    @moments.setter
+    def moments(self, value: dict[str, FeatureMoments]) -> None:
+        self.values["moments"] = value
+
+    @property
+    def grams(self) -> list[dict[str, torch.Tensor]]:
+        return self._value("grams", GramStatistics).sums
+
+    @grams.setter
+    def grams(self, value: list[dict[str, torch.Tensor]]) -> None:
+        self._value("grams", GramStatistics).sums = value
+
+    @property
+    def gram_counts(self) -> list[dict[str, float]]:
+        return self._value("grams", GramStatistics).counts
+
+    @gram_counts.setter
+    def gram_counts(self, value: list[dict[str, float]]) -> None:
+        self._value("grams", GramStatistics).counts = value
+
+    @property
+    def fisher(self) -> list[dict[str, torch.Tensor]]:
+        return self._value("fisher", FisherStatistics).sums
+
+    @fisher.setter
+    def fisher(self, value: list[dict[str, torch.Tensor]]) -> None:
+        self._value("fisher", FisherStatistics).sums = value
+
+    @property
+    def fisher_counts(self) -> list[float]:
+        return self._value("fisher", FisherStatistics).counts
+
+    @fisher_counts.setter
+    def fisher_counts(self, value: list[float]) -> None:
+        self._value("fisher", FisherStatistics).counts = value
+
+    @property
+    def kfac(self) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        return self._value("kfac", KFACStatistics).factors
+
+    @kfac.setter
+    def kfac(self, value: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        self._value("kfac", KFACStatistics).factors = value
+
+    @property
+    def kfac_counts(self) -> list[float]:
+        return self._value("kfac", KFACStatistics).counts
+
+    @kfac_counts.setter
+    def kfac_counts(self, value: list[float]) -> None:
+        self._value("kfac", KFACStatistics).counts = value

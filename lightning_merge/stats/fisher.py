@@ -12,17 +12,17 @@ the sources' running stats.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_merge.dataflow import model_device
-from lightning_merge.graph.spec import MergeGraph
-from lightning_merge.stats.collect import register_collector
-from lightning_merge.stats.container import Statistics
+from lightning_merge.stats.collector import StatisticCollector, SumStates, check_per_model, split_per_model
+from lightning_merge.stats.container import FisherStatistics
+from lightning_merge.stats.registry import register_statistic
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,13 @@ def per_sample_sq_grads_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor)
     return total
 
 
-class FisherCollector:
-    """Accumulates ``fisher[i][param]`` (summed squared per-sample gradients) and the sample count."""
+@register_statistic
+class FisherCollector(StatisticCollector):
+    """Accumulates ``fisher[i][param]`` (summed squared per-sample gradients) and the sample count.
+
+    Its value is a :class:`FisherStatistics`, saved as ``fisher/<i>/<param>`` with the sample
+    counts in the sidecar.
+    """
 
     name = "fisher"
 
@@ -97,14 +102,14 @@ class FisherCollector:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         self.target: Target = target
         self.chunk_size = chunk_size
-        self.fisher: list[dict[str, torch.Tensor]] = []
-        self.counts: list[torch.Tensor] = []
+        self.fisher: list[SumStates] = []
+        self.counts = SumStates({})
 
     def attach(self, models: Sequence[nn.Module]) -> None:
         self.fisher = [
-            {k: torch.zeros_like(p, dtype=torch.float64) for k, p in m.named_parameters()} for m in models
+            SumStates({k: p.shape for k, p in m.named_parameters()}, model_device(m)) for m in models
         ]
-        self.counts = [torch.zeros((), dtype=torch.float64, device=model_device(m)) for m in models]
+        self.counts = SumStates({str(i): () for i in range(len(models))}, model_device(models[0]))
 
     def detach(self) -> None:
         """No hooks to remove: the Fisher is computed functionally."""
@@ -122,18 +127,37 @@ class FisherCollector:
                     log.warning("Fisher for model %d falls back to a per-sample loop: %s", i, err)
                     sq = per_sample_sq_grads_loop(model, x, y)
                 for k, v in sq.items():
-                    self.fisher[i][k] += v
-                self.counts[i] += x.shape[0]
+                    self.fisher[i].update(k, v)
+                self.counts.update(str(i), x.shape[0])
 
     def states(self) -> list[torch.Tensor]:
-        return [t for per in self.fisher for t in per.values()] + list(self.counts)
+        return [t for metric in (*self.fisher, self.counts) for t in metric.states()]
 
-    def fill(self, stats: Statistics) -> None:
-        stats.fisher = [{k: v.clone() for k, v in f.items()} for f in self.fisher]
-        stats.fisher_counts = [float(c) for c in self.counts]
+    def result(self) -> FisherStatistics:
+        return FisherStatistics(
+            sums=[{k: v.clone() for k, v in f.compute().items()} for f in self.fisher],
+            counts=[float(c) for c in self.counts.compute().values()],
+        )
 
+    @classmethod
+    def to_tensors(cls, value: FisherStatistics) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"{i}/{param}": f for i, per in enumerate(value.sums) for param, f in per.items()}
+        return tensors, {"counts": value.counts}
 
-@register_collector("fisher")
-def _build(graph: MergeGraph) -> FisherCollector:
-    """Per-layer / per-parameter statistics need no merge graph: every supported module is observed."""
-    return FisherCollector()
+    @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], meta: Any, num_models: int
+    ) -> FisherStatistics:
+        counts = meta["counts"]
+        return FisherStatistics(sums=split_per_model(tensors, len(counts)), counts=counts)
+
+    @classmethod
+    def check(cls, value: Any, num_models: int) -> None:
+        if not isinstance(value, FisherStatistics):
+            raise ValueError(f"statistics 'fisher' is a {type(value).__name__}, expected FisherStatistics")
+        check_per_model("fisher", "fisher", value.sums, num_models)
+        check_per_model("fisher", "fisher_counts", value.counts, num_models)
+        for i, sums in enumerate(value.sums):
+            for param, f in sums.items():
+                if not isinstance(f, torch.Tensor):
+                    raise ValueError(f"statistics 'fisher' of model {i} at {param!r} is a {type(f).__name__}")

@@ -9,16 +9,23 @@ without materialising stride-1 conv patches.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_merge.graph.spec import MergeGraph
-from lightning_merge.stats.collect import register_collector
-from lightning_merge.stats.container import Statistics
+from lightning_merge.stats.collector import (
+    StatisticCollector,
+    SumStates,
+    check_per_model,
+    check_square,
+    split_per_model,
+)
+from lightning_merge.stats.container import GramStatistics
 from lightning_merge.stats.patch_gram import input_gram, with_bias_column
+from lightning_merge.stats.registry import register_statistic
 
 
 def supported_layers(model: nn.Module) -> Iterator[tuple[str, nn.Linear | nn.Conv2d]]:
@@ -71,35 +78,37 @@ class _LayerHooks:
         self.handles.clear()
 
 
-class GramCollector:
-    """Accumulates ``grams[i][layer] = Σ x xᵀ`` (augmented rows) and the number of rows per layer."""
+@register_statistic
+class GramCollector(StatisticCollector):
+    """Accumulates ``grams[i][layer] = Σ x xᵀ`` (augmented rows) and the number of rows per layer.
+
+    Its value is a :class:`GramStatistics`, saved as ``grams/<i>/<layer>`` with the row counts in
+    the sidecar.
+    """
 
     name = "grams"
 
     def __init__(self) -> None:
         self._hooks = _LayerHooks()
-        self.grams: list[dict[str, torch.Tensor]] = []
-        self.counts: list[dict[str, torch.Tensor]] = []
+        self.grams: list[SumStates] = []
+        self.counts: list[SumStates] = []
 
     def attach(self, models: Sequence[nn.Module]) -> None:
         self._hooks.attach(models, self._accumulate)
         self.grams, self.counts = [], []
         for layers in self._hooks.layers:
-            grams, counts = {}, {}
-            for name, module in layers.items():
-                d, dev = layer_input_dim(module), module.weight.device
-                grams[name] = torch.zeros(d, d, dtype=torch.float64, device=dev)
-                counts[name] = torch.zeros((), dtype=torch.float64, device=dev)
-            self.grams.append(grams)
-            self.counts.append(counts)
+            dims = {name: layer_input_dim(module) for name, module in layers.items()}
+            device = next(iter(layers.values())).weight.device if layers else None
+            self.grams.append(SumStates({name: (d, d) for name, d in dims.items()}, device))
+            self.counts.append(SumStates({name: () for name in dims}, device))
 
     def detach(self) -> None:
         self._hooks.detach()
 
     def _accumulate(self, i: int, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
         xx, xs, rows = input_gram(module, x.detach())
-        self.grams[i][name].add_(with_bias_column(module, xx, xs, rows))
-        self.counts[i][name] += rows
+        self.grams[i].update(name, with_bias_column(module, xx, xs, rows))
+        self.counts[i].update(name, rows)
 
     def step(self, models: Sequence[nn.Module], inputs: torch.Tensor) -> None:
         self._hooks.active = True
@@ -111,14 +120,35 @@ class GramCollector:
             self._hooks.active = False
 
     def states(self) -> list[torch.Tensor]:
-        return [t for per in (*self.grams, *self.counts) for t in per.values()]
+        return [t for metric in (*self.grams, *self.counts) for t in metric.states()]
 
-    def fill(self, stats: Statistics) -> None:
-        stats.grams = [{k: v.clone() for k, v in g.items()} for g in self.grams]
-        stats.gram_counts = [{k: float(v) for k, v in c.items()} for c in self.counts]
+    def result(self) -> GramStatistics:
+        return GramStatistics(
+            sums=[{k: v.clone() for k, v in g.compute().items()} for g in self.grams],
+            counts=[{k: float(v) for k, v in c.compute().items()} for c in self.counts],
+        )
 
+    @classmethod
+    def to_tensors(cls, value: GramStatistics) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"{i}/{layer}": g for i, per in enumerate(value.sums) for layer, g in per.items()}
+        return tensors, {"counts": value.counts}
 
-@register_collector("grams")
-def _build(graph: MergeGraph) -> GramCollector:
-    """Per-layer / per-parameter statistics need no merge graph: every supported module is observed."""
-    return GramCollector()
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], meta: Any, num_models: int) -> GramStatistics:
+        counts = meta["counts"]
+        return GramStatistics(sums=split_per_model(tensors, len(counts)), counts=counts)
+
+    @classmethod
+    def check(cls, value: Any, num_models: int) -> None:
+        if not isinstance(value, GramStatistics):
+            raise ValueError(f"statistics 'grams' is a {type(value).__name__}, expected GramStatistics")
+        check_per_model("grams", "grams", value.sums, num_models)
+        check_per_model("grams", "gram_counts", value.counts, num_models)
+        for i, (sums, counts) in enumerate(zip(value.sums, value.counts, strict=True)):
+            if set(sums) != set(counts):
+                raise ValueError(
+                    f"statistics 'grams' of model {i}: the layers of the Gram matrices {sorted(sums)} and "
+                    f"of the row counts {sorted(counts)} differ"
+                )
+            for layer, g in sums.items():
+                check_square("grams", f"of model {i} at layer {layer!r}", g)

@@ -10,18 +10,25 @@ eval mode samples do not interact. A ⊗ G is never formed: MaTS applies V ↦ G
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_merge.dataflow import model_device
-from lightning_merge.graph.spec import MergeGraph
-from lightning_merge.stats.collect import register_collector
-from lightning_merge.stats.container import Statistics
+from lightning_merge.stats.collector import (
+    StatisticCollector,
+    SumStates,
+    check_per_model,
+    check_square,
+    split_per_model,
+)
+from lightning_merge.stats.container import KFACStatistics
 from lightning_merge.stats.fisher import Target, check_eval_mode, check_target, model_targets
 from lightning_merge.stats.gram import _LayerHooks, layer_input_dim
 from lightning_merge.stats.patch_gram import input_gram, with_bias_column
+from lightning_merge.stats.registry import register_statistic
 
 
 def output_rows(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
@@ -31,8 +38,13 @@ def output_rows(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(-1, g.shape[-1]).to(torch.float64)
 
 
-class KFACCollector:
-    """Accumulates ``kfac[i][layer] = (A, G)`` and the number of samples per model."""
+@register_statistic
+class KFACCollector(StatisticCollector):
+    """Accumulates ``kfac[i][layer] = (A, G)`` and the number of samples per model.
+
+    Its value is a :class:`KFACStatistics`, saved as ``kfac/<i>/<layer>/{A,G}`` with the sample
+    counts in the sidecar.
+    """
 
     name = "kfac"
 
@@ -41,31 +53,25 @@ class KFACCollector:
         self.target: Target = target
         self._hooks = _LayerHooks()
         self._outputs: list[tuple[str, nn.Module, torch.Tensor]] = []
-        self.factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
-        self.counts: list[torch.Tensor] = []
+        self.inputs: list[SumStates] = []  # A factors per model
+        self.grads: list[SumStates] = []  # G factors per model
+        self.counts = SumStates({})
 
     def attach(self, models: Sequence[nn.Module]) -> None:
         self._hooks.attach(models, self._record)
-        self.factors, self.counts = [], []
+        self.inputs, self.grads = [], []
         for model, layers in zip(models, self._hooks.layers, strict=True):
-            per = {}
-            for name, module in layers.items():
-                d, dev = layer_input_dim(module), module.weight.device
-                out = module.weight.shape[0]
-                per[name] = (
-                    torch.zeros(d, d, dtype=torch.float64, device=dev),
-                    torch.zeros(out, out, dtype=torch.float64, device=dev),
-                )
-            self.factors.append(per)
             device = model_device(model)
-            self.counts.append(torch.zeros((), dtype=torch.float64, device=device))
+            self.inputs.append(SumStates({k: (layer_input_dim(m),) * 2 for k, m in layers.items()}, device))
+            self.grads.append(SumStates({k: (m.weight.shape[0],) * 2 for k, m in layers.items()}, device))
+        self.counts = SumStates({str(i): () for i in range(len(models))}, model_device(models[0]))
 
     def detach(self) -> None:
         self._hooks.detach()
 
     def _record(self, i: int, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
         xx, xs, rows = input_gram(module, x.detach())
-        self.factors[i][name][0].add_(with_bias_column(module, xx, xs, rows))
+        self.inputs[i].update(name, with_bias_column(module, xx, xs, rows))
         self._outputs.append((name, module, out))
 
     def _step_model(self, i: int, model: nn.Module, x: torch.Tensor) -> None:
@@ -80,9 +86,9 @@ class KFACCollector:
         grads = torch.autograd.grad(total, [o for _, _, o in self._outputs], allow_unused=True)
         for (name, module, out), g in zip(self._outputs, grads, strict=True):
             rows = output_rows(module, g if g is not None else torch.zeros_like(out))
-            self.factors[i][name][1].addmm_(rows.T, rows)
+            self.grads[i][name].addmm_(rows.T, rows)
         self._outputs = []
-        self.counts[i] += x.shape[0]
+        self.counts.update(str(i), x.shape[0])
 
     def step(self, models: Sequence[nn.Module], inputs: torch.Tensor) -> None:
         check_eval_mode(models, "KFACCollector")
@@ -92,14 +98,43 @@ class KFACCollector:
                 self._step_model(i, model, x)
 
     def states(self) -> list[torch.Tensor]:
-        return [t for per in self.factors for pair in per.values() for t in pair] + list(self.counts)
+        return [t for metric in (*self.inputs, *self.grads, self.counts) for t in metric.states()]
 
-    def fill(self, stats: Statistics) -> None:
-        stats.kfac = [{k: (a.clone(), g.clone()) for k, (a, g) in f.items()} for f in self.factors]
-        stats.kfac_counts = [float(c) for c in self.counts]
+    def result(self) -> KFACStatistics:
+        factors = [
+            {k: (a.clone(), g[k].clone()) for k, a in inputs.compute().items()}
+            for inputs, g in zip(self.inputs, self.grads, strict=True)
+        ]
+        return KFACStatistics(factors=factors, counts=[float(c) for c in self.counts.compute().values()])
 
+    @classmethod
+    def to_tensors(cls, value: KFACStatistics) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {}
+        for i, per in enumerate(value.factors):
+            for layer, (a, g) in per.items():
+                tensors |= {f"{i}/{layer}/A": a, f"{i}/{layer}/G": g}
+        return tensors, {"counts": value.counts}
 
-@register_collector("kfac")
-def _build(graph: MergeGraph) -> KFACCollector:
-    """Per-layer / per-parameter statistics need no merge graph: every supported module is observed."""
-    return KFACCollector()
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], meta: Any, num_models: int) -> KFACStatistics:
+        counts = meta["counts"]
+        halves = split_per_model(tensors, len(counts))
+        factors = [
+            {key[:-2]: (per[key], per[key[:-1] + "G"]) for key in per if key.endswith("/A")} for per in halves
+        ]
+        return KFACStatistics(factors=factors, counts=counts)
+
+    @classmethod
+    def check(cls, value: Any, num_models: int) -> None:
+        if not isinstance(value, KFACStatistics):
+            raise ValueError(f"statistics 'kfac' is a {type(value).__name__}, expected KFACStatistics")
+        check_per_model("kfac", "kfac", value.factors, num_models)
+        check_per_model("kfac", "kfac_counts", value.counts, num_models)
+        for i, per in enumerate(value.factors):
+            for layer, pair in per.items():
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                    raise ValueError(
+                        f"statistics 'kfac' of model {i} at layer {layer!r} is not an (A, G) pair"
+                    )
+                check_square("kfac", f"A of model {i} at layer {layer!r}", pair[0])
+                check_square("kfac", f"G of model {i} at layer {layer!r}", pair[1])

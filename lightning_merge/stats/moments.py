@@ -11,7 +11,7 @@ live only until the last model reaches the same tap.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,9 +21,12 @@ from torch.utils.hooks import RemovableHandle
 from torchmetrics import Metric
 
 from lightning_merge.graph.spec import MergeGraph, Tap
-from lightning_merge.stats.container import FeatureMoments, Statistics
+from lightning_merge.stats.collector import StatisticCollector
+from lightning_merge.stats.container import FeatureMoments
+from lightning_merge.stats.registry import register_statistic
 
 _F64 = torch.float64
+_PARTS = ("count", "total", "outer")
 
 
 class SpaceMoments(Metric):
@@ -163,11 +166,13 @@ def _attention_projections(mha: nn.MultiheadAttention, args: tuple, kwargs: dict
     return torch.stack(projected)
 
 
-class FeatureMomentsCollector:
+@register_statistic
+class FeatureMomentsCollector(StatisticCollector):
     """Collector ``"moments"``: :class:`SpaceMoments` for every space observed at a tap.
 
     A space observed at several taps pools the samples of all of them; a tap with several
-    segments (e.g. the input of a Linear after ``cat``) feeds each segment's space.
+    segments (e.g. the input of a Linear after ``cat``) feeds each segment's space. Its value is
+    ``{space: FeatureMoments}``, saved as ``moments/<space>/{count,total,outer}``.
     """
 
     name = "moments"
@@ -232,9 +237,51 @@ class FeatureMomentsCollector:
             metric.symmetrize()  # before the cross-rank sum, so every rank sends a full matrix
         return [s for m in self.metrics.values() for s in (m.count, m.total, m.outer)]
 
-    def fill(self, stats: Statistics) -> None:
-        for name, metric in self.metrics.items():
-            stats.moments[name] = metric.compute()
+    def result(self) -> dict[str, FeatureMoments]:
+        return {name: metric.compute() for name, metric in self.metrics.items()}
+
+    @classmethod
+    def from_graph(cls, graph: MergeGraph) -> FeatureMomentsCollector:
+        return cls(graph)
+
+    @classmethod
+    def to_tensors(cls, value: dict[str, FeatureMoments]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = {f"{space}/{part}": getattr(m, part) for space, m in value.items() for part in _PARTS}
+        return tensors, {
+            "spaces": list(value),
+            "counts": {space: float(m.count) for space, m in value.items()},
+        }
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, Tensor], meta: dict[str, Any], num_models: int
+    ) -> dict[str, FeatureMoments]:
+        parts = [tensors[f"{space}/{part}"] for space in meta["spaces"] for part in _PARTS]
+        return {
+            space: FeatureMoments(*parts[3 * k : 3 * k + 3], num_models)
+            for k, space in enumerate(meta["spaces"])
+        }
+
+    @classmethod
+    def check(cls, value: Any, num_models: int) -> None:
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"statistics 'moments' is a {type(value).__name__}, expected {{space: FeatureMoments}}"
+            )
+        for space, m in value.items():
+            if not isinstance(m, FeatureMoments):
+                raise ValueError(f"statistics 'moments' of space {space!r} is a {type(m).__name__}")
+            dim = m.total.shape[0] if m.total.ndim == 1 else -1
+            if m.count.ndim != 0 or dim < 0 or tuple(m.outer.shape) != (dim, dim):
+                raise ValueError(
+                    f"statistics 'moments' of space {space!r}: count {tuple(m.count.shape)}, total "
+                    f"{tuple(m.total.shape)} and outer {tuple(m.outer.shape)} are not (), (d,) and (d, d)"
+                )
+            if m.num_models != num_models or dim % num_models:
+                raise ValueError(
+                    f"statistics 'moments' of space {space!r} are for {m.num_models} models of width "
+                    f"{dim}, the statistics are for {num_models} models"
+                )
 
     # -- hooks ---------------------------------------------------------------------------------
 

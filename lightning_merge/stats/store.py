@@ -1,13 +1,17 @@
 """Save and load :class:`Statistics`: one ``.safetensors`` file plus a JSON sidecar describing it.
 
 The sidecar (``<file>.json``) records what the tensors are: format version, number of models,
-graph digest, per-model weight fingerprints, counts, the ordered tensor keys and the SHA-256 of the
-tensor file. Both files are written atomically (temporary file + ``os.replace``), tensors first,
-so a crash leaves either the old pair, or a tensor file whose checksum does not match its sidecar:
-a partial or truncated save is always detected on load. The round trip is bitwise exact.
+graph digest, per-model weight fingerprints, each statistic's own metadata (e.g. its counts), the
+ordered tensor keys and the SHA-256 of the tensor file. Both files are written atomically
+(temporary file + ``os.replace``), tensors first, so a crash leaves either the old pair, or a tensor
+file whose checksum does not match its sidecar: a partial or truncated save is always detected on
+load. The round trip is bitwise exact.
 
-Tensor keys: ``moments/<space>/{count,total,outer}``, ``grams/<i>/<module>``,
-``fisher/<i>/<param>``, ``kfac/<i>/<module>/{A,G}``.
+What is saved is decided by each statistic's registered collector
+(:meth:`~lightning_merge.stats.collector.StatisticCollector.to_tensors`): its tensors go under the
+key prefix ``<name>/`` (e.g. ``moments/<space>/{count,total,outer}``, ``grams/<i>/<module>``,
+``fisher/<i>/<param>``, ``kfac/<i>/<module>/{A,G}``), its metadata under ``statistic_meta[name]``.
+Files of format version 1 (fixed fields, before the registry) are refused: gather them again.
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_merge.graph.spec import MergeGraph
-from lightning_merge.stats.container import FeatureMoments, Statistics
+from lightning_merge.stats.container import Statistics
+from lightning_merge.stats.registry import statistic_collector
 
 FORMAT = "lightning_merge.statistics"
-VERSION = 1
-_MOMENT_FIELDS = ("count", "total", "outer")
+VERSION = 2
 
 
 class StatisticsFileError(ValueError):
@@ -67,7 +71,7 @@ def save_statistics(
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = _flatten(stats)
+    tensors, statistic_meta = flatten_statistics(stats)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp))
     meta = {
@@ -76,14 +80,8 @@ def save_statistics(
         "num_models": stats.num_models,
         "graph_digest": stats.graph_digest,
         "model_fingerprints": list(model_fingerprints) if model_fingerprints is not None else None,
-        "statistics": [k for k in ("moments", "grams", "fisher", "kfac") if getattr(stats, k)],
-        "moment_counts": {s: float(m.count) for s, m in stats.moments.items()},
-        "gram_counts": stats.gram_counts,
-        "fisher_counts": stats.fisher_counts,
-        "kfac_counts": stats.kfac_counts,
-        "num_grams": len(stats.grams),
-        "num_fisher": len(stats.fisher),
-        "num_kfac": len(stats.kfac),
+        "statistics": list(statistic_meta),
+        "statistic_meta": statistic_meta,
         "keys": list(tensors),
         "num_tensors": len(tensors),
         "sha256": sha256_file(tmp),
@@ -121,61 +119,52 @@ def load_statistics(
         raise StatisticsFileError(
             f"statistics file {path} holds {len(tensors)} tensors, its sidecar lists {meta['num_tensors']}"
         )
-    return _unflatten(meta, tensors)
+    try:
+        return unflatten_statistics(
+            meta["num_models"], meta["graph_digest"], tensors, meta["statistic_meta"], meta["keys"]
+        )
+    except (KeyError, ValueError) as err:  # an unregistered statistic, a missing part, a failed check
+        raise StatisticsFileError(f"cannot rebuild the statistics in {path}: {err}") from err
 
 
-def _flatten(stats: Statistics) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+def flatten_statistics(stats: Statistics) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every gathered statistic as CPU tensors keyed ``<name>/<its key>``, and each one's metadata.
 
-    def put(key: str, tensor: torch.Tensor) -> None:
-        out[key] = tensor.detach().to("cpu").contiguous()
-
-    for space, m in stats.moments.items():
-        for name in _MOMENT_FIELDS:
-            put(f"moments/{space}/{name}", getattr(m, name))
-    for i, grams in enumerate(stats.grams):
-        for module, g in grams.items():
-            put(f"grams/{i}/{module}", g)
-    for i, fisher in enumerate(stats.fisher):
-        for param, f in fisher.items():
-            put(f"fisher/{i}/{param}", f)
-    for i, kfac in enumerate(stats.kfac):
-        for module, (a, g) in kfac.items():
-            put(f"kfac/{i}/{module}/A", a)
-            put(f"kfac/{i}/{module}/G", g)
-    return out
+    Each value is checked by its collector first, so an inconsistent value is never written.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    metas: dict[str, Any] = {}
+    for name in stats.names():
+        collector = statistic_collector(name)
+        collector.check(stats[name], stats.num_models)
+        own, metas[name] = collector.to_tensors(stats[name])
+        for key, tensor in own.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"statistic {name!r}: to_tensors gave a {type(tensor).__name__} for {key!r}")
+            tensors[f"{name}/{key}"] = tensor.detach().to("cpu").contiguous()
+    return tensors, metas
 
 
-def _unflatten(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Statistics:
-    n = meta["num_models"]
-    stats = Statistics(
-        num_models=n,
-        graph_digest=meta["graph_digest"],
-        grams=[{} for _ in range(meta["num_grams"])],
-        gram_counts=meta["gram_counts"],
-        fisher=[{} for _ in range(meta["num_fisher"])],
-        fisher_counts=meta["fisher_counts"],
-        kfac=[{} for _ in range(meta["num_kfac"])],
-        kfac_counts=meta["kfac_counts"],
-    )
-    moments: dict[str, dict[str, torch.Tensor]] = {}
-    kfac: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key in meta["keys"]:
-        kind, rest = key.split("/", 1)
-        if kind == "moments":
-            space, name = rest.rsplit("/", 1)
-            moments.setdefault(space, {})[name] = tensors[key]
-        elif kind == "kfac":
-            i, rest = rest.split("/", 1)
-            module, factor = rest.rsplit("/", 1)
-            kfac.setdefault((int(i), module), {})[factor] = tensors[key]
-        else:
-            i, name = rest.split("/", 1)
-            getattr(stats, "grams" if kind == "grams" else "fisher")[int(i)][name] = tensors[key]
-    for space, parts in moments.items():
-        stats.moments[space] = FeatureMoments(parts["count"], parts["total"], parts["outer"], n)
-    for (i, module), parts in kfac.items():
-        stats.kfac[i][module] = (parts["A"], parts["G"])
+def unflatten_statistics(
+    num_models: int,
+    graph_digest: str,
+    tensors: dict[str, torch.Tensor],
+    metas: dict[str, Any],
+    keys: list[str],
+) -> Statistics:
+    """The inverse of :func:`flatten_statistics` (``keys``: the saved order), every value checked."""
+    stats = Statistics(num_models=num_models, graph_digest=graph_digest)
+    own: dict[str, dict[str, torch.Tensor]] = {name: {} for name in metas}
+    for key in keys:
+        name, rest = key.split("/", 1)
+        if name not in own:
+            raise StatisticsFileError(f"tensor {key!r} belongs to no statistic listed in the sidecar")
+        own[name][rest] = tensors[key]
+    for name, meta in metas.items():
+        collector = statistic_collector(name)
+        value = collector.from_tensors(own[name], meta, num_models)
+        collector.check(value, num_models)
+        stats[name] = value
     return stats
 
 
@@ -187,6 +176,11 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
         meta = json.loads(side.read_text())
     except json.JSONDecodeError as err:
         raise StatisticsFileError(f"sidecar {side} is not valid JSON: {err}") from err
+    if meta.get("format") == FORMAT and meta.get("version") == 1:
+        raise StatisticsFileError(
+            f"sidecar {side} is of statistics format version 1 (fixed fields), which this version no "
+            f"longer reads (it reads version {VERSION}): delete {path} and gather the statistics again"
+        )
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise StatisticsFileError(
             f"sidecar {side} is format {meta.get('format')!r} version {meta.get('version')!r}, "

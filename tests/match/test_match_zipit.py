@@ -11,6 +11,7 @@ from torch import nn
 from zipit_reference import zipit_reference
 
 from lightning_merge.match import match_zipit
+from lightning_merge.match import zip as zip_module
 from lightning_merge.match.zip import assignment_from_fusions, zipit_budget, zipit_fusions
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -232,3 +233,45 @@ def test_fast_zipit_matches_reference_at_larger_widths(n, num_models, m):
     assert torch.equal(fast_assign, ref_assign)
     t = match_zipit(corr, num_models, alpha=0.3, beta=0.125, target_width=m)
     assert torch.equal(t.unmerge.argmax(1), ref_assign)
+
+
+def structured_corr(n: int, num_models: int, seed: int) -> torch.Tensor:
+    """Permuted noisy copies of low-rank features per model: clusters of near-equal correlations
+    (rows sharing a best partner, so many rescans), plus a few dead (all-zero) features: ties."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, max(n // 8, 2), generator=gen, dtype=torch.float64)
+    blocks = [base[torch.randperm(n, generator=gen)] for _ in range(num_models)]
+    load = torch.cat([b + 0.7 * torch.randn(b.shape, generator=gen, dtype=torch.float64) for b in blocks])
+    load[torch.randperm(len(load), generator=gen)[: len(load) // 10]] = 0.0
+    cov = load @ load.T + torch.diag(torch.rand(len(load), generator=gen, dtype=torch.float64))
+    std = cov.diagonal().sqrt()
+    corr = cov / torch.outer(std, std)
+    return (corr + corr.T) / 2
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(0.3, 0.125), (0.0, 0.0), (0.7, 0.4), (-1.0, 0.5), (1.0, 1.0)])
+@pytest.mark.parametrize("kind", ["random", "ties", "structured"])
+@pytest.mark.parametrize("num_models", [2, 3])
+@pytest.mark.parametrize("scatter", [0, 10**9])
+def test_lazy_loop_matches_in_place_loop_through_flushes(monkeypatch, alpha, beta, kind, num_models, scatter):
+    # Tiny FLUSH/CHUNK so the transposed slot store, its unflushed tail and chunked rescans are all
+    # read many times, and both ways of hiding a slot row's changed columns (one by one, or by
+    # version); the in-place torch loop (checked against the reference above) is the oracle.
+    monkeypatch.setattr(zip_module, "FLUSH", 3)
+    monkeypatch.setattr(zip_module, "CHUNK", 5)
+    monkeypatch.setattr(zip_module, "SCATTER", scatter)
+    n = 30
+    corr = structured_corr(n, num_models, seed=num_models) if kind == "structured" else None
+    if corr is None:
+        corr = random_corr(n, num_models, seed=num_models, quantize=4 if kind == "ties" else None)
+    compared = 0
+    for m in (n, 3 * n // 2, num_models * n - 5):
+        try:
+            eager = zipit_fusions(corr, num_models, m, alpha, beta, backend="torch")
+        except ValueError:
+            with pytest.raises(ValueError, match="found no allowed pair"):
+                zipit_fusions(corr, num_models, m, alpha, beta, backend="numpy")
+            continue
+        assert zipit_fusions(corr, num_models, m, alpha, beta, backend="numpy") == eager, f"m={m}"
+        compared += 1
+    assert compared >= 1

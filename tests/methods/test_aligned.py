@@ -1,5 +1,5 @@
-"""RegMean / MaTS / Fisher after a one-to-one alignment (``get_method("aligned", ...)``) on real
-Fashion-MNIST MLP×0.25 sources from different seeds (cached by ``quick_pair``)."""
+"""RegMean / MaTS / Fisher after a one-to-one alignment (``AlignedMerge(aligner=..., merger=...)``) on
+real Fashion-MNIST MLP×0.25 sources from different seeds (cached by ``quick_pair``)."""
 
 from __future__ import annotations
 
@@ -19,14 +19,28 @@ from lightning_merge.graph import permute_model, random_permutations, trace_grap
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.permute import match_identity
 from lightning_merge.match.transform import from_assignment
-from lightning_merge.methods import get_method
-from lightning_merge.methods.aligned import AlignedMerge, aligned_copies, alignment_permutations
+from lightning_merge.methods import (
+    TIES,
+    AlignedMerge,
+    AverageMerge,
+    FisherMerge,
+    MaTS,
+    MergeMethod,
+    PermuteMerge,
+    RegMean,
+    WeightMatchingMerge,
+    ZipItMerge,
+    build_method,
+    method_config,
+)
+from lightning_merge.methods.aligned import aligned_copies, alignment_permutations
 from lightning_merge.module import MergeModule
 from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.container import Statistics
 
 EXAMPLE = torch.zeros(2, 1, 28, 28)
-MATS = {"merger": "mats", "merger_kwargs": {"subspace": "regmean", "iterations": 100}}
+MATS = {"merger": MaTS(subspace="regmean", iterations=100)}
+WM = {"aligner": WeightMatchingMerge()}
 
 
 class Pair:
@@ -38,9 +52,9 @@ class Pair:
         self.stats: Statistics = collect_statistics(self.models, self.graph, calibration, progress=False)
         self.calibration = calibration
 
-    def merge(self, name: str, **kwargs: object) -> nn.Module:
-        method = get_method(name, **kwargs)
-        return method.merge(self.models, graph=self.graph, stats=self.stats, data=self.calibration).eval()
+    def merge(self, method: MergeMethod) -> nn.Module:
+        result = method.merge(self.models, graph=self.graph, stats=self.stats, data=self.calibration)
+        return result.model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +91,11 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------ alignment
-@pytest.mark.parametrize("align", ["permute", "weight_matching"])
-def test_aligned_copies_compute_the_same_function(align: str, mlp: Pair, test_batches: list) -> None:
-    transforms = get_method("aligned", align=align).match(mlp.models, mlp.graph, mlp.stats)
+@pytest.mark.parametrize("aligner", [PermuteMerge(), WeightMatchingMerge()], ids=["permute", "wm"])
+def test_aligned_copies_compute_the_same_function(
+    aligner: MergeMethod, mlp: Pair, test_batches: list
+) -> None:
+    transforms = AlignedMerge(aligner=aligner).match(mlp.models, mlp.graph, mlp.stats)
     aligned = aligned_copies(mlp.models, mlp.graph, transforms)
     x = test_batches[0][0]
     with torch.no_grad():
@@ -92,7 +108,7 @@ def test_aligned_copies_compute_the_same_function(align: str, mlp: Pair, test_ba
 
 
 def test_weight_matching_aligns_a_permuted_copy_back_to_model_0(twin: Pair) -> None:
-    transforms = get_method("aligned", align="weight_matching").match(twin.models, twin.graph, None)
+    transforms = AlignedMerge(**WM).match(twin.models, twin.graph, None)
     aligned = aligned_copies(twin.models, twin.graph, transforms)
     want = twin.models[0].state_dict()
     assert not torch.equal(twin.models[1].state_dict()["layers.0.weight"], want["layers.0.weight"])
@@ -104,17 +120,21 @@ def test_permute_alignment_inverts_the_permutation_on_live_features(twin: Pair) 
     """perm[got[k]] = k for every feature that varies on the data; features dead on every
     calibration image (ReLU never active, zero variance) have no correlation to match them by."""
     perms = random_permutations(twin.graph, seed=3)  # what built the twin
-    transforms = get_method("aligned").match(twin.models, twin.graph, twin.stats)
+    transforms = AlignedMerge().match(twin.models, twin.graph, twin.stats)
     got = alignment_permutations(transforms, twin.graph, 2)
-    dead = 0
+    dead = total = 0
     for space in twin.graph.spaces:
         n = space.size
         live = twin.stats.moments[space.name].covariance.diagonal()[:n] > 1e-12
         dead += int((~live).sum())
+        total += n
         assert torch.equal(got[0][space.name], torch.arange(n))
         recovered = perms[space.name][got[1][space.name]] == torch.arange(n)
         assert bool(recovered[live].all()), space.name
-    assert dead < 10  # the check above covers almost every feature
+    # the check above covers almost every feature: 6 / 6 / 10 of 384 dead at LIGHTNING_MERGE_TEST_SEED
+    # 0 / 100 / 200, so a fixed count (< 10 before) was a coin toss across draws
+    print(f"\nMLP×0.25 model 0: {dead} of {total} features dead on the calibration images")
+    assert dead <= 0.05 * total, (dead, total)
 
 
 def test_a_many_to_one_matching_is_rejected(mlp: Pair) -> None:
@@ -136,11 +156,11 @@ def test_a_many_to_one_matching_is_rejected(mlp: Pair) -> None:
 # ------------------------------------------------------------------ merging
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, MATS, {"align": "weight_matching"}, {"merger": "fisher", "max_batches": 1}],
+    [{}, MATS, WM, {"merger": FisherMerge(), "max_batches": 1}],
     ids=["regmean", "mats", "wm", "fisher"],
 )
 def test_merging_a_permuted_copy_recovers_model_0(kwargs: dict, twin: Pair, test_batches: list) -> None:
-    merged = twin.merge("aligned", **kwargs)
+    merged = twin.merge(AlignedMerge(**kwargs))
     x = test_batches[0][0]
     with torch.no_grad():
         assert relative_error(merged(x), twin.models[0](x)) < 1e-5
@@ -148,16 +168,17 @@ def test_merging_a_permuted_copy_recovers_model_0(kwargs: dict, twin: Pair, test
 
 def test_aligned_regmean_beats_averaging(mlp: Pair, test_batches: list, calibration: DataLoader) -> None:
     scores = {
-        name: joint_accuracy(reset_batchnorm(mlp.merge(method, **kw), calibration).eval(), test_batches)
-        for name, method, kw in [
-            ("average", "average", {}),
-            ("aligned regmean", "aligned", {}),
-            ("aligned mats", "aligned", MATS),
-            ("aligned(wm) regmean", "aligned", {"align": "weight_matching"}),
+        name: joint_accuracy(reset_batchnorm(mlp.merge(method), calibration).eval(), test_batches)
+        for name, method in [
+            ("average", AverageMerge()),
+            ("aligned regmean", AlignedMerge()),
+            ("aligned mats", AlignedMerge(**MATS)),
+            ("aligned(wm) regmean", AlignedMerge(**WM)),
         ]
     }
     sources = [joint_accuracy(m, test_batches) for m in mlp.models]
     print("\nMLP×0.25 joint acc: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    print("MLP×0.25 sources' joint acc: " + ", ".join(f"{s:.3f}" for s in sources))
     assert scores["aligned regmean"] > scores["average"] + 0.05
     assert scores["aligned mats"] > scores["average"] + 0.05
     assert scores["aligned(wm) regmean"] > scores["average"]
@@ -169,27 +190,27 @@ def test_aligned_regmean_beats_averaging(mlp: Pair, test_batches: list, calibrat
 def test_statistics_pass_honours_max_batches(mlp: Pair) -> None:
     """max_batches=1 over the loader = the whole pass over its first batch alone."""
     first = [next(iter(mlp.calibration))]
-    limited = mlp.merge("aligned", max_batches=1).state_dict()
-    one = get_method("aligned").merge(mlp.models, graph=mlp.graph, stats=mlp.stats, data=first)
-    full = mlp.merge("aligned").state_dict()
+    limited = mlp.merge(AlignedMerge(max_batches=1)).state_dict()
+    one = AlignedMerge().merge(mlp.models, graph=mlp.graph, stats=mlp.stats, data=first).model
+    full = mlp.merge(AlignedMerge()).state_dict()
     for key, value in one.state_dict().items():
         torch.testing.assert_close(limited[key], value, rtol=0, atol=0, msg=key)
     assert not torch.allclose(limited["layers.2.weight"], full["layers.2.weight"])
 
 
 def test_partial_merge_keeps_every_source_tail(mlp: Pair, test_batches: list) -> None:
-    partial = mlp.merge("aligned", stop_at=0.5)
+    partial = mlp.merge(AlignedMerge(stop_at=0.5))
     assert isinstance(partial, PartialZipModel)
     x = test_batches[0][0][:64]
     with torch.no_grad():
         outs = partial(x)
     assert len(outs) == 2 and all(o.shape == (64, 10) for o in outs)
     # the trunk carries RegMean's weights of the aligned copies, not the permute average
-    full = mlp.merge("aligned").state_dict()
+    full = mlp.merge(AlignedMerge()).state_dict()
     trunk = partial.trunk.state_dict()
     assert trunk and all(torch.equal(v, full[k]) for k, v in trunk.items())
     # (layer 0 sees the same pixels in both models: there RegMean is the average, exactly)
-    average = mlp.merge("permute").state_dict()
+    average = mlp.merge(PermuteMerge()).state_dict()
     assert "layers.2.weight" in trunk and "layers.4.weight" not in trunk
     assert not torch.allclose(trunk["layers.2.weight"], average["layers.2.weight"])
 
@@ -198,27 +219,28 @@ def test_partial_merge_keeps_every_source_tail(mlp: Pair, test_batches: list) ->
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"align": "zipit"}, ValueError, r"unknown align 'zipit'; valid: \['permute', 'weight_matching'\]"),
-        ({"merger": "ties"}, ValueError, r"unknown merger 'ties'; valid: \['fisher', 'mats', 'regmean'\]"),
-        ({"merger_kwargs": {"alpha": 2.0}}, ValueError, "merger_kwargs for 'regmean' are invalid: alpha"),
-        ({"merger_kwargs": {"nope": 1}}, TypeError, "merger_kwargs for 'regmean' are invalid"),
-        ({"merger": "mats", "merger_kwargs": {"subspace": "x"}}, ValueError, "for 'mats'.*unknown subspace"),
-        ({"merger": "mats", "merger_kwargs": {"init": "task_arithmetic"}}, ValueError, "no shared base"),
-        ({"align_kwargs": {"anchor": "last"}}, ValueError, "align_kwargs for 'permute'.*anchor must be"),
-        ({"align_kwargs": {"stop_at": 0.5}}, ValueError, "align_kwargs must not set stop_at"),
-        ({"merger": "mats", "merger_kwargs": [1]}, TypeError, "merger_kwargs must be a mapping"),
-        ({"align_kwargs": "x"}, TypeError, "align_kwargs must be a mapping"),
+        ({"aligner": "permute"}, TypeError, "aligner must be a matching method .* got str"),
+        ({"aligner": RegMean()}, TypeError, "aligner must be a matching method .* got RegMean"),
+        (
+            {"aligner": PermuteMerge(stop_at=0.5)},
+            ValueError,
+            "sets stop_at=0.5; give stop_at to AlignedMerge",
+        ),
+        ({"merger": "regmean"}, TypeError, "merger must be a same-base method .* got str"),
+        ({"merger": ZipItMerge()}, TypeError, "merger must be a same-base method .* got ZipItMerge"),
+        ({"merger": TIES()}, ValueError, "merger TIES.* needs a shared base model"),
+        ({"merger": MaTS(init="task_arithmetic")}, ValueError, "aligned models have none .*init='average'"),
         ({"max_batches": 0}, ValueError, "max_batches must be a positive int"),
         ({"stop_at": 2.0}, ValueError, "stop_at must be"),
     ],
 )
 def test_bad_arguments_are_rejected_at_construction(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
-        get_method("aligned", **kwargs)
+        AlignedMerge(**kwargs)
 
 
 def test_merge_time_errors_name_the_culprit(mlp: Pair) -> None:
-    method = get_method("aligned")
+    method = AlignedMerge()
     with pytest.raises(ValueError, match="'aligned' needs a data loader"):
         method.merge(mlp.models, graph=mlp.graph, stats=mlp.stats)
     with pytest.raises(ValueError, match=r"'aligned' needs statistics \['moments'\]"):
@@ -230,15 +252,32 @@ def test_merge_time_errors_name_the_culprit(mlp: Pair) -> None:
 
 
 def test_weight_matching_alignment_needs_no_statistics(mlp: Pair, test_batches: list) -> None:
-    method = get_method("aligned", align="weight_matching", align_kwargs={"max_iter": 5})
+    method = AlignedMerge(aligner=WeightMatchingMerge(max_iter=5))
     assert method.requires == frozenset() and method.aligner.max_iter == 5
-    merged = method.merge(mlp.models, graph=mlp.graph, stats=None, data=mlp.calibration)
+    merged = method.merge(mlp.models, graph=mlp.graph, stats=None, data=mlp.calibration).model
     assert merged(test_batches[0][0][:4]).shape == (4, 10)
+
+
+def test_result_carries_the_alignment_and_the_mergers_diagnostics(mlp: Pair) -> None:
+    """transforms = the aligner's one-to-one matching; diagnostics["merger"] = MaTS' CG histories;
+    the method object is left as it was and merges again to the same weights."""
+    method = AlignedMerge(merger=MaTS(subspace="regmean", iterations=7))
+    before = method_config(method)
+    result = method.merge(mlp.models, graph=mlp.graph, stats=mlp.stats, data=mlp.calibration)
+    assert set(result.transforms) == {s.name for s in mlp.graph.spaces}
+    want = PermuteMerge().match(mlp.models, mlp.graph, mlp.stats)
+    assert all(torch.equal(result.transforms[k].merge, t.merge) for k, t in want.items())
+    cg = result.diagnostics["merger"]["cg"]
+    assert set(cg) == {"layers.0", "layers.2", "layers.4", "head.proj"}
+    assert all(r.iterations <= 7 for r in cg.values())
+    again = method.merge(mlp.models, graph=mlp.graph, stats=mlp.stats, data=mlp.calibration).model
+    assert method_config(method) == before
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in result.model.state_dict().items())
 
 
 # ------------------------------------------------------------------ Lightning
 def test_runs_through_merge_module(source_pair: Callable) -> None:
-    method = AlignedMerge(merger="mats", merger_kwargs={"subspace": "regmean", "iterations": 10})
+    method = AlignedMerge(merger=MaTS(subspace="regmean", iterations=10))
     module = MergeModule(sources=source_pair("mlp", width=0.25), method=method, evaluate_sources=False)
     dm = TaskSplitDataModule(calibration_size=512, eval_batch_size=1000)
     trainer = pl.Trainer(
@@ -254,16 +293,39 @@ def test_runs_through_merge_module(source_pair: Callable) -> None:
     assert set(module.results) == {
         f"{m}/{k}" for m in ("merged", "ensemble") for k in ("joint_acc", "task0_acc", "task1_acc")
     }
+    print(f"\naligned MaTS through the module: joint acc {module.results['merged/joint_acc']:.3f}")
     assert module.results["merged/joint_acc"] > 0.3
     assert module.statistics is not None and module.statistics.moments  # the alignment's pass
-    assert set(method.merger_method.cg_results) == {"layers.0", "layers.2", "layers.4", "head.proj"}
+    assert module.result is not None
+    assert set(module.result.diagnostics["merger"]["cg"]) == {
+        "layers.0",
+        "layers.2",
+        "layers.4",
+        "head.proj",
+    }
 
 
-def test_recipe_keeps_dict_arguments() -> None:
-    """The exported recipe must carry merger_kwargs as a mapping, so the merge can be rebuilt from it."""
-    from lightning_merge.pipeline.export import method_config
-
-    method = get_method("aligned", merger="mats", merger_kwargs={"subspace": "regmean", "iterations": 7})
-    args = method_config(method)["init_args"]
-    assert args["merger_kwargs"] == {"subspace": "regmean", "iterations": 7}
-    assert get_method("aligned", **args).merger_method.iterations == 7
+def test_recipe_nests_the_aligner_and_merger_and_builds_them_back() -> None:
+    """The exported recipe carries the nested methods as {class_path, init_args}, so the merge can be
+    rebuilt from it."""
+    method = AlignedMerge(
+        aligner=WeightMatchingMerge(max_iter=5), merger=MaTS(subspace="regmean", iterations=7)
+    )
+    config = method_config(method)
+    args = config["init_args"]
+    assert args["merger"] == {
+        "class_path": "lightning_merge.methods.mats.MaTS",
+        "init_args": {
+            "subspace": "regmean",
+            "init": "average",
+            "scaling": 1.0,
+            "iterations": 7,
+            "alpha": 1.0,
+            "tol": 0.0,
+        },
+    }
+    assert args["aligner"]["class_path"] == "lightning_merge.methods.weight_matching.WeightMatchingMerge"
+    rebuilt = build_method(config)
+    assert isinstance(rebuilt, AlignedMerge) and isinstance(rebuilt.merger, MaTS)
+    assert rebuilt.merger.iterations == 7 and rebuilt.aligner.max_iter == 5
+    assert method_config(rebuilt) == config

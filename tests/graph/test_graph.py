@@ -266,10 +266,10 @@ def test_unsupported_op_names_op_and_node() -> None:
     assert e.value.node == "fft_fft"
 
 
-def test_grouped_conv_rejected_depthwise_supported() -> None:
+def test_grouped_conv_fixed_depthwise_supported() -> None:
     x = torch.randn(1, 3, 8, 8)
-    with pytest.raises(UnsupportedOpError, match=r"fx node 'b'.*groups=2"):
-        trace_graph(GroupedConv(2), x)
+    grouped = GroupedConv(2)  # conv a's output feeds groups of b: both sides stay fixed (no space)
+    assert trace_graph(grouped, x).spaces == []
     model = GroupedConv(4)  # depthwise: keeps conv a's space
     graph = trace_graph(model, x)
     assert [s.name for s in graph.spaces] == ["a"]

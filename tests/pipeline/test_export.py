@@ -9,17 +9,16 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from trained import trained_pair
 
 from lightning_merge.apply.partial import PartialZipModel
 from lightning_merge.data import MergeDataModule, TaskSplitDataModule
 from lightning_merge.evaluation import evaluate_model
 from lightning_merge.methods.zipit import ZipItMerge
-from lightning_merge.models import MLP, quick_pair
+from lightning_merge.models import MLP
 from lightning_merge.module import MergeModule
 from lightning_merge.pipeline.export import load_merged, read_recipe
 from lightning_merge.stats.store import model_fingerprint
-
-TEST_MODELS_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test_models"
 
 
 def run(sources: list, method: ZipItMerge, export_dir: Path) -> tuple[MergeModule, TaskSplitDataModule]:
@@ -49,7 +48,7 @@ def reload_and_score(directory: Path, module: MergeModule, dm: TaskSplitDataModu
 
 @pytest.fixture(scope="module")
 def pair() -> list:
-    return quick_pair("mlp", width=0.25, cache_dir=TEST_MODELS_DIR)
+    return trained_pair("mlp", width=0.25)
 
 
 def test_widened_merge_reloads_resized_and_reproduces_the_logged_accuracies(

@@ -58,7 +58,9 @@ def test_round_trip_is_exact_for_every_field(tmp_path) -> None:
     save_statistics(stats, path, model_fingerprints=[model_fingerprint(m) for m in models])
     meta = json.loads(sidecar_path(path).read_text())
     assert meta["statistics"] == ["moments", "grams", "fisher", "kfac"]
-    assert meta["num_tensors"] == 2 * 3 + 2 + 4 + 4 and meta["moment_counts"] == {"h1": 40.0, "h2": 40.0}
+    assert meta["num_tensors"] == 2 * 3 + 2 + 4 + 4
+    assert meta["statistic_meta"]["moments"]["counts"] == {"h1": 40.0, "h2": 40.0}
+    assert meta["statistic_meta"]["kfac"] == {"counts": [40.0, 39.0]}
     assert sorted(p.name for p in path.parent.iterdir()) == ["stats.safetensors", "stats.safetensors.json"]
     assert_same(stats, load_statistics(path, graph=graph, models=models))
 

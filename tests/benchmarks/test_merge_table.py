@@ -14,18 +14,10 @@ from types import ModuleType
 import pytest
 
 from lightning_merge.data import TaskSplitDataModule
-from lightning_merge.methods import get_method
+from lightning_merge.methods import AverageMerge, MaTS, PermuteMerge, ZipItMerge
 from lightning_merge.models.default_pair import DEFAULT_PAIR, SourceSpec, checkpoint_of
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _aligned_registered() -> bool:
-    try:
-        get_method("aligned", align="permute", merger="regmean")
-    except KeyError:
-        return False
-    return True
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +32,9 @@ def table(mt: ModuleType, source_pair: Callable, tmp_path_factory: pytest.TempPa
     pair = source_pair("mlp", width=0.25)
     dm = TaskSplitDataModule(calibration_size=256, eval_batch_size=1000)
     stats = str(tmp_path_factory.mktemp("stats") / "pair.safetensors")
-    rows, first = mt.evaluate_merge(
-        "average", get_method("average"), pair, dm, stats_path=stats, references=True
-    )
-    zipped, _ = mt.evaluate_merge(
-        "zipit partial@0.5", get_method("zipit", stop_at=0.5), pair, dm, stats_path=stats
-    )
-    again, _ = mt.evaluate_merge("zipit", get_method("zipit"), pair, dm, stats_path=stats)
+    rows, first = mt.evaluate_merge("average", AverageMerge(), pair, dm, stats_path=stats, references=True)
+    zipped, _ = mt.evaluate_merge("zipit partial@0.5", ZipItMerge(stop_at=0.5), pair, dm, stats_path=stats)
+    again, _ = mt.evaluate_merge("zipit", ZipItMerge(), pair, dm, stats_path=stats)
     return rows + zipped + again, first
 
 
@@ -70,6 +58,7 @@ def test_rows_hold_the_module_results_and_valid_numbers(table: tuple) -> None:
     # a partial zip keeps one tail per source: more parameters and FLOPs than one model, fewer than two
     assert 1 < by["zipit partial@0.5"]["rel_params"] < 2 and 1 < by["zipit partial@0.5"]["rel_flops"] < 2
     assert by["zipit partial@0.5"]["config"]["init_args"]["stop_at"] == 0.5
+    print("\nMLP×0.25 joint %: " + ", ".join(f"{r['method']} {r['joint_acc']:.2f}" for r in rows))
     assert by["ensemble"]["joint_acc"] > by["average"]["joint_acc"]
     # the statistics pass runs once for the pair; the next row loads the file
     assert [by[m]["stats"] for m in ("average", "zipit partial@0.5", "zipit")] == ["none", "pass", "cache"]
@@ -103,9 +92,7 @@ def test_three_models_every_row_kind_succeeds(mt: ModuleType, source_pair: Calla
     dm = TaskSplitDataModule(
         tasks=[list(t) for t in mt.SPLITS[3]], calibration_size=256, eval_batch_size=1000
     )
-    wanted = ["zipit", "zipit partial@0.5", "pleas w=1.5"]
-    if _aligned_registered():
-        wanted.append("regmean (aligned)")
+    wanted = ["zipit", "zipit partial@0.5", "pleas w=1.5", "regmean (aligned)"]
     rows = [r for r in mt.method_rows(3, stops=(0.5,), pleas_widths=(1.5,)) if r[0] in wanted]
     meta = {"command": "cmd", "machine": "box", "tasks": [list(t) for t in mt.SPLITS[3]]}
     store = mt.ResultStore(tmp_path / "t3", meta)
@@ -118,10 +105,15 @@ def test_three_models_every_row_kind_succeeds(mt: ModuleType, source_pair: Calla
     for r in store.rows:
         tasks = [r[f"task_{t}_acc"] for t in range(3)]
         assert r["avg_task_acc"] == pytest.approx(sum(tasks) / 3)
+    print("\nN=3 MLP×0.25 task C %: " + ", ".join(f"{m} {by[m]['task_2_acc']:.2f}" for m in by))
     assert by["model C"]["task_2_acc"] > by["model A"]["task_2_acc"]  # C owns task C
     assert 1 < by["zipit partial@0.5"]["rel_flops"] < 3 and by["pleas w=1.5"]["rel_params"] > 1
     md = (tmp_path / "t3.md").read_text()
     assert "| task A | task B | task C |" in md and "beta=0.5" in md
+    assert (
+        "- regmean (aligned): `aligned(aligner=PermuteMerge(anchor=first, stop_at=None), merger=RegMean("
+        in md
+    )
 
 
 def test_failed_rows_are_recorded_and_stored_rows_reused(
@@ -131,9 +123,9 @@ def test_failed_rows_are_recorded_and_stored_rows_reused(
     dm = TaskSplitDataModule(calibration_size=256, eval_batch_size=1000)
     meta = {"command": "cmd 1", "machine": "box", "tasks": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]}
     rows = [
-        ("permute", lambda: get_method("permute")),
-        ("broken", lambda: get_method("zipit", widths={"no_such_point": 4})),
-        ("unknown", lambda: get_method("no_such_method")),
+        ("permute", lambda: PermuteMerge()),
+        ("broken", lambda: ZipItMerge(widths={"no_such_point": 4})),
+        ("invalid", lambda: ZipItMerge(alpha=7.0)),
     ]
     store = mt.ResultStore(tmp_path / "t", meta)
     stats = lambda m: mt.stats_file(tmp_path, "t", (0, 1), m, 256)  # noqa: E731
@@ -147,7 +139,7 @@ def test_failed_rows_are_recorded_and_stored_rows_reused(
     run(store, rows)
     by = {r["method"]: r for r in store.rows}
     assert "KeyError" in by["broken"]["error"] and "no_such_point" in by["broken"]["error"]
-    assert "no_such_method" in by["unknown"]["error"] and by["permute"]["error"] is None
+    assert "alpha" in by["invalid"]["error"] and by["permute"]["error"] is None
     first = by["permute"]
     # a second run (reading the JSON back) reuses the stored row and references, retries the failures
     again = mt.ResultStore(tmp_path / "t", {**meta, "command": "cmd 2"})
@@ -155,12 +147,12 @@ def test_failed_rows_are_recorded_and_stored_rows_reused(
     run(again, rows[:1])
     assert len(loads) == 1 and again.find("0:1", "permute") == first
     # other settings under the same label are recomputed
-    run(again, [("permute", lambda: get_method("permute", anchor="mean"))])
+    run(again, [("permute", lambda: PermuteMerge(anchor="mean"))])
     assert len(loads) == 2 and again.find("0:1", "permute")["config"]["init_args"]["anchor"] == "mean"
     assert mt.ResultStore(tmp_path / "t", meta, fresh=True).rows == []
     # another stem borrows the stored rows (same seeds, label, settings) without recomputing them
     other = mt.ResultStore(tmp_path / "sweep", meta, borrow=[tmp_path / "t.json", tmp_path / "absent.json"])
-    run(other, [("permute", lambda: get_method("permute", anchor="mean"))])
+    run(other, [("permute", lambda: PermuteMerge(anchor="mean"))])
     got = other.find("0:1", "permute")
     assert len(loads) == 2 and got["borrowed_from"] == "t.json"
     assert got["joint_acc"] == again.find("0:1", "permute")["joint_acc"] and got in other.rows
@@ -196,9 +188,11 @@ def test_default_rows(mt: ModuleType) -> None:
     assert [x for x in labels if x.startswith("pleas")] == ["pleas w=1.25", "pleas w=1.5", "pleas w=1.75"]
     assert labels[-2:] == ["regmean (aligned)", "mats (aligned)"]
     assert not any(x.startswith("pleas") for x, _ in mt.method_rows(pleas_widths=()))
-    if _aligned_registered():
-        factories = dict(mt.method_rows())
-        assert factories["mats (aligned)"]().merger_kwargs == {"subspace": "regmean", "iterations": 100}
+    mats = dict(mt.method_rows())["mats (aligned)"]()
+    assert isinstance(mats.merger, MaTS) and (mats.merger.subspace, mats.merger.iterations) == (
+        "regmean",
+        100,
+    )
 
 
 def test_sources_share_the_cache_keys_of_the_trained_specs(mt: ModuleType) -> None:

@@ -9,14 +9,22 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_merge.methods import METHODS, get_method
+from lightning_merge.methods import (
+    ALL_METHODS,
+    TIES,
+    FisherMerge,
+    MaTS,
+    RegMean,
+    SameBaseMethod,
+    TaskArithmetic,
+)
 from lightning_merge.methods.ties import ties_vector
 from lightning_merge.stats.container import Statistics
 from lightning_merge.stats.fisher import FisherCollector
 from lightning_merge.stats.gram import GramCollector
 from lightning_merge.stats.kfac import KFACCollector
 
-SAME_BASE = ("task_arithmetic", "ties", "fisher", "regmean", "mats")
+SAME_BASE = (TaskArithmetic, TIES, FisherMerge, RegMean, MaTS)
 
 
 class Net(nn.Module):
@@ -111,9 +119,7 @@ def test_ties_hand_computed_example() -> None:
     expected = torch.tensor([-0.6, 0.65, -0.4, -0.55, 0.0, 0.0])
     sources = [Six([b + t for b, t in zip(base, tau, strict=True)]) for tau in taus]
     for scaling in (1.0, 0.5):
-        merged = get_method("ties", k=50, scaling=scaling).merge(
-            sources, graph=None, stats=None, base=Six(base)
-        )
+        merged = TIES(k=50, scaling=scaling).merge(sources, graph=None, stats=None, base=Six(base)).model
         got = torch.cat([merged.lin.weight.flatten(), merged.lin.bias]).detach()
         torch.testing.assert_close(got, 1.0 + scaling * expected)
     torch.testing.assert_close(ties_vector(torch.tensor(taus, dtype=torch.float64), 50).float(), expected)
@@ -127,7 +133,7 @@ def test_ties_keeps_everything_at_k_100_with_agreeing_signs() -> None:
 # ----------------------------------------------------------------------------- task arithmetic
 def test_task_arithmetic_formula_and_buffers() -> None:
     base, sources = make_family(3)
-    merged = get_method("task_arithmetic", scaling=0.3).merge(sources, graph=None, stats=None, base=base)
+    merged = TaskArithmetic(scaling=0.3).merge(sources, graph=None, stats=None, base=base).model
     for name, p in base.named_parameters():
         expected = p + 0.3 * sum(dict(s.named_parameters())[name] - p for s in sources)
         torch.testing.assert_close(dict(merged.named_parameters())[name], expected)
@@ -137,7 +143,7 @@ def test_task_arithmetic_formula_and_buffers() -> None:
 
 def test_task_arithmetic_without_base_is_the_average() -> None:
     _, sources = make_family(2)
-    merged = get_method("task_arithmetic", scaling=5.0).merge(sources, graph=None, stats=None)
+    merged = TaskArithmetic(scaling=5.0).merge(sources, graph=None, stats=None).model
     torch.testing.assert_close(merged.fc1.weight, (sources[0].fc1.weight + sources[1].fc1.weight) / 2)
 
 
@@ -147,7 +153,7 @@ def test_fisher_merge_of_identical_models_is_exact() -> None:
     clones = [copy.deepcopy(sources[0]) for _ in range(3)]
     stats = gather(clones)
     stats.fisher[1] = {k: 7 * v + 1 for k, v in stats.fisher[1].items()}  # weights need not agree
-    merged = get_method("fisher").merge(clones, graph=None, stats=stats)
+    merged = FisherMerge().merge(clones, graph=None, stats=stats).model
     for k, v in sources[0].state_dict().items():
         assert torch.equal(merged.state_dict()[k], v), k
 
@@ -161,7 +167,7 @@ def test_fisher_merge_weights_by_fisher_and_falls_back_to_the_average() -> None:
     for i in range(2):
         stats.fisher[i]["fc2.weight"] = f[i] * stats.fisher_counts[i]
     del stats.fisher[1]["fc1.bias"]  # no Fisher for a parameter: plain average
-    merged = get_method("fisher", fisher_floor=0.0).merge(sources, graph=None, stats=stats)
+    merged = FisherMerge(fisher_floor=0.0).merge(sources, graph=None, stats=stats).model
     w = [s.fc2.weight.detach() for s in sources]
     expected = (f[0] * w[0] + f[1] * w[1]) / (f[0] + f[1])
     expected[0, 0] = (w[0][0, 0] + w[1][0, 0]) / 2
@@ -174,7 +180,7 @@ def test_fisher_merge_weights_by_fisher_and_falls_back_to_the_average() -> None:
 def test_regmean_solves_its_normal_equations(alpha: float) -> None:
     _, sources = make_family(3)
     stats = family_stats(3)
-    merged = get_method("regmean", alpha=alpha).merge(sources, graph=None, stats=stats)
+    merged = RegMean(alpha=alpha).merge(sources, graph=None, stats=stats).model
     for layer in ("fc1", "fc2"):
         w = layer_matrix(merged, layer)
         residual = 0
@@ -190,7 +196,7 @@ def test_regmean_solves_its_normal_equations(alpha: float) -> None:
 def test_regmean_alpha_zero_is_a_per_column_weighted_average() -> None:
     _, sources = make_family(2)
     stats = family_stats(2)
-    merged = get_method("regmean", alpha=0.0).merge(sources, graph=None, stats=stats)
+    merged = RegMean(alpha=0.0).merge(sources, graph=None, stats=stats).model
     d = [stats.grams[i]["fc1"].diagonal() / stats.gram_counts[i]["fc1"] for i in range(2)]
     ws = [layer_matrix(s, "fc1") for s in sources]
     torch.testing.assert_close(layer_matrix(merged, "fc1"), (d[0] * ws[0] + d[1] * ws[1]) / (d[0] + d[1]))
@@ -199,7 +205,7 @@ def test_regmean_alpha_zero_is_a_per_column_weighted_average() -> None:
 def test_regmean_input_never_seen_keeps_the_fallback() -> None:
     base, sources = make_family(2)
     stats = family_stats(2, dead_input=True)
-    merged = get_method("regmean", alpha=1.0, scaling=1.0).merge(sources, graph=None, stats=stats, base=base)
+    merged = RegMean(alpha=1.0, scaling=1.0).merge(sources, graph=None, stats=stats, base=base).model
     ta = base.fc1.weight[:, 2] + sum(s.fc1.weight[:, 2] - base.fc1.weight[:, 2] for s in sources)
     torch.testing.assert_close(merged.fc1.weight[:, 2], ta)
     assert torch.isfinite(merged.fc1.weight).all()
@@ -209,23 +215,22 @@ def test_regmean_input_never_seen_keeps_the_fallback() -> None:
 def test_regmean_closed_form_equals_mats_cg_regmean(alpha: float) -> None:
     _, sources = make_family(3)
     stats = family_stats(3)
-    closed = get_method("regmean", alpha=alpha).merge(sources, graph=None, stats=stats)
-    mats = get_method("mats", subspace="regmean", alpha=alpha, iterations=200, tol=1e-14)
-    cg = mats.merge(sources, graph=None, stats=stats)
+    closed = RegMean(alpha=alpha).merge(sources, graph=None, stats=stats).model
+    mats = MaTS(subspace="regmean", alpha=alpha, iterations=200, tol=1e-14)
+    result = mats.merge(sources, graph=None, stats=stats)
+    cg = result.model
     for k, v in closed.state_dict().items():
         if not v.is_floating_point():
             continue
         assert (cg.state_dict()[k] - v).norm() <= 1e-6 * v.norm() + 1e-12, k
-    assert set(mats.cg_results) == {"fc1", "fc2"}
+    assert set(result.diagnostics["cg"]) == {"fc1", "fc2"}
 
 
 def test_mats_fisher_solves_the_diagonal_fisher_system() -> None:
     _, sources = make_family(2)
     stats = family_stats(2)
-    fisher = get_method("fisher", fisher_floor=0.0).merge(sources, graph=None, stats=stats)
-    mats = get_method("mats", subspace="fisher", iterations=400, tol=1e-14).merge(
-        sources, graph=None, stats=stats
-    )
+    fisher = FisherMerge(fisher_floor=0.0).merge(sources, graph=None, stats=stats).model
+    mats = MaTS(subspace="fisher", iterations=400, tol=1e-14).merge(sources, graph=None, stats=stats).model
     for k, v in fisher.state_dict().items():
         torch.testing.assert_close(mats.state_dict()[k], v, rtol=1e-7, atol=1e-9)
 
@@ -233,10 +238,9 @@ def test_mats_fisher_solves_the_diagonal_fisher_system() -> None:
 def test_mats_kfac_solves_the_kfac_system() -> None:
     base, sources = make_family(3)
     stats = family_stats(3)
-    method = get_method(
-        "mats", subspace="kfac", init="task_arithmetic", scaling=0.5, iterations=300, tol=1e-14
-    )
-    merged = method.merge(sources, graph=None, stats=stats, base=base)
+    method = MaTS(subspace="kfac", init="task_arithmetic", scaling=0.5, iterations=300, tol=1e-14)
+    result = method.merge(sources, graph=None, stats=stats, base=base)
+    merged = result.model
     for layer in ("fc1", "fc2"):
         v = layer_matrix(merged, layer)
         residual = sum(
@@ -246,7 +250,7 @@ def test_mats_kfac_solves_the_kfac_system() -> None:
             )
         )
         assert residual.abs().max() < 1e-9, layer
-    energy = method.cg_results["fc1"].energy
+    energy = result.diagnostics["cg"]["fc1"].energy
     assert (energy[1:] <= energy[:-1] + 1e-12).all()
     # parameters outside the subspace keep the init (task arithmetic, λ = 0.5)
     expected = base.bn.bias + 0.5 * sum(s.bn.bias - base.bn.bias for s in sources)
@@ -256,37 +260,35 @@ def test_mats_kfac_solves_the_kfac_system() -> None:
 @pytest.mark.parametrize("subspace", ["regmean", "fisher", "kfac"])
 def test_mats_with_zero_iterations_is_its_init(subspace: str) -> None:
     _, sources = make_family(2)
-    merged = get_method("mats", subspace=subspace, iterations=0).merge(
-        sources, graph=None, stats=family_stats(2)
-    )
+    merged = MaTS(subspace=subspace, iterations=0).merge(sources, graph=None, stats=family_stats(2)).model
     for k, v in merged.state_dict().items():
         if v.is_floating_point():
             torch.testing.assert_close(v, (sources[0].state_dict()[k] + sources[1].state_dict()[k]) / 2)
 
 
 # ----------------------------------------------------------------------------- every method
-@pytest.mark.parametrize("name", SAME_BASE)
-def test_every_method_merges_n_models_without_touching_them(name: str) -> None:
+@pytest.mark.parametrize("method", SAME_BASE, ids=lambda cls: cls.name)
+def test_every_method_merges_n_models_without_touching_them(method: type) -> None:
     base, sources = make_family(3)
     stats = family_stats(3)
     before = [state(s) for s in sources]
-    merged = get_method(name).merge(sources, graph=None, stats=stats, base=base)
+    merged = method().merge(sources, graph=None, stats=stats, base=base).model
     assert merged is not sources[0] and isinstance(merged, Net)
     assert merged.state_dict().keys() == sources[0].state_dict().keys()
     for s, b in zip(sources, before, strict=True):
         assert all(torch.equal(s.state_dict()[k], v) for k, v in b.items())
     assert all(torch.isfinite(v).all() for v in merged.state_dict().values())
-    assert name in METHODS
+    assert method in ALL_METHODS and issubclass(method, SameBaseMethod)
 
 
 # ----------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("name", SAME_BASE)
-def test_models_with_different_shapes_are_refused(name: str) -> None:
+@pytest.mark.parametrize("method", SAME_BASE, ids=lambda cls: cls.name)
+def test_models_with_different_shapes_are_refused(method: type) -> None:
     base, sources = make_family(3)
     odd = copy.deepcopy(sources[2])
     odd.fc2 = nn.Linear(6, 4).double()
     with pytest.raises(ValueError, match=r"parameter 'fc2.weight' of model 2 has shape \(4, 6\)"):
-        get_method(name).merge([*sources[:2], odd], graph=None, stats=family_stats(3), base=base)
+        method().merge([*sources[:2], odd], graph=None, stats=family_stats(3), base=base)
 
 
 def test_missing_parameter_and_incompatible_base_are_named() -> None:
@@ -295,75 +297,73 @@ def test_missing_parameter_and_incompatible_base_are_named() -> None:
     del odd.bn
     odd.bn = nn.Identity()
     with pytest.raises(ValueError, match=r"model 1 has no parameter 'bn.weight'"):
-        get_method("task_arithmetic").merge([sources[0], odd], graph=None, stats=None, base=base)
+        TaskArithmetic().merge([sources[0], odd], graph=None, stats=None, base=base)
     bad_base = Net()
     bad_base.fc1 = nn.Linear(5, 6)
     with pytest.raises(ValueError, match=r"'fc1.weight' of the base model has shape \(6, 5\)"):
-        get_method("task_arithmetic").merge(sources, graph=None, stats=None, base=bad_base)
+        TaskArithmetic().merge(sources, graph=None, stats=None, base=bad_base)
     with pytest.raises(ValueError, match="at least 2 source models"):
-        get_method("task_arithmetic").merge(sources[:1], graph=None, stats=None)
+        TaskArithmetic().merge(sources[:1], graph=None, stats=None)
 
 
 @pytest.mark.parametrize(
-    ("name", "kwargs", "statistic"),
+    ("method", "kwargs", "statistic"),
     [
-        ("fisher", {}, "fisher"),
-        ("regmean", {}, "grams"),
-        ("mats", {"subspace": "regmean"}, "grams"),
-        ("mats", {"subspace": "fisher"}, "fisher"),
-        ("mats", {"subspace": "kfac"}, "kfac"),
+        (FisherMerge, {}, "fisher"),
+        (RegMean, {}, "grams"),
+        (MaTS, {"subspace": "regmean"}, "grams"),
+        (MaTS, {"subspace": "fisher"}, "fisher"),
+        (MaTS, {"subspace": "kfac"}, "kfac"),
     ],
 )
-def test_a_statistic_not_gathered_is_named(name: str, kwargs: dict, statistic: str) -> None:
+def test_a_statistic_not_gathered_is_named(method: type, kwargs: dict, statistic: str) -> None:
     base, sources = make_family(2)
     stats = family_stats(2)
     setattr(stats, statistic, [])
     for given in (stats, None):
         with pytest.raises(ValueError, match=rf"'{statistic}'.*not gathered"):
-            get_method(name, **kwargs).merge(sources, graph=None, stats=given, base=base)
+            method(**kwargs).merge(sources, graph=None, stats=given, base=base)
 
 
 def test_statistics_of_other_models_are_refused() -> None:
     _, sources = make_family(3)
     stats = family_stats(2)
     with pytest.raises(ValueError, match=r"statistics 'grams' cover 2 models but 3 sources"):
-        get_method("regmean").merge(sources, graph=None, stats=stats)
+        RegMean().merge(sources, graph=None, stats=stats)
     with pytest.raises(ValueError, match=r"statistics 'fisher' cover 2 models but 3 sources"):
-        get_method("fisher").merge(sources, graph=None, stats=stats)
+        FisherMerge().merge(sources, graph=None, stats=stats)
     stats = family_stats(3)
     stats.kfac[1]["fc2"] = (torch.eye(5, dtype=torch.float64), stats.kfac[1]["fc2"][1])
     with pytest.raises(ValueError, match=r"'kfac' of model 1 at layer 'fc2' have size 5.*7 input columns"):
-        get_method("mats", subspace="kfac").merge(sources, graph=None, stats=stats)
+        MaTS(subspace="kfac").merge(sources, graph=None, stats=stats)
 
 
 @pytest.mark.parametrize(
-    ("name", "kwargs", "message"),
+    ("method", "kwargs", "message"),
     [
-        ("ties", {"k": 0}, r"k \(percent of each task vector kept\) must be in \(0, 100\], got 0"),
-        ("ties", {"k": 100.5}, r"must be in \(0, 100\], got 100.5"),
-        ("regmean", {"alpha": 1.5}, r"alpha .* must be in \[0, 1\], got 1.5"),
-        ("mats", {"alpha": -0.1}, r"alpha .* must be in \[0, 1\], got -0.1"),
+        (TIES, {"k": 0}, r"k \(percent of each task vector kept\) must be in \(0, 100\], got 0"),
+        (TIES, {"k": 100.5}, r"must be in \(0, 100\], got 100.5"),
+        (RegMean, {"alpha": 1.5}, r"alpha .* must be in \[0, 1\], got 1.5"),
+        (MaTS, {"alpha": -0.1}, r"alpha .* must be in \[0, 1\], got -0.1"),
         (
-            "mats",
+            MaTS,
             {"subspace": "hessian"},
             r"unknown subspace 'hessian'; valid: \['fisher', 'kfac', 'regmean'\]",
         ),
-        ("mats", {"init": "zeros"}, r"unknown init 'zeros'"),
-        ("mats", {"iterations": -3}, r"iterations must be an int >= 0, got -3"),
-        ("task_arithmetic", {"scaling": float("nan")}, r"scaling must be a finite number, got nan"),
-        ("fisher", {"fisher_floor": -1.0}, r"fisher_floor must be a number >= 0"),
+        (MaTS, {"init": "zeros"}, r"unknown init 'zeros'"),
+        (MaTS, {"iterations": -3}, r"iterations must be an int >= 0, got -3"),
+        (TaskArithmetic, {"scaling": float("nan")}, r"scaling must be a finite number, got nan"),
+        (FisherMerge, {"fisher_floor": -1.0}, r"fisher_floor must be a number >= 0"),
     ],
 )
-def test_bad_hyperparameters_are_refused(name: str, kwargs: dict, message: str) -> None:
+def test_bad_hyperparameters_are_refused(method: type, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        get_method(name, **kwargs)
+        method(**kwargs)
 
 
 def test_methods_that_need_the_base_say_so() -> None:
     _, sources = make_family(2)
     with pytest.raises(ValueError, match="ties: .* needs the shared base model"):
-        get_method("ties").merge(sources, graph=None, stats=None)
-    with pytest.raises(ValueError, match="init='task_arithmetic' needs the base model"):
-        get_method("mats", subspace="fisher", init="task_arithmetic").merge(
-            sources, graph=None, stats=family_stats(2)
-        )
+        TIES().merge(sources, graph=None, stats=None)
+    with pytest.raises(ValueError, match="mats: .* needs the shared base model"):
+        MaTS(subspace="fisher", init="task_arithmetic").merge(sources, graph=None, stats=family_stats(2))

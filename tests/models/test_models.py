@@ -204,7 +204,9 @@ def test_quick_mlp_pair_learns_its_tasks(
 ) -> None:
     for task, model in enumerate(mlp_pair):
         assert model.classes == fmnist.tasks[task] and not model.training
-        assert task_accuracy(model, fmnist.task_test_dataloader(task)) > 0.85
+        accuracy = task_accuracy(model, fmnist.task_test_dataloader(task))
+        print(f"\nMLP×1 source {task}: own-task accuracy {accuracy:.4f}")
+        assert accuracy > 0.85
     # the two sources were trained from different seeds
     assert not torch.equal(mlp_pair[0].model.layers[0].weight, mlp_pair[1].model.layers[0].weight)
 
@@ -229,3 +231,17 @@ def test_train_source_precision_is_in_the_cache_key_only_when_set(tmp_path: Path
 def test_train_source_rejects_unknown_precision() -> None:
     with pytest.raises(ValueError, match="fp7"):
         train_source("mlp", [0, 1], seed=0, limit_train_batches=1, precision="fp7")
+
+
+def test_test_seed_offset_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LIGHTNING_MERGE_TEST_SEED (tests/trained.py) shifts the test models' seeds; junk is an error."""
+    from trained import SEED_ENV, seed_offset
+
+    monkeypatch.delenv(SEED_ENV, raising=False)
+    assert seed_offset() == 0
+    monkeypatch.setenv(SEED_ENV, " 100 ")
+    assert seed_offset() == 100
+    for bad in ("abc", "1.5", "-3"):
+        monkeypatch.setenv(SEED_ENV, bad)
+        with pytest.raises(ValueError, match=f"{SEED_ENV} must be a non-negative integer"):
+            seed_offset()

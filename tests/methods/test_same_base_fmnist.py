@@ -8,35 +8,42 @@ fine-tuned model has its task's data, not the other's). Checkpoints are cached i
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
+from trained import TEST_MODELS_DIR, shifted
 
 from lightning_merge.data import TaskSplitDataModule
 from lightning_merge.graph.spec import MergeGraph
-from lightning_merge.methods import get_method
+from lightning_merge.methods import TIES, FisherMerge, MaTS, MergeMethod, RegMean, TaskArithmetic
 from lightning_merge.models.training import train_source
 from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.container import Statistics
 
-TEST_MODELS_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test_models"
 TASKS = ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
 WIDTH = 0.125  # hidden layers of 64 units
 CALIBRATION = 512
-FLOOR = 0.65  # joint accuracy every merge must reach (the weaker fine-tuned model alone: ~0.59)
+# Joint accuracy per LIGHTNING_MERGE_TEST_SEED (full test set), the numbers the thresholds face:
+#
+#   seed  fine-tuned 0 / 1   mean    weakest merge (which)    average   weakest data-driven  (which)
+#   0     0.7241 / 0.5852   0.6547   0.6968 (TA λ=1)          0.7317    0.7763 (Fisher)
+#   100   0.5620 / 0.5330   0.5475   0.6035 (TIES)            0.6429    0.6719 (MaTS kfac)
+#   200   0.7022 / 0.5292   0.6157   0.6692 (TA λ=1)          0.7197    0.7779 (MaTS kfac)
+#
+# An absolute floor (0.65 before) failed at seed 100: the 40-batch base and what fine-tuning makes of
+# it vary a lot between draws, so every threshold is relative to the same draw's models.
+OVER_PICK = 0.02  # every merge beats picking one fine-tuned model at random (their mean) by this much
 MARGIN = 0.01  # Fisher / RegMean / MaTS may trail plain averaging by at most this much
 
-MERGES: dict[str, tuple[str, dict]] = {
-    "average (TA λ=1/2)": ("task_arithmetic", {"scaling": 0.5}),
-    "task arithmetic λ=1": ("task_arithmetic", {"scaling": 1.0}),
-    "TIES k=20 λ=1": ("ties", {"k": 20, "scaling": 1.0}),
-    "Fisher": ("fisher", {}),
-    "RegMean α=0.9": ("regmean", {"alpha": 0.9}),
-    "MaTS regmean α=0.9": ("mats", {"subspace": "regmean", "alpha": 0.9}),
-    "MaTS fisher": ("mats", {"subspace": "fisher"}),
-    "MaTS kfac": ("mats", {"subspace": "kfac"}),
+MERGES: dict[str, MergeMethod] = {
+    "average (TA λ=1/2)": TaskArithmetic(scaling=0.5),
+    "task arithmetic λ=1": TaskArithmetic(scaling=1.0),
+    "TIES k=20 λ=1": TIES(k=20, scaling=1.0),
+    "Fisher": FisherMerge(),
+    "RegMean α=0.9": RegMean(alpha=0.9),
+    "MaTS regmean α=0.9": MaTS(subspace="regmean", alpha=0.9),
+    "MaTS fisher": MaTS(subspace="fisher"),
+    "MaTS kfac": MaTS(subspace="kfac"),
 }
 DATA_DRIVEN = ("Fisher", "RegMean α=0.9", "MaTS regmean α=0.9", "MaTS fisher", "MaTS kfac")
 
@@ -44,13 +51,13 @@ DATA_DRIVEN = ("Fisher", "RegMean α=0.9", "MaTS regmean α=0.9", "MaTS fisher",
 @pytest.fixture(scope="module")
 def family() -> tuple[nn.Module, list[nn.Module]]:
     base = train_source(
-        "mlp", list(range(10)), 0, width=WIDTH, limit_train_batches=40, cache_dir=TEST_MODELS_DIR
+        "mlp", list(range(10)), shifted(0)[0], width=WIDTH, limit_train_batches=40, cache_dir=TEST_MODELS_DIR
     )
     tuned = [
         train_source(
             "mlp",
             task,
-            1 + t,
+            shifted(1 + t)[0],
             width=WIDTH,
             limit_train_batches=200,
             init_state_dict=base.state_dict(),
@@ -99,16 +106,17 @@ def test_same_base_merges_on_fashion_mnist(
     stats = own_task_statistics(sources, fmnist)
     rows = {"base": accuracies(base, fmnist)}
     rows.update({f"fine-tuned on task {t}": accuracies(m, fmnist) for t, m in enumerate(sources)})
-    for label, (name, kwargs) in MERGES.items():
-        merged = get_method(name, **kwargs).merge(sources, graph=None, stats=stats, base=base)
+    for label, method in MERGES.items():
+        merged = method.merge(sources, graph=None, stats=stats, base=base).model
         rows[label] = accuracies(merged, fmnist)
     print("\nmethod                     joint   task 0-4  task 5-9")
     for label, (joint, t0, t1) in rows.items():
         print(f"{label:<26} {joint:.4f}  {t0:.4f}    {t1:.4f}")
 
+    tuned = [rows[f"fine-tuned on task {t}"][0] for t in range(2)]
     for label in MERGES:
-        assert rows[label][0] >= FLOOR, (label, rows[label])
-    best_source = max(rows[f"fine-tuned on task {t}"][0] for t in range(2))
+        assert rows[label][0] >= sum(tuned) / 2 + OVER_PICK, (label, rows[label], tuned)
+    best_source = max(tuned)
     for label in DATA_DRIVEN:
         assert rows[label][0] >= rows["average (TA λ=1/2)"][0] - MARGIN, (label, rows[label])
         assert rows[label][0] > best_source, (label, rows[label], best_source)

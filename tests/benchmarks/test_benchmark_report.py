@@ -13,7 +13,7 @@ import pytest
 
 from lightning_merge.data import TaskSplitDataModule
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _load(name: str) -> ModuleType:

@@ -54,3 +54,47 @@ def test_vit_b_16() -> None:
     attn = [s for s in graph.spaces if s.name.endswith("self_attention.attn")]
     assert len(attn) == 12 and all(s.size == 768 and s.group_size == 64 for s in attn)
     assert check_equivalence(model, graph, x) < 1e-10
+
+
+def test_the_check_also_runs_the_merge_path() -> None:
+    """A permutation cannot see how the merge reads a graph; the merge stage refuses what it cannot apply."""
+    import dataclasses
+
+    from lightning_merge.graph import MergeGraph, Space
+
+    model = tv.models.resnet18(weights=None).eval()
+    graph = trace_graph(model, X)
+    space = graph.space("layer1.0.conv1")
+    wrong = [
+        dataclasses.replace(m, role="out") if m.param == "layer1.0.conv2.weight" else m for m in space.members
+    ]
+    bad = MergeGraph(
+        [Space(s.name, s.size, wrong) if s.name == space.name else s for s in graph.spaces],
+        graph.taps,
+        [],
+        {},
+    )
+    from lightning_merge.apply.twin import check_equivalence as full_check
+
+    assert check_equivalence(model, bad, X) < 1e-12  # as a permutation it is still a symmetry
+    with pytest.raises(ValueError, match="several output axes"):
+        full_check(model, bad, X)
+
+
+def test_convnext_layernorm2d_and_layer_scale_join_the_channel_space() -> None:
+    """LayerNorm2d subclasses nn.LayerNorm but normalises NCHW channels: traced into, not the LN rule."""
+    model = tv.models.convnext_tiny(weights=None).eval()
+    graph = trace_graph(model, X)
+    stem = graph.space("features.0.0")
+    params = {m.param for m in stem.members}
+    assert {"features.0.1.weight", "features.0.1.bias", "features.1.0.layer_scale"} <= params
+    assert check_equivalence(model, graph, X) < 1e-12
+
+
+def test_grouped_convolutions_keep_both_sides_fixed() -> None:
+    model = tv.models.resnext50_32x4d(weights=None).eval()
+    graph = trace_graph(model, X)
+    tagged = {m.param for s in graph.spaces for m in s.members}
+    assert "layer1.0.conv2.weight" not in tagged  # groups=32: never permuted
+    assert "layer1.0.conv1.weight" not in tagged and "layer1.0.conv3.weight" in tagged
+    assert check_equivalence(model, graph, X) < 1e-12

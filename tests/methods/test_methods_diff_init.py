@@ -14,17 +14,26 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+from trained import trained_pair
 
 from lightning_merge.apply.batchnorm_reset import reset_batchnorm
 from lightning_merge.graph import permute_model, random_permutations, trace_graph
 from lightning_merge.match.permute import match_permute
-from lightning_merge.methods import METHODS, get_method
-from lightning_merge.methods.pleas import PLeaSMerge, partial_to_first
-from lightning_merge.methods.transform_base import TransformMethod
-from lightning_merge.models import quick_pair
+from lightning_merge.methods import (
+    ALL_METHODS,
+    AverageMerge,
+    MergeMethod,
+    MuDSCMerge,
+    PermuteMerge,
+    PLeaSMerge,
+    TransformMethod,
+    WeightMatchingMerge,
+    ZipItMerge,
+)
+from lightning_merge.methods.pleas import partial_to_first
 from lightning_merge.stats.collect import collect_statistics
 
-DIFF_INIT = sorted(n for n, cls in METHODS.items() if issubclass(cls, TransformMethod))
+DIFF_INIT = [cls for cls in ALL_METHODS if issubclass(cls, TransformMethod)]
 EXAMPLE = torch.zeros(2, 1, 28, 28)
 THREE_TASKS = ((0, 1, 2), (3, 4, 5), (6, 7, 8, 9))
 
@@ -49,11 +58,9 @@ class Setup:
         self.stats = collect_statistics(self.models, self.graph, calibration, progress=False)
         self.calibration = calibration
 
-    def merge(self, method: str, **kwargs: object) -> nn.Module:
-        merged = get_method(method, **kwargs).merge(
-            self.models, graph=self.graph, stats=self.stats, data=self.calibration
-        )
-        return reset_batchnorm(merged, self.calibration).eval()
+    def merge(self, method: MergeMethod) -> nn.Module:
+        result = method.merge(self.models, graph=self.graph, stats=self.stats, data=self.calibration)
+        return reset_batchnorm(result.model, self.calibration).eval()
 
 
 @torch.no_grad()
@@ -84,18 +91,19 @@ def resnet(resnet_pair: list, fmnist) -> Setup:
 
 @pytest.fixture(scope="module")
 def mlp3(calibration: DataLoader) -> Setup:
-    triple = quick_pair("mlp", width=0.25, tasks=THREE_TASKS, seeds=(0, 1, 2))
+    triple = trained_pair("mlp", width=0.25, tasks=THREE_TASKS, seeds=(0, 1, 2))
     return Setup([s.model for s in triple], calibration)
 
 
 # ------------------------------------------------------------------ permuted copy → exact recovery
 @pytest.mark.parametrize("arch", ["mlp", "resnet20"])
 @pytest.mark.parametrize(
-    ("method", "kwargs"),
-    [("permute", {}), ("zipit", {"alpha": 0.0, "beta": 0.0}), ("weight_matching", {})],
+    "method",
+    [PermuteMerge(), ZipItMerge(alpha=0.0, beta=0.0), WeightMatchingMerge()],
+    ids=["permute", "zipit", "weight_matching"],
 )
 def test_merging_a_permuted_copy_recovers_the_model(
-    arch: str, method: str, kwargs: dict, source_pair: Callable, fmnist
+    arch: str, method: MergeMethod, source_pair: Callable, fmnist
 ) -> None:
     model = source_pair(arch, **({"width": 0.25} if arch == "mlp" else {}))[0].model.eval()
     calibration = DataLoader(Subset(fmnist.calibration_dataset(), range(250)), batch_size=250)
@@ -109,9 +117,14 @@ def test_merging_a_permuted_copy_recovers_the_model(
             model.state_dict()[graph.spaces[0].members[0].param],
         )
         stats = collect_statistics([model, twin], graph, calibration, progress=False)
-        merged = get_method(method, **kwargs).merge([model, twin], graph=graph, stats=stats).eval()
+        merged = method.merge([model, twin], graph=graph, stats=stats).model.eval()
         err = (merged(x) - ref).norm() / ref.norm()
+        # the same pair averaged without alignment is another function (measured 0.90 / 0.99): the
+        # recovery is the matching's work, on any weights training produces
+        averaged = AverageMerge().merge([model, twin], graph=graph, stats=stats).model.eval()
+        average_err = (averaged(x) - ref).norm() / ref.norm()
     assert err < 1e-5, f"{method} on {arch}: relative error {err:.2e}"
+    assert average_err > 0.5, f"averaging on {arch}: relative error only {average_err:.2e}"
 
 
 # ------------------------------------------------------------------ PLeaS
@@ -130,8 +143,10 @@ def layer_outputs(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> di
 
 def test_pleas_at_full_width_reproduces_the_ensemble_features(mlp: Setup) -> None:
     """Width N·n: every hidden layer of the merged model outputs the sources' features side by side."""
-    merged = PLeaSMerge(width=2.0, ridge=1e-8).merge(
-        mlp.models, graph=mlp.graph, stats=mlp.stats, data=mlp.calibration
+    merged = (
+        PLeaSMerge(width=2.0, ridge=1e-8)
+        .merge(mlp.models, graph=mlp.graph, stats=mlp.stats, data=mlp.calibration)
+        .model
     )
     hidden = [n for n, m in merged.named_modules() if isinstance(m, nn.Linear) and n.startswith("layers")]
     assert [merged.get_submodule(n).out_features for n in hidden] == [256, 256, 256]
@@ -148,14 +163,14 @@ def test_pleas_at_full_width_reproduces_the_ensemble_features(mlp: Setup) -> Non
 
 
 def test_pleas_at_source_width_beats_averaging(mlp: Setup, fmnist, test_batches: list) -> None:
-    average = joint_accuracy(mlp.merge("average"), test_batches)
-    pleas = joint_accuracy(mlp.merge("pleas", width=1.0), test_batches)
-    no_refit = joint_accuracy(mlp.merge("pleas", width=1.0, refit=False), test_batches)
+    average = joint_accuracy(mlp.merge(AverageMerge()), test_batches)
+    pleas = joint_accuracy(mlp.merge(PLeaSMerge(width=1.0)), test_batches)
+    no_refit = joint_accuracy(mlp.merge(PLeaSMerge(width=1.0, refit=False)), test_batches)
     # data-free variant: the least squares sees only images of task [0..4]
     other = DataLoader(Subset(fmnist.dataset_for("train", 0), range(1000)), batch_size=250)
-    merged = PLeaSMerge(width=1.0).merge(mlp.models, graph=mlp.graph, stats=mlp.stats, data=other)
+    merged = PLeaSMerge(width=1.0).merge(mlp.models, graph=mlp.graph, stats=mlp.stats, data=other).model
     other_acc = joint_accuracy(merged.eval(), test_batches)
-    wider = joint_accuracy(mlp.merge("pleas", width=1.5), test_batches)
+    wider = joint_accuracy(mlp.merge(PLeaSMerge(width=1.5)), test_batches)
     ensemble = joint_accuracy(mlp.models, test_batches)
     print(
         f"\nMLP×0.25 joint acc: average {average:.3f}, pleas(m=n, no refit) {no_refit:.3f}, "
@@ -184,89 +199,107 @@ def test_partial_to_first_spans_permute_to_the_ensemble() -> None:
 # ------------------------------------------------------------------ N = 3
 # ZipIt!'s β budget counts same-model fusions by a feature's first member: with N = 3 and m = n most
 # merged features end up "owned" by model 0, whose β = 0.125 budget is then too small to finish.
-THREE_WAY_KWARGS = {"zipit": {"beta": 0.5}, "mudsc": {"beta": 0.5}}
+THREE_WAY_KWARGS: dict[type, dict] = {ZipItMerge: {"beta": 0.5}, MuDSCMerge: {"beta": 0.5}}
 
 
-@pytest.mark.parametrize("method", DIFF_INIT)
-def test_every_method_merges_three_models(method: str, mlp3: Setup, test_batches: list) -> None:
-    merged = mlp3.merge(method, **THREE_WAY_KWARGS.get(method, {}))
+@pytest.mark.parametrize("method", DIFF_INIT, ids=lambda cls: cls.name)
+def test_every_method_merges_three_models(method: type, mlp3: Setup, test_batches: list) -> None:
+    merged = mlp3.merge(method(**THREE_WAY_KWARGS.get(method, {})))
     x = test_batches[0][0][:8]
     out = merged(x)
     assert out.shape == (8, 10) and torch.isfinite(out).all()
     assert merged.layers[0].out_features == mlp3.models[0].layers[0].out_features
-    print(f"\nN=3 MLP×0.25 {method}: joint acc {joint_accuracy(merged, test_batches):.3f}")
+    print(f"\nN=3 MLP×0.25 {method.name}: joint acc {joint_accuracy(merged, test_batches):.3f}")
 
 
-# ------------------------------------------------------------------ ResNet-20: matching beats averaging
+# ------------------------------------------------------------------ ResNet-20: the partial zip
+# Joint accuracy on 1000 test images of the 60-batch ResNet-20×1 pair, per LIGHTNING_MERGE_TEST_SEED:
+#
+#   seed            ensemble  average  permute  zipit  zipit@0.5  zipit@last
+#   0 (host A)        0.552    0.194    0.299   0.166      –          –       (issue 15's failure)
+#   0 (host B)        0.512    0.202    0.285   0.158    0.462      0.248
+#   100               0.529    0.160    0.189   0.234    0.517      0.270
+#   200               0.376    0.151    0.344   0.335    0.505      0.306
+#
+# Full-depth merges of these briefly trained nets land near chance (0.10), and which of averaging,
+# Permute and ZipIt! comes first changes with the draw, so no ranking of them is asserted here; that
+# matching is right on the residual graph is the exact invariant above (permuted copy → the model, while
+# averaging the same pair is another function). What every draw shows by a wide margin: zipping only
+# the first half keeps most of the ensemble and beats every full-depth merge. (zipit@last against the
+# full zip, once asserted ≥ −0.02, was −0.029 at seed 200: the heads alone decide little here.)
+ZIP_OF_ENSEMBLE = 0.8  # zipit@0.5 / ensemble: ≥ 0.90 measured
+ZIP_OVER_FULL = 0.1  # zipit@0.5 − best full merge: ≥ 0.161 measured
+
+
 @pytest.fixture(scope="module")
 def resnet_scores(resnet: Setup, test_batches: list) -> dict[str, float]:
-    test_batches = test_batches[:2]  # 1000 test images: the margins below are >> their noise
+    test_batches = test_batches[:2]  # 1000 test images: the margins below are >> their noise (±0.016)
     scores = {"ensemble": joint_accuracy(resnet.models, test_batches)}
-    for name, kwargs in [
-        ("average", {}),
-        ("permute", {}),
-        ("zipit", {}),
-        ("zipit@0.5", {"stop_at": 0.5}),
-        ("zipit@last", {"stop_at": 1.0}),
+    for name, method in [
+        ("average", AverageMerge()),
+        ("permute", PermuteMerge()),
+        ("zipit", ZipItMerge()),
+        ("zipit@0.5", ZipItMerge(stop_at=0.5)),
+        ("zipit@last", ZipItMerge(stop_at=1.0)),
     ]:
-        model = resnet.merge(name.split("@")[0], **kwargs)
-        if "stop_at" in kwargs:
+        model = resnet.merge(method)
+        if "@" in name:
             assert len(model(test_batches[0][0][:4])) == 2
         scores[name] = joint_accuracy(model, test_batches)
     print("\nResNet-20×1 joint acc (BN reset): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     return scores
 
 
-def test_zipit_and_permute_beat_averaging_on_resnet(resnet_scores: dict[str, float]) -> None:
-    assert resnet_scores["permute"] > resnet_scores["average"] + 0.05
-    assert resnet_scores["zipit"] > resnet_scores["average"] + 0.05
+def test_partial_zip_keeps_most_of_the_ensemble_on_resnet(resnet_scores: dict[str, float]) -> None:
+    assert resnet_scores["zipit@0.5"] > ZIP_OF_ENSEMBLE * resnet_scores["ensemble"]
+    best_full = max(resnet_scores[k] for k in ("average", "permute", "zipit"))
+    assert resnet_scores["zipit@0.5"] > best_full + ZIP_OVER_FULL
 
 
 def test_partial_zip_returns_every_output_and_beats_the_full_zip(resnet_scores: dict[str, float]) -> None:
-    assert resnet_scores["zipit@0.5"] >= resnet_scores["zipit"]
-    assert resnet_scores["zipit@last"] >= resnet_scores["zipit"] - 0.02
+    assert resnet_scores["zipit@0.5"] >= resnet_scores["zipit"]  # measured +0.17 or more
 
 
 # ------------------------------------------------------------------ clear errors
 def test_statistics_of_other_models_or_graphs_are_rejected(mlp: Setup, mlp3: Setup) -> None:
     with pytest.raises(ValueError, match="statistics are for 3 models, but 2 sources"):
-        get_method("permute").merge(mlp.models, graph=mlp.graph, stats=mlp3.stats)
+        PermuteMerge().merge(mlp.models, graph=mlp.graph, stats=mlp3.stats)
     other = trace_graph(nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.ReLU(), nn.Linear(8, 10)), EXAMPLE)
     stats = copy.copy(mlp.stats)
     stats.graph_digest = other.digest()
     with pytest.raises(ValueError, match="gathered under merge graph"):
-        get_method("zipit").merge(mlp.models, graph=mlp.graph, stats=stats)
+        ZipItMerge().merge(mlp.models, graph=mlp.graph, stats=stats)
     with pytest.raises(ValueError, match=r"needs statistics \['moments'\]"):
-        get_method("zipit").merge(mlp.models, graph=mlp.graph, stats=None)
+        ZipItMerge().merge(mlp.models, graph=mlp.graph, stats=None)
     with pytest.raises(ValueError, match="needs a data loader"):
-        get_method("pleas").merge(mlp.models, graph=mlp.graph, stats=mlp.stats)
+        PLeaSMerge().merge(mlp.models, graph=mlp.graph, stats=mlp.stats)
     with pytest.raises(ValueError, match="at least 2 sources"):
-        get_method("average").merge(mlp.models[:1], graph=mlp.graph, stats=None)
+        AverageMerge().merge(mlp.models[:1], graph=mlp.graph, stats=None)
     with pytest.raises(ValueError, match="width ratio 2.5 is outside"):
-        get_method("zipit", width=2.5).merge(mlp.models, graph=mlp.graph, stats=mlp.stats)
+        ZipItMerge(width=2.5).merge(mlp.models, graph=mlp.graph, stats=mlp.stats)
     with pytest.raises(KeyError, match=r"widths names merge points \['nope'\]"):
-        get_method("pleas", widths={"nope": 3}).merge(mlp.models, graph=mlp.graph, stats=mlp.stats, data=[])
+        PLeaSMerge(widths={"nope": 3}).merge(mlp.models, graph=mlp.graph, stats=mlp.stats, data=[])
     with pytest.raises(KeyError, match="stop_at='relu9' is not a cut point"):
-        get_method("permute", stop_at="relu9").merge(mlp.models, graph=mlp.graph, stats=mlp.stats)
+        PermuteMerge(stop_at="relu9").merge(mlp.models, graph=mlp.graph, stats=mlp.stats)
 
 
 @pytest.mark.parametrize(
     ("method", "kwargs", "match"),
     [
-        ("zipit", {"alpha": 1.5}, "alpha must be"),
-        ("zipit", {"beta": -0.1}, "beta must be"),
-        ("zipit", {"width": 0.5}, "width must be a number >= 1"),
-        ("mudsc", {"lam": 1.2}, "lam must be"),
-        ("mudsc", {"matcher": "greedy"}, "matcher must be"),
-        ("pleas", {"ridge": -1.0}, "ridge must be"),
-        ("permute", {"anchor": "last"}, "anchor must be"),
-        ("weight_matching", {"max_iter": 0}, "max_iter must be"),
-        ("average", {"stop_at": 1.5}, "stop_at must be"),
+        (ZipItMerge, {"alpha": 1.5}, "alpha must be"),
+        (ZipItMerge, {"beta": -0.1}, "beta must be"),
+        (ZipItMerge, {"width": 0.5}, "width must be a number >= 1"),
+        (MuDSCMerge, {"lam": 1.2}, "lam must be"),
+        (MuDSCMerge, {"matcher": "greedy"}, "matcher must be"),
+        (PLeaSMerge, {"ridge": -1.0}, "ridge must be"),
+        (PermuteMerge, {"anchor": "last"}, "anchor must be"),
+        (WeightMatchingMerge, {"max_iter": 0}, "max_iter must be"),
+        (AverageMerge, {"stop_at": 1.5}, "stop_at must be"),
     ],
 )
-def test_bad_hyperparameters_are_rejected_at_construction(method: str, kwargs: dict, match: str) -> None:
+def test_bad_hyperparameters_are_rejected_at_construction(method: type, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        get_method(method, **kwargs)
+        method(**kwargs)
 
 
 def test_methods_are_buildable_from_a_cli_config() -> None:

@@ -20,7 +20,7 @@ from lightning_merge.data import TaskSplitDataModule
 from lightning_merge.graph import trace_graph
 from lightning_merge.models import MLP
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def load(name: str) -> ModuleType:
@@ -96,6 +96,7 @@ def test_e2e_stage_times_on_mlp_sources(perf: ModuleType, source_pair: Callable,
     dm = TaskSplitDataModule(calibration_size=256, eval_batch_size=1000)
     rows = perf.e2e_section(pair, methods=["zipit", "pleas"], datamodule=dm)
     assert [r["method"] for r in rows] == ["zipit", "pleas w=1.5"]
+    print("\nMLP×0.25 e2e joint %: " + ", ".join(f"{r['method']} {r['joint_acc']:.2f}" for r in rows))
     for r in rows:
         timed = {k: r[f"{k}_s"] for k in perf.STAGES if r[f"{k}_s"] is not None}
         assert all(t > 0 for t in timed.values()), timed

@@ -16,7 +16,7 @@ from lightning_merge.dataflow import ShardSampler
 from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.store import load_statistics
 
-SCRIPT = Path(__file__).with_name("stats_ddp_script.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "stats_ddp_script.py"
 
 
 @pytest.mark.ddp
