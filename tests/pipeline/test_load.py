@@ -229,3 +229,21 @@ def test_a_source_classifier_is_placed_at_declared_global_ids() -> None:
         ValueError, match=r"declares head='embedding' but its checkpoint records head='linear'"
     ):
         head_of(1, model, tasks, 20, example, kind="embedding", classes=list(range(10, 20)))
+
+
+def test_prepare_sources_refuses_unsafe_files_unless_trusted(tmp_path: Path) -> None:
+    """The merge's first stage (what ``MergeModule(trusted_checkpoints=...)`` calls) is safe by default."""
+    from lightning_merge.pipeline.prepare import prepare_sources
+
+    marker = tmp_path / "pwned.txt"
+    safe = lightning_checkpoint(tmp_path / "a.ckpt", Tiny(), hparams={"_class_path": TINY})
+    evil = lightning_checkpoint(
+        tmp_path / "b.ckpt", Tiny(), hparams={"_class_path": TINY, "x": Payload(marker)}
+    )
+    sources = [SourceSpec(path=str(p), attribute="net") for p in (safe, evil)]
+    tasks, example = [[0, 1, 2], [3, 4, 5]], torch.randn(4, 4)
+    with pytest.raises(UnsafeCheckpointError, match=r"sources\[1\]: .*b.ckpt was refused"):
+        prepare_sources(sources, tasks, 6, example)
+    assert not marker.exists()
+    prepared = prepare_sources(sources, tasks, 6, example, trusted=True)
+    assert marker.exists() and [h.classes for h in prepared.heads] == [(0, 1, 2), (3, 4, 5)]
