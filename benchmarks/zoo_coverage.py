@@ -57,10 +57,15 @@ SIZES = {"alexnet": 64, "googlenet": 64, "inception_v3": 80, "maxvit_t": 224}
 SIZES.update({n: 64 for n in ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b")})
 
 
+def _method(name: str) -> Any:
+    """The method of a table column, built from its class and the column's arguments."""
+    cls = next(c for c in ALL_METHODS if c.name == name)
+    return cls(**METHODS[name])
+
+
 def merge_with(method: str, models: list[nn.Module], graph: Any, stats: Any, data: Any) -> nn.Module:
     """The one call site of a method's merge (its return type may become a result object)."""
-    cls = next(c for c in ALL_METHODS if c.name == method)
-    result = cls(**METHODS[method]).merge(models, graph=graph, stats=stats, data=data)
+    result = _method(method).merge(models, graph=graph, stats=stats, data=data)
     return getattr(result, "model", result)
 
 
@@ -103,7 +108,8 @@ def twin_recovery(
     info["trace_s"] = round(time.perf_counter() - t, 1)
     twin = permute_model(copy.deepcopy(model), graph, random_permutations(graph, seed))
     data = DataLoader(TensorDataset(x), batch_size=len(x))
-    stats = collect_statistics([model, twin], graph, data, progress=False)
+    requires = sorted(set().union(*(_method(name).requires for name in methods)))
+    stats = collect_statistics([model, twin], graph, data, requires=requires, progress=False)
     with torch.no_grad():
         ref = model(x)
     out: dict[str, str] = {}

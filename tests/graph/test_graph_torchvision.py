@@ -94,7 +94,10 @@ def test_convnext_layernorm2d_and_layer_scale_join_the_channel_space() -> None:
 def test_grouped_convolutions_keep_both_sides_fixed() -> None:
     model = tv.models.resnext50_32x4d(weights=None).eval()
     graph = trace_graph(model, X)
-    tagged = {m.param for s in graph.spaces for m in s.members}
-    assert "layer1.0.conv2.weight" not in tagged  # groups=32: never permuted
-    assert "layer1.0.conv1.weight" not in tagged and "layer1.0.conv3.weight" in tagged
+    tagged = {(m.param, m.axis) for s in graph.spaces for m in s.members}
+    conv = "layer1.0.conv{}.weight".format
+    assert not {(conv(2), 0), (conv(2), 1)} & tagged  # groups=32: never permuted
+    # conv1 reads the stem (axis 1) but its output feeds the grouped conv: fixed; conv3 reads it
+    assert (conv(1), 1) in tagged and (conv(1), 0) not in tagged
+    assert (conv(3), 0) in tagged and (conv(3), 1) not in tagged
     assert check_equivalence(model, graph, X) < 1e-12
