@@ -29,6 +29,7 @@ from lightning_merge.models.training import quiet_lightning  # noqa: E402
 from lightning_merge.module import MergeModule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RULES = ("logits", "per_head_softmax")
 
 
 def run(sources: Sequence[str], scoring: str, calibration: int) -> tuple[dict[str, float], MergeModule]:
@@ -71,15 +72,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sources", nargs=2, required=True, help="two source checkpoints")
     parser.add_argument("--name", required=True, help="results file stem")
     parser.add_argument("--calibration", type=int, default=2000, help="calibration images (BatchNorm reset)")
+    parser.add_argument(
+        "--scorings", nargs="+", default=list(RULES), choices=RULES,
+        help="rules to run; rows of other rules already in the results file are kept",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     record = {
         "command": command_line("benchmarks/eval_protocol.py", argv),
         "machine": machine_description("cpu"),
     }
-    record |= {"rows": [], "zipit_float32_rule": {}}
+    old = RESULTS / f"eval_protocol_{args.name}.json"
+    kept = json.loads(old.read_text()) if old.exists() else {"rows": [], "zipit_float32_rule": {}}
+    record |= {"rows": [r for r in kept["rows"] if r["scoring"] not in args.scorings]}
+    record |= {
+        "zipit_float32_rule": {} if "per_head_softmax" in args.scorings else kept["zipit_float32_rule"]
+    }
     start = time.perf_counter()
-    for scoring, tag in [("logits", ""), ("per_head_softmax", "phs_")]:
+    for scoring, tag in [(s, "phs_" if s == "per_head_softmax" else "") for s in args.scorings]:
         results, module = run(args.sources, scoring, args.calibration)
         for model in sorted({k.split("/")[0] for k in results}):
             row = {"scoring": scoring, "model": model}
