@@ -168,9 +168,7 @@ def _untrained(arch: str, classes: list[int], seed: int, head: str = "embedding"
 def test_module_scores_treated_references_like_a_by_hand_reset_of_copies(scoring: str) -> None:
     dm = TaskSplitDataModule(calibration_size=256, eval_batch_size=100)
     sources = [_untrained("vgg11_bn", [0, 1, 2, 3, 4], 0), _untrained("vgg11_bn", [5, 6, 7, 8, 9], 1)]
-    module = MergeModule(
-        sources, AverageMerge(), treated_references="all", scoring=scoring, heatmaps=0
-    )
+    module = MergeModule(sources, AverageMerge(), treated_references="all", scoring=scoring, heatmaps=0)
     r = _validate(module, dm).results
     tag = "phs_" if scoring == "per_head_softmax" else ""
     names = {"merged", "source0", "source1", "ensemble", "source0_reset", "source1_reset", "ensemble_reset"}

@@ -38,20 +38,10 @@ class FeatureMoments:
         return self.outer / self.count - torch.outer(mu, mu)
 
     def correlation(self, eps: float = 1e-8) -> torch.Tensor:
-        """C / (σσᵀ), never NaN. A constant feature (σ ≤ eps) correlates 0 with every varying one, and
-        1 with every constant feature of the same value: over these data the two are one function (a
-        ReLU unit that never fires and its copy), so a merge of identical models can pair them."""
+        """C / (σσᵀ); dead features (σ≈0) get σ=eps-floored so they correlate ~0, never NaN."""
         cov = self.covariance
-        std = cov.diagonal().clamp_min(0).sqrt()
-        corr = cov / torch.outer(std.clamp_min(eps), std.clamp_min(eps))
-        dead = std <= eps
-        if bool(dead.any()):
-            mu = self.mean
-            scale = mu.abs().clamp_min(1.0)
-            same = (mu[:, None] - mu[None, :]).abs() <= eps * torch.maximum(scale[:, None], scale[None, :])
-            both = dead[:, None] & dead[None, :]
-            corr = torch.where(both, same.to(corr.dtype), corr)
-        return corr
+        std = cov.diagonal().clamp_min(0).sqrt().clamp_min(eps)
+        return cov / torch.outer(std, std)
 
 
 @dataclass

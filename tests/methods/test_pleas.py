@@ -262,7 +262,7 @@ def test_statistics_of_other_models_are_refused() -> None:
 # ------------------------------------------------------------------ DDP and the statistics store
 @pytest.mark.ddp
 def test_two_ddp_processes_give_the_single_process_weights(tmp_path) -> None:
-    script = Path(__file__).with_name("pleas_ddp_script.py")
+    script = Path(__file__).resolve().parents[1] / "pleas_ddp_script.py"
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")]),
