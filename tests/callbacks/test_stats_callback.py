@@ -7,21 +7,14 @@ import pytest
 import torch
 from stats_ddp_script import Sources
 from torch import nn
+from trained import quiet_trainer
 
 from lightning_merge.callbacks.statistics import MergeStatistics
 from lightning_merge.stats.collect import collect_statistics
 
 
 def trainer_with(callback: MergeStatistics) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        callbacks=[callback],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    return quiet_trainer(callbacks=[callback])
 
 
 def test_validate_fills_statistics_equal_to_the_pass() -> None:
