@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from lightning_merge.dataflow import Ranks, all_reduce_sum_, local_batches, model_device
+from lightning_merge.dataflow import Ranks, all_reduce_sum_, check_max_batches, local_batches, model_device
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.transform import SpaceTransform
 from lightning_merge.stats.patch_gram import input_gram, normal_sums, shifted_sums_apply, unfolded_rows
@@ -363,8 +363,7 @@ def least_squares_refit(
     previous layer (see :class:`_Stepper`)."""
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+    check_max_batches(max_batches)
     device = model_device(merged)
     batches = local_batches(data, device, ranks, max_batches=max_batches, what="least squares")
     modes = [merged.training] + [s.training for s in sources]

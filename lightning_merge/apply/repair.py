@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from lightning_merge.apply.least_squares import forward_order, layer_runner
-from lightning_merge.dataflow import Ranks, all_reduce_sum_, local_batches, model_device
+from lightning_merge.dataflow import Ranks, all_reduce_sum_, check_max_batches, local_batches, model_device
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.transform import SpaceTransform
 
@@ -178,8 +178,7 @@ def repair_rescale(
     Returns ``merged``; a model with no such point (every merge point normalised) is unchanged."""
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+    check_max_batches(max_batches)
     points = repair_points(merged, graph)
     if not points:
         return merged
