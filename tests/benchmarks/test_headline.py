@@ -110,3 +110,21 @@ def test_the_headline_rule_is_chosen_and_the_other_rule_is_reported(mt: ModuleTy
     assert "Under per-head softmax, of its treated ensemble: ≤ 1×: average 100.3%" in text
     with pytest.raises(ValueError, match="scoring must be one of"):
         mt.headline(rows, 2, "softmax")
+
+
+def test_frontier_points_and_step_line(mt: ModuleType, tmp_path: Path) -> None:
+    frontier = importlib.import_module("frontier")
+    merges = {"pleas w=1.75": (85.0, 3.06), "zipit partial@0.3": (78.0, 1.6), "zipit": (70.0, 1.0)}
+    merges |= {"average": (50.0, 1.0), "zipit w=1.5": (64.0, 2.25)}
+    rows = table(mt, merges) + [row(mt, "0:1", "pleas w=1.5", 99.0, 2.2)]  # one group only: left out
+    pts = {p.label: p for p in frontier.points(rows, 2)}
+    assert "pleas w=1.5" not in pts and pts["zipit"].std == 0.0
+    kinds = {label: p.kind for label, p in pts.items()}
+    assert kinds["model A"] == "source" and kinds["ensemble (reset)"] == "treated ensemble"
+    assert kinds["ensemble"] == "ensemble" and kinds["zipit w=1.5"] == "merge"
+    merged = [p for p in pts.values() if p.kind == "merge"]
+    assert frontier.frontier(merged) == [(1.0, 70.0), (1.6, 78.0), (3.06, 85.0)]  # zipit w=1.5 is dominated
+    data = {"rows": rows, "tasks": TASKS}
+    png = frontier.plot_family([("T", data), ("empty", {"rows": [], "tasks": TASKS})], tmp_path / "f.png")
+    assert png == tmp_path / "f.png" and png.read_bytes()[:4] == b"\x89PNG"
+    assert frontier.plot_family([("empty", {"rows": [], "tasks": TASKS})], tmp_path / "g.png") is None
