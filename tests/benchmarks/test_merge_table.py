@@ -15,6 +15,7 @@ import pytest
 
 from lightning_merge.data import MergeDataModule, TaskSplitDataModule
 from lightning_merge.methods import AverageMerge, MaTS, PermuteMerge, ZipItMerge
+from lightning_merge.models import PlateauRule
 from lightning_merge.models.default_pair import DEFAULT_PAIR, SourceSpec, checkpoint_of
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -363,3 +364,54 @@ def test_the_second_rule_is_scored_like_the_module_scores_the_first(mt: ModuleTy
     assert again == pytest.approx(module.results, abs=1e-12)
     phs = mt.rule_scores(module, data, "per_head_softmax", references=False)
     assert set(phs) == {"merged/phs_joint_acc", "merged/phs_task0_acc", "merged/phs_task1_acc"}
+
+
+def test_converged_sources_flags_specs_and_stems(mt: ModuleType, capsys: pytest.CaptureFixture) -> None:
+    args = mt.parse_args(["--converged"])
+    assert args.training == mt.SourceTraining(30, PlateauRule(min_epochs=20))
+    assert args.training.suffix == "_converged" and mt.parse_args([]).training == mt.SourceTraining(1)
+    assert mt.parse_args(["--plateau", "--max-epochs", "12"]).training.plateau.min_epochs == 8
+    assert mt.parse_args(["--max-epochs", "5"]).training.suffix == "_e5"
+    assert mt.parse_args(["--converged", "--min-epochs", "4"]).training.plateau.min_epochs == 4
+    for argv, message in [
+        (["--min-epochs", "4"], "--min-epochs is the plateau rule's"),
+        (["--plateau", "--max-epochs", "5", "--min-epochs", "9"], "min_epochs 9 exceeds max_epochs 5"),
+        (["--max-epochs", "0"], "max_epochs must be >= 1"),
+    ]:
+        with pytest.raises(SystemExit):
+            mt.parse_args(argv)
+        assert message in capsys.readouterr().err, argv
+    specs = mt.group_specs((0, 1), mt.SPLITS[2], "resnet20", 1, training=args.training)
+    assert all(s.max_epochs == 30 and s.plateau == PlateauRule(min_epochs=20) for s in specs)
+    # converged sources have their own cache keys: never the one-epoch checkpoints
+    assert {checkpoint_of(s) for s in specs}.isdisjoint(checkpoint_of(s) for s in DEFAULT_PAIR)
+
+
+def test_results_carry_the_sources_curves_and_refuse_other_training(
+    mt: ModuleType, source_pair: Callable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pair = source_pair("mlp", width=0.25)
+    monkeypatch.setattr(mt, "group_sources", lambda *a, **k: pair)  # no training
+    cache = tmp_path / "cache"
+    training = mt.SourceTraining(4, PlateauRule(min_epochs=2))
+    for spec in mt.group_specs((0, 1), mt.SPLITS[2], "mlp", 0.25, training=training):
+        path = checkpoint_of(spec, cache)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"epochs": 3, "val_acc_curve": [0.9, 0.95, 0.951], "final_val_acc": 0.951}
+        path.with_suffix(".json").write_text(json.dumps(record | {"plateau_met": True, "other": 1}))
+    argv = ["--arch", "mlp", "--width", "0.25", "--rows", "average", "--out-dir", str(tmp_path)]
+    argv += ["--stats-dir", str(tmp_path), "--calibration-size", "256", "--cache-dir", str(cache)]
+    mt.main([*argv, "--plateau", "--max-epochs", "4", "--min-epochs", "2"])
+    stem = tmp_path / "merge_table_mlpx0.25_split2_converged"
+    data = json.loads(stem.with_name(stem.name + ".json").read_text())
+    assert data["source_training"] == {"max_epochs": 4, "plateau": training.plateau.as_dict()}
+    (a, b) = data["sources"]["0:1"]
+    assert a["val_acc_curve"] == [0.9, 0.95, 0.951] and a["epochs"] == 3 and "other" not in a
+    assert a["checkpoint"].startswith("mlp_w0.25_c0-1-2-3-4_s0_") and b["checkpoint"].startswith(
+        "mlp_w0.25_c5"
+    )
+    md = stem.with_name(stem.name + ".md").read_text()
+    assert "- seeds 0:1: 3 ep, val 95.10%, plateau met; 3 ep, val 95.10%, plateau met" in md
+    assert "Sources trained until validation accuracy gained < 0.3 points" in md
+    with pytest.raises(SystemExit, match="trained with"):  # same stem, other rule: not mixed in
+        mt.main([*argv, "--plateau", "--max-epochs", "4", "--min-epochs", "3"])
