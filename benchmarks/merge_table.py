@@ -362,17 +362,7 @@ def evaluate_merge(
         heatmaps=0,
     )
     data = MergeDataModule(datamodule)
-    with quiet_lightning(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=False,
-        )
-        trainer.validate(module, datamodule=data, verbose=False)
+    trainer = validate(module, data)
     results = dict(module.results)
     for scoring in SCORINGS[1:]:
         results |= rule_scores(module, data, scoring, references)
@@ -386,6 +376,23 @@ def evaluate_merge(
     if references:
         rows = reference_rows(module, results, seeds, n, shape, base) + rows
     return rows, module
+
+
+def validate(module: MergeModule, data: MergeDataModule) -> pl.Trainer:
+    """``trainer.validate`` on one CPU device, quietly; the trainer (its callbacks say where the
+    statistics came from)."""
+    with quiet_lightning(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=False,
+        )
+        trainer.validate(module, datamodule=data, verbose=False)
+    return trainer
 
 
 @torch.no_grad()
