@@ -5,7 +5,9 @@
 Trains task [0..4] with seed 0 under ``train_source(plateau=...)`` into a throw-away cache folder (the
 rule's ``min_epochs`` is set to ``--epochs`` so it stops there) and writes
 ``source_epochs_<arch>x<w>.{json,md}``: seconds per epoch (validation included), the validation curve,
-the command and the machine. It estimates what training every benchmark source to a plateau costs.
+the command and the machine (its load average), and the process's CPU seconds per epoch, which do not
+depend on how many other jobs share the CPU. It estimates what training every benchmark source to a
+plateau costs.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
     kwargs = {"width": width, "max_epochs": args.max_epochs, "precision": args.precision, "plateau": rule}
     kwargs |= {"head": "embedding", "lr": 0.1}
     with tempfile.TemporaryDirectory() as cache:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         train_source(args.arch, [0, 1, 2, 3, 4], 0, cache_dir=cache, **kwargs)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         record = source_record(cache_path(cache, source_key(args.arch, [0, 1, 2, 3, 4], 0, **kwargs)))
     row = {
         "arch": f"{args.arch}×{args.width:g}",
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads,
         "epochs": record["epochs"],
         "epoch_seconds": record["epoch_seconds"],
+        # CPU time is what a less loaded machine would take in wall time (the CPU is shared)
+        "epoch_cpu_seconds": cpu / record["epochs"],
         "wall_seconds": wall,
         "val_acc_curve": " ".join(f"{100 * a:.2f}" for a in record["val_acc_curve"]),
     }
