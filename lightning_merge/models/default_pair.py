@@ -17,6 +17,7 @@ from rich.table import Table
 
 from lightning_merge.data.datamodule import DEFAULT_ROOT, TaskSplitDataModule
 from lightning_merge.models.classifier import SourceClassifier
+from lightning_merge.models.plateau import PlateauRule
 from lightning_merge.models.training import cache_path, source_key, task_accuracy, train_source
 
 DEFAULT_CACHE_DIR = "artifacts/sources"
@@ -32,6 +33,8 @@ class SourceSpec:
     width: float = 1
     max_epochs: int = 1
     precision: str | None = None
+    #: train until validation accuracy plateaus (``max_epochs`` is then the cap); None: fixed epochs
+    plateau: PlateauRule | None = None
     model_kwargs: dict = field(default_factory=lambda: {"head": "embedding", "lr": 0.1})
 
 
@@ -52,6 +55,7 @@ def train_spec(
         width=spec.width,
         max_epochs=spec.max_epochs,
         precision=spec.precision,
+        plateau=spec.plateau,
         cache_dir=cache_dir,
         root=root,
         progress_bar=progress_bar,
@@ -68,6 +72,7 @@ def checkpoint_of(spec: SourceSpec, cache_dir: str | Path = DEFAULT_CACHE_DIR) -
         width=spec.width,
         max_epochs=spec.max_epochs,
         precision=spec.precision,
+        plateau=spec.plateau,
         **spec.model_kwargs,
     )
     return cache_path(cache_dir, key)
