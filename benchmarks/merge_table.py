@@ -30,7 +30,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,13 @@ from lightning_merge.methods import (
     method_config,
 )
 from lightning_merge.models import SourceClassifier
-from lightning_merge.models.default_pair import DEFAULT_CACHE_DIR, DEFAULT_PAIR, SourceSpec, train_spec
+from lightning_merge.models.default_pair import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_PAIR,
+    SourceSpec,
+    arch_spec,
+    train_spec,
+)
 from lightning_merge.models.training import quiet_lightning
 from lightning_merge.module import MergeModule
 
@@ -168,21 +173,14 @@ def group_specs(
     width: float,
     precision: str | None = None,
 ) -> list[SourceSpec]:
-    """One spec per task (seed ``seeds[t]``), otherwise ``DEFAULT_PAIR``'s settings (same cache keys).
+    """One spec per task (seed ``seeds[t]``), otherwise ``DEFAULT_PAIR``'s settings (same cache keys), or
+    the architecture's own (``ARCH_TRAINING``: the ViT trains longer, with AdamW).
 
     ``precision`` is the sources' training precision (None: float32, the default pair's)."""
     if len(seeds) != len(tasks):
         raise ValueError(f"seed group {seeds_label(seeds)} has {len(seeds)} seeds for {len(tasks)} tasks")
-    template: SourceSpec = DEFAULT_PAIR[0]
     return [
-        replace(
-            template,
-            classes=tuple(task),
-            seed=seed,
-            arch=arch,
-            width=source_width(width),
-            precision=precision,
-        )
+        arch_spec(tuple(task), seed, arch, source_width(width), precision=precision)
         for task, seed in zip(tasks, seeds, strict=True)
     ]
 
