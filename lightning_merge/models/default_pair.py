@@ -45,11 +45,11 @@ DEFAULT_PAIR: tuple[SourceSpec, ...] = (
 #: CPU core for 25k images).
 ARCH_TRAINING: dict[str, dict] = {
     "vit": {
-        "max_epochs": 5,
+        "max_epochs": 3,
         "model_kwargs": {
             "head": "embedding",
             "optimizer": "adamw",
-            "lr": 1e-3,
+            "lr": 2e-3,
             "weight_decay": 0.05,
             "warmup_fraction": 0.1,
         },
