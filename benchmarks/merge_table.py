@@ -100,8 +100,13 @@ def columns(num_tasks: int) -> list[str]:
     ]
 
 
-def reference_labels(num_tasks: int) -> list[str]:
-    return [f"model {LETTERS[t]}" for t in range(num_tasks)] + ["ensemble"]
+#: the ensemble given the merge's treatment (BatchNorm reset; MergeModule's ``ensemble_reset``)
+TREATED_ENSEMBLE = "ensemble (treated)"
+
+
+def reference_labels(num_tasks: int, treated: bool = False) -> list[str]:
+    """The sources and their ensemble (and, with ``treated``, the equally treated ensemble)."""
+    return [f"model {LETTERS[t]}" for t in range(num_tasks)] + ["ensemble"] + [TREATED_ENSEMBLE] * treated
 
 
 def zip_settings(num_models: int) -> dict[str, float]:
@@ -240,6 +245,7 @@ def evaluate_merge(
     stats_path: str | None = None,
     references: bool = False,
     repair: bool | str = True,
+    treated: bool = False,
 ) -> tuple[list[MetricRow], MergeModule]:
     """One merge run → its table row (and, with ``references``, the source and ensemble rows first).
 
@@ -247,7 +253,7 @@ def evaluate_merge(
     source (a partial zip counts trunk + N tails, the ensemble is N); ``seconds`` is the whole run
     (statistics pass or cache load, merge, test-set evaluation, counts); ``stats`` says whether the
     statistics came from a ``"pass"``, the ``"cache"`` file or ``"none"``. ``repair`` is the
-    ``MergeModule``'s (BatchNorm reset / REPAIR).
+    ``MergeModule``'s (BatchNorm reset / REPAIR); ``treated`` adds the equally treated ensemble's row.
     """
     n = datamodule.num_tasks
     if len(sources) != n:
@@ -283,11 +289,11 @@ def evaluate_merge(
     config = _jsonable(method_config(method))
     rows = [_row(seeds, label, _metrics(module.results, "merged"), n, rel, seconds, stats, config)]
     if references:
-        keys = [f"source{t}" for t in range(n)] + ["ensemble"]
-        refs = [(1.0, 1.0)] * n + [(float(n), float(n))]
+        keys = [f"source{t}" for t in range(n)] + ["ensemble"] + ["ensemble_reset"] * treated
+        refs = [(1.0, 1.0)] * n + [(float(n), float(n))] * (1 + treated)
         rows = [
             _row(seeds, name, _metrics(module.results, key), n, r, 0.0, "none", None)
-            for name, key, r in zip(reference_labels(n), keys, refs, strict=True)
+            for name, key, r in zip(reference_labels(n, treated), keys, refs, strict=True)
         ] + rows
     return rows, module
 
@@ -400,10 +406,11 @@ def run_group(
     store: ResultStore,
     save: Callable[[], None],
     echo: Callable[[str], None] = print,
+    treated: bool = False,
 ) -> None:
     """Every row for one seed group, reusing the stored ones; sources and ensemble scored once."""
     group = seeds_label(seeds)
-    refs = reference_labels(datamodule.num_tasks)
+    refs = reference_labels(datamodule.num_tasks, treated)
     loaded: list[Sequence[nn.Module]] = []
     for label, factory in rows:
         try:
@@ -429,6 +436,7 @@ def run_group(
                 seeds=group,
                 stats_path=stats_path(method),
                 references=need_refs,
+                treated=treated,
             )
         except Exception as err:  # a failing method is a result too; the table goes on
             got = [failed_row(group, label, err, _jsonable(config))]
@@ -482,7 +490,7 @@ def missing_groups(rows: Sequence[MetricRow]) -> dict[str, list[str]]:
 def verdict(rows: Sequence[MetricRow], num_tasks: int) -> dict[str, Any]:
     """The best merge (overall, and at one source's size: the widened merges cost more than the
     ensemble) and its fraction of the ensemble's joint accuracy; merges not above averaging."""
-    refs = set(reference_labels(num_tasks))
+    refs = set(reference_labels(num_tasks, treated=True))
     merges = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in refs]
     missing = missing_groups(rows)
     complete = [m for m in merges if not missing.get(m)]  # means over different groups don't compare
@@ -569,12 +577,13 @@ def _precision_note(meta: dict[str, Any]) -> str:
 def summary_markdown(rows: Sequence[MetricRow], meta: dict[str, Any], title: str) -> str:
     """Mean ± std over seed groups of every column, each row's settings, the command and the machine."""
     num_tasks = len(meta["tasks"])
-    refs = reference_labels(num_tasks)
+    refs = reference_labels(num_tasks, treated=True)
     groups = list(dict.fromkeys(r["seeds"] for r in rows))
     tasks = " : ".join(str(list(t)) for t in meta["tasks"])
     lines = [
         f"# {title}",
         "",
+        *([meta["note"], ""] if meta.get("note") else []),
         f"Seed groups (task {tasks}): {', '.join(groups)}; "
         + ("mean ± std over seed groups." if len(groups) > 1 else "one seed group, so no std."),
         "Accuracies in % on the Fashion-MNIST test set (joint: argmax over all 10 classes; task X: "
@@ -644,6 +653,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pleas", action="store_true", help="leave the PLeaS rows out")
     p.add_argument("--rows", nargs="+", default=None, help="only rows whose label equals / contains these")
     p.add_argument("--fresh", action="store_true", help="ignore rows already in the output JSON")
+    p.add_argument(
+        "--note", default=None, help="a sentence printed under the table's title (kept in the JSON)"
+    )
+    p.add_argument(
+        "--treated-ensemble",
+        action="store_true",
+        help="also report the ensemble given the merge's treatment (BatchNorm reset): 'ensemble (treated)'",
+    )
     p.add_argument(
         "--render", action="store_true", help="only rewrite the .csv/.md from the stored JSON (runs nothing)"
     )
@@ -725,9 +742,11 @@ def main(argv: list[str] | None = None) -> list[MetricRow]:
         "zip": zip_settings(args.split),
         "train_precision": args.train_precision or "32-true",
     }
+    if args.note:
+        meta["note"] = args.note
     store = ResultStore(out_dir / name, meta, fresh=args.fresh)
     every = method_rows(args.split, args.stops, args.pleas_widths)
-    order = reference_labels(args.split) + [label for label, _ in every]
+    order = reference_labels(args.split, args.treated_ensemble) + [label for label, _ in every]
     title = table_title(args.arch, args.width, args.split)
     start = time.perf_counter()
     for seeds in args.seeds:
@@ -741,6 +760,7 @@ def main(argv: list[str] | None = None) -> list[MetricRow]:
             lambda m, s=seeds: stats_file(stats_dir, name, s, m, args.calibration_size),
             store,
             lambda: store.save(order, title, args.split),
+            treated=args.treated_ensemble,
         )
     store.save(order, title, args.split)
     print(f"wrote {out_dir / name}.{{csv,json,md}} in {time.perf_counter() - start:.0f} s")
