@@ -143,15 +143,22 @@ def method_rows(
     return rows
 
 
+def _row_matches(pattern: str, label: str) -> bool:
+    """``=label`` matches that label only; any other pattern matches a label equal to or containing it."""
+    if pattern.startswith("="):
+        return label == pattern[1:]
+    return pattern == label or pattern in label
+
+
 def select_rows(rows: Sequence[MethodRow], patterns: Sequence[str] | None) -> list[MethodRow]:
-    """Rows whose label equals, or contains, one of ``patterns`` (None: all); unmatched patterns raise."""
+    """Rows whose label matches one of ``patterns`` (None: all); unmatched patterns raise."""
     if not patterns:
         return list(rows)
     labels = [label for label, _ in rows]
-    unknown = [p for p in patterns if not any(p == x or p in x for x in labels)]
+    unknown = [p for p in patterns if not any(_row_matches(p, x) for x in labels)]
     if unknown:
         raise ValueError(f"--rows {unknown} match no row; the rows are {labels}")
-    return [r for r in rows if any(p == r[0] or p in r[0] for p in patterns)]
+    return [r for r in rows if any(_row_matches(p, r[0]) for p in patterns)]
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -651,7 +658,12 @@ def parser() -> argparse.ArgumentParser:
         "--pleas-widths", type=float, nargs="+", default=[1.25, 1.5, 1.75], help="PLeaS merged widths"
     )
     p.add_argument("--no-pleas", action="store_true", help="leave the PLeaS rows out")
-    p.add_argument("--rows", nargs="+", default=None, help="only rows whose label equals / contains these")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        help="only rows whose label equals / contains these (=LABEL: that label only)",
+    )
     p.add_argument("--fresh", action="store_true", help="ignore rows already in the output JSON")
     p.add_argument(
         "--note", default=None, help="a sentence printed under the table's title (kept in the JSON)"

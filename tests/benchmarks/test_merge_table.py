@@ -331,3 +331,12 @@ def test_render_rewrites_the_summary_from_the_json_alone(mt: ModuleType, tmp_pat
     assert text.startswith("# Merging resnet20×1 on Fashion-MNIST, 2 tasks") and "| zipit | 50.00 |" in text
     with pytest.raises(FileNotFoundError, match="merge_table_resnet20x4_split2.json"):
         mt.main(["--render", "--out-dir", str(tmp_path), "--width", "4"])
+
+
+def test_rows_with_equals_sign_match_one_label_and_treated_ensemble_is_a_reference(mt: ModuleType) -> None:
+    args = mt.parse_args(
+        ["--rows", "=zipit", "=permute", "pleas", "--pleas-widths", "1", "--treated-ensemble"]
+    )
+    assert [x for x, _ in args.method_rows] == ["permute", "zipit", "pleas w=1"]
+    assert args.treated_ensemble and mt.reference_labels(2, treated=True)[-1] == mt.TREATED_ENSEMBLE
+    assert mt.reference_labels(2) == ["model A", "model B", "ensemble"]
