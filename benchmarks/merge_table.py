@@ -255,7 +255,6 @@ def evaluate_merge(
     treated: bool = False,
 ) -> tuple[list[MetricRow], MergeModule]:
     """One merge run → its table row (and, with ``references``, the source and ensemble rows first).
-
     Relative parameters and FLOPs (nonzero weights only, :mod:`lightning_merge.cost`) are against one
     source (a partial zip counts trunk + N tails, the ensemble is N); ``seconds`` is the whole run
     (statistics pass or cache load, merge, test-set evaluation, counts); ``stats`` says whether the
