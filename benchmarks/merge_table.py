@@ -30,7 +30,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ from lightning_merge.models.default_pair import (
     DEFAULT_CACHE_DIR,
     DEFAULT_PAIR,
     SourceSpec,
+    arch_spec,
     checkpoint_of,
     train_spec,
 )
@@ -197,15 +198,22 @@ def method_rows(
     return rows
 
 
+def _row_matches(pattern: str, label: str) -> bool:
+    """``=label`` matches that label only; any other pattern matches a label equal to or containing it."""
+    if pattern.startswith("="):
+        return label == pattern[1:]
+    return pattern == label or pattern in label
+
+
 def select_rows(rows: Sequence[MethodRow], patterns: Sequence[str] | None) -> list[MethodRow]:
-    """Rows whose label equals, or contains, one of ``patterns`` (None: all); unmatched patterns raise."""
+    """Rows whose label matches one of ``patterns`` (None: all); unmatched patterns raise."""
     if not patterns:
         return list(rows)
     labels = [label for label, _ in rows]
-    unknown = [p for p in patterns if not any(p == x or p in x for x in labels)]
+    unknown = [p for p in patterns if not any(_row_matches(p, x) for x in labels)]
     if unknown:
         raise ValueError(f"--rows {unknown} match no row; the rows are {labels}")
-    return [r for r in rows if any(p == r[0] or p in r[0] for p in patterns)]
+    return [r for r in rows if any(_row_matches(p, r[0]) for p in patterns)]
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -233,24 +241,16 @@ def group_specs(
     precision: str | None = None,
     training: SourceTraining | None = None,
 ) -> list[SourceSpec]:
-    """One spec per task (seed ``seeds[t]``), otherwise ``DEFAULT_PAIR``'s settings (same cache keys).
+    """One spec per task (seed ``seeds[t]``), otherwise ``DEFAULT_PAIR``'s settings (same cache keys), or
+    the architecture's own (``ARCH_TRAINING``: the ViT trains longer, with AdamW).
 
     ``precision`` is the sources' training precision (None: float32, the default pair's); ``training``
     their epochs and plateau rule (None: the default pair's single epoch)."""
     if len(seeds) != len(tasks):
         raise ValueError(f"seed group {seeds_label(seeds)} has {len(seeds)} seeds for {len(tasks)} tasks")
-    template: SourceSpec = DEFAULT_PAIR[0]
     epochs = {} if training is None else {"max_epochs": training.max_epochs, "plateau": training.plateau}
     return [
-        replace(
-            template,
-            classes=tuple(task),
-            seed=seed,
-            arch=arch,
-            width=source_width(width),
-            precision=precision,
-            **epochs,
-        )
+        arch_spec(tuple(task), seed, arch, source_width(width), precision=precision, **epochs)
         for task, seed in zip(tasks, seeds, strict=True)
     ]
 
@@ -874,7 +874,8 @@ def summary_markdown(rows: Sequence[MetricRow], meta: dict[str, Any], title: str
     num_tasks = len(meta["tasks"])
     refs = reference_labels(num_tasks)
     groups = list(dict.fromkeys(r["seeds"] for r in rows))
-    lines = [f"# {title}", "", *_intro(meta, groups), ""]
+    note = [meta["note"], ""] if meta.get("note") else []
+    lines = [f"# {title}", "", *note, *_intro(meta, groups), ""]
     lines += [
         "| method | joint | " + " | ".join(f"task {LETTERS[t]}" for t in range(num_tasks)) + " | avg | "
         "phs joint | rel. params | rel. FLOPs | s / run |",
@@ -924,7 +925,15 @@ def parser() -> argparse.ArgumentParser:
         "--pleas-widths", type=float, nargs="+", default=[1.25, 1.5, 1.75], help="PLeaS merged widths"
     )
     p.add_argument("--no-pleas", action="store_true", help="leave the PLeaS rows out")
-    p.add_argument("--rows", nargs="+", default=None, help="only rows whose label equals / contains these")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        help="only rows whose label equals / contains these (=LABEL: that label only)",
+    )
+    p.add_argument(
+        "--note", default=None, help="a sentence printed under the table's title (kept in the JSON)"
+    )
     p.add_argument("--fresh", action="store_true", help="ignore rows already in the output JSON")
     p.add_argument(
         "--render", action="store_true", help="only rewrite the .csv/.md from the stored JSON (runs nothing)"
@@ -1028,6 +1037,7 @@ def table_meta(args: argparse.Namespace, argv: list[str] | None) -> dict[str, An
         "train_precision": args.train_precision or "32-true",
         "source_training": args.training.as_dict(),
         "headline_scoring": HEADLINE_SCORING,
+        **({"note": args.note} if args.note else {}),
     }
 
 

@@ -415,3 +415,10 @@ def test_results_carry_the_sources_curves_and_refuse_other_training(
     assert "Sources trained until validation accuracy gained < 0.3 points" in md
     with pytest.raises(SystemExit, match="trained with"):  # same stem, other rule: not mixed in
         mt.main([*argv, "--plateau", "--max-epochs", "4", "--min-epochs", "3"])
+
+
+def test_rows_with_equals_sign_match_one_label(mt: ModuleType) -> None:
+    args = mt.parse_args(["--rows", "=zipit", "=permute", "pleas", "--pleas-widths", "1"])
+    assert [x for x, _ in args.method_rows] == ["permute", "zipit", "pleas w=1"]
+    with pytest.raises(ValueError, match=r"--rows \['=zip'\] match no row"):
+        mt.select_rows(mt.method_rows(2), ["=zip"])
