@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/report.py [--results-dir benchmarks/results] [--out BENCHMARKS.md]
 
 Reads the merge tables (``merge_table_*.{json,md}``), the sweeps (``sweep_*.{json,md,png}``), the
-REPAIR comparison (``repair*.md``) and the performance notes other scripts leave there (``perf*.md``,
-``matchers*.md``, ``stats_pass*.md``, ``patch_gram*.md``).
+MNIST + Fashion-MNIST table (``multi_dataset*.md``), the REPAIR comparison (``repair*.md``) and the
+performance notes other scripts leave there (``perf*.md``, ``matchers*.md``, ``stats_pass*.md``,
+``patch_gram*.md``).
 The intro lists, per table, the command that regenerates it (from its JSON), the machine, the best
 merge as a fraction of the ensemble's joint accuracy and which merges beat weight averaging (on joint
 accuracy and on the per-task average).
@@ -61,7 +62,7 @@ SWEEPS: tuple[tuple[str, str, str], ...] = (
     ),
 )
 #: Other scripts' notes, included in this order (files of one prefix sorted by name).
-EXTRA_PREFIXES = ("repair", "perf", "matchers", "stats_pass", "patch_gram")
+EXTRA_PREFIXES = ("multi_dataset", "repair", "perf", "matchers", "stats_pass", "patch_gram")
 
 
 def demote(markdown: str, levels: int = 2) -> str:
