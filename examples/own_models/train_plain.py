@@ -3,7 +3,6 @@
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
-
 from my_project.data import FashionTaskData
 from my_project.models import UserNet
 
