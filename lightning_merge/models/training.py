@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_merge.data.datamodule import DEFAULT_ROOT, TaskSplitDataModule
+from lightning_merge.data.datamodule import TaskSplitDataModule
 from lightning_merge.dataflow import model_device
 from lightning_merge.models.classifier import SourceClassifier
 from lightning_merge.models.plateau import PlateauRule, PlateauStopping
@@ -131,7 +131,7 @@ def train_source(
     limit_train_batches: int | float | None = None,
     init_state_dict: Mapping[str, torch.Tensor] | None = None,
     cache_dir: str | Path | None = None,
-    root: str = DEFAULT_ROOT,
+    root: str | None = None,
     dataset: str = "fashion_mnist",
     batch_size: int = 128,
     progress_bar: bool = False,
