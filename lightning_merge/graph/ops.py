@@ -13,7 +13,8 @@ add/sub/mul/div/pow/maximum/minimum/+=  tensor ∘ tensor joins both spaces (bro
 cat / concat (channel axis)             spaces become segments at offsets
 cat / stack (other axis)                joins the operands' spaces
 view/reshape/flatten/unflatten/         channel axis followed through the shapes; flatten of (C, H, W)
-squeeze/unsqueeze, nn.Flatten           gives ``inner = H*W``; channel-last flatten: error
+squeeze/unsqueeze, nn.Flatten           gives ``inner = H*W``; splitting the channel axis (channel
+                                        shuffle) or a channel-last flatten fixes its spaces
 permute/transpose/t/movedim/swapaxes    the channel axis moves
 getitem                                 tuple items; slicing/indexing other axes; indexing or
                                         partially slicing the channel axis fixes the space
@@ -173,10 +174,11 @@ def reshape(op: Op) -> Any:
         return _param_reshape(x, s_in, s_out)
     out = reshape_layout(x, s_in, s_out)
     if out is None:
-        raise op.fail(
-            f"reshape {s_in} -> {s_out} splits or interleaves the channel axis {x.dim} "
-            f"({x.features} features × inner {x.inner})"
-        )
+        # The channel axis is split (ShuffleNet's channel shuffle views C as (groups, C/groups) and
+        # transposes) or flattened behind another axis: feature f lands at strided or interleaved
+        # positions no space can describe. Its spaces stay fixed (never permuted): exact, unaligned.
+        op.state.fix(x)
+        return Layout.fixed(len(s_out))
     return out
 
 
