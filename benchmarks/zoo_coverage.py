@@ -162,7 +162,8 @@ def run_arch(arch: str, methods: list[str], images: int) -> dict[str, Any]:
         row["input"] = f"{images}×3×{size}×{size}"
         row["methods"], info = twin_recovery(model, x, methods, batch=BATCH)
         row.update(info)
-        row["status"] = "ok" if all(v == "ok" for v in row["methods"].values()) else "failed"
+        recheck_float64(arch, x, row["methods"])
+        row["status"] = row_status(row["methods"])
     except (GraphError, AssertionError) as e:  # refused up front (named op) or graph check failed
         row["status"] = "refused"
         row["error"] = f"{type(e).__name__}: {str(e).split('. Give the groups')[0][:220]}"
@@ -171,6 +172,30 @@ def run_arch(arch: str, methods: list[str], images: int) -> dict[str, Any]:
         row["error"] = f"{type(e).__name__}: {str(e)[:220]}"
     row["total_s"] = round(time.perf_counter() - t, 1)
     return row
+
+
+def recheck_float64(arch: str, x: torch.Tensor, results: dict[str, str]) -> None:
+    """Methods over the tolerance run again with the model, data and statistics in float64.
+
+    A wrong merge (a swapped feature, a wrong axis) stays wrong in float64 (squeezenet1_1 at 32 px:
+    4e-4 in both); an error that vanishes there is float32 rounding that a solve amplified, and the
+    cell says so with both numbers instead of hiding either."""
+    failed = [m for m, v in results.items() if v.startswith("error ")]
+    if not failed:
+        return
+    model, _ = build(arch)
+    again, _ = twin_recovery(model.double(), x.double(), failed, batch=BATCH)
+    for m in failed:
+        f32 = results[m].removeprefix("error ")
+        ok64 = again[m] == "ok"
+        results[m] = f"ok in float64 (float32 {f32})" if ok64 else f"{results[m]} (float64: {again[m]})"
+
+
+def row_status(results: dict[str, str]) -> str:
+    """ok: every method within tolerance in float32; ok (float64): some only in float64."""
+    if all(v == "ok" for v in results.values()):
+        return "ok"
+    return "ok (float64)" if all(v.startswith("ok") for v in results.values()) else "failed"
 
 
 def run_isolated(arch: str, methods: list[str], images: int, timeout: float) -> dict[str, Any]:
@@ -222,13 +247,15 @@ def summary(rows: dict[str, dict], all_archs: list[str]) -> list[str]:
         status = rows.get(arch, {}).get("status", "not run")
         counts[status] = counts.get(status, 0) + 1
     n = len(all_archs)
-    per_method = [
-        f"{m} {sum(rows.get(a, {}).get('methods', {}).get(m) == 'ok' for a in all_archs)}/{n}"
-        for m in METHODS
-    ]
+    cells = {m: [rows.get(a, {}).get("methods", {}).get(m, "") for a in all_archs] for m in METHODS}
+    strict = [f"{m} {sum(c == 'ok' for c in cells[m])}/{n}" for m in METHODS]
+    loose = [f"{m} {sum(c.startswith('ok') for c in cells[m])}/{n}" for m in METHODS]
     return [
         f"Architectures: {n}; " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
-        f"ok per method: {', '.join(per_method)}",
+        "",
+        f"ok in float32 per method: {', '.join(strict)}",
+        "",
+        f"ok in float32, or in float64 where float32 missed the tolerance: {', '.join(loose)}",
     ]
 
 
