@@ -19,8 +19,10 @@ Each architecture runs in its own subprocess (memory is returned, a time limit a
 merged into the existing JSON, architectures already there are skipped unless ``--rerun``, and the
 table is rewritten after each one. Models over ``--max-params`` get a "skipped (size)" row:
 
-    OMP_NUM_THREADS=1 python benchmarks/zoo_coverage.py --all --max-params 30
-    OMP_NUM_THREADS=1 python benchmarks/zoo_coverage.py --only resnet18 mobilenet_v2 --rerun
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/zoo_coverage.py --all --max-params 30
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/zoo_coverage.py --only resnet18 mobilenet_v2 --rerun
+
+(``PYTHONPATH=.``: this checkout's package, also where the venv has another one installed editable.)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -41,6 +44,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_merge
 from lightning_merge.apply.twin import check_equivalence
 from lightning_merge.graph import (
     GraphError,
@@ -67,7 +71,9 @@ SIZE = 64
 SIZES = {"inception_v3": 80, "maxvit_t": 224}
 #: images in the calibration set, read in batches of BATCH
 IMAGES, BATCH = 16, 4
-COMMAND = "OMP_NUM_THREADS=1 python benchmarks/zoo_coverage.py --all --max-params 30 --timeout 600"
+COMMAND = (
+    "PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/zoo_coverage.py --all --max-params 30 --timeout 600"
+)
 
 
 def _method(name: str) -> Any:
@@ -201,9 +207,12 @@ def row_status(results: dict[str, str]) -> str:
 def run_isolated(arch: str, methods: list[str], images: int, timeout: float) -> dict[str, Any]:
     """``run_arch`` in a subprocess: its memory goes back after each model and a time limit applies."""
     cmd = [sys.executable, __file__, "--worker", arch, "--images", str(images), "--methods", *methods]
+    # the worker imports the package this process imported (a checkout, not an editable install's)
+    path = [str(Path(lightning_merge.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
     t = time.perf_counter()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env)
     except subprocess.TimeoutExpired:
         return {
             "arch": arch,
@@ -326,6 +335,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> N
             rows[arch] = run_isolated(arch, args.methods, args.images, args.timeout)
         log(f"{arch}: {rows[arch]['status']} {rows[arch].get('methods', rows[arch].get('error'))}")
         write(rows)
+    write(rows)  # no architecture given: the table is redrawn from the JSON
 
 
 if __name__ == "__main__":
