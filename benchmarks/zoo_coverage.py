@@ -268,6 +268,16 @@ def summary(rows: dict[str, dict], all_archs: list[str]) -> list[str]:
     ]
 
 
+NOTES = [
+    "Cells: `ok`; `error e` (relative output error e, the same in float64 when noted); `ok in float64 "
+    "(float32 e)`: over the tolerance in float32 only, exact once model, data and statistics are "
+    "float64 (rounding a solve amplified, not a wrong merge); an exception's type and text. Rows: "
+    "`refused` (the tracer or the graph check named the op and node), `crashed`, `timeout`, "
+    "`skipped (size)` (over `--max-params`), `not run` (not reached: architectures run smallest "
+    "first and a run can be cut short).",
+]
+
+
 def render(rows: dict[str, dict], all_archs: list[str], meta: dict) -> str:
     head = ["arch", "params (M)", "input", *METHODS, "time (s)"]
     lines = [
@@ -276,6 +286,8 @@ def render(rows: dict[str, dict], all_archs: list[str], meta: dict) -> str:
         f"Regenerate (resumes; `--rerun` to redo rows): `{meta['command']}`",
         f"Machine: {meta['machine']}. Input: {meta['input']}.",
         f"ok = relative output error < {meta['tolerance']:g}.",
+        "",
+        *NOTES,
         "",
         *summary(rows, all_archs),
         "",
