@@ -56,6 +56,12 @@ TABLES: tuple[tuple[str, str, str], ...] = (
         f"{TABLE_CMD} --arch resnet20 --width 1 --split 3 --seeds 0:1:2 3:4:5 6:7:8",
     ),
     (
+        "ViT (patch 7, 4×128), 2 models (5+5 classes)",
+        "merge_table_vitx1_split2",
+        f"{TABLE_CMD} --arch vit --width 1 --split 2 --seeds 0:1 --pleas-widths 1 --rows average =permute =zipit"
+        " =mudsc pleas",
+    ),
+    (
         "ResNet-20×1, 2 models (5+5 classes), converged sources",
         "merge_table_resnet20x1_split2_converged",
         f"{TABLE_CMD} --arch resnet20 --width 1 --split 2 --seeds 0:1 2:3 4:5 --converged",
