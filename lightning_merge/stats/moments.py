@@ -14,7 +14,6 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -66,11 +65,6 @@ class SpaceMoments(Metric):
         """
         self.count += features.shape[1]
         self.total += features.sum(1, dtype=_F64) if column_sum is None else column_sum
-        if features.device.type == "cpu" and features.dtype == _F64:
-            z = features.numpy()
-            with np.errstate(all="ignore"):  # non-finite features are reported after the batch
-                self.outer += torch.from_numpy(z @ z.T)  # NumPy: one BLAS syrk (see _CHUNK_BYTES)
-            return
         bounds = _block_bounds(features.shape[0])
         for i, (a, b) in enumerate(bounds):
             for c, d in bounds[i:]:
@@ -93,24 +87,6 @@ class SpaceMoments(Metric):
     def compute(self) -> FeatureMoments:
         self.symmetrize()
         return FeatureMoments(self.count, self.total, self.outer, self.num_models)
-
-
-# On CPU the batch is accumulated in chunks of samples whose float64 block stays in cache (about this
-# many bytes), in one reused workspace: a fresh (N·n × samples) float64 block per tap (51 MB for
-# ResNet-20×1's first stage) cost more in page faults than its product. Each chunk's ``Z Zᵀ`` goes
-# through NumPy, whose ``a @ a.T`` is one BLAS syrk (half the flops of a GEMM); on this project's CPU
-# it ran about twice as fast as torch's float64 addmm. Everything stays float64; only the order of
-# the additions changes (chunk partial sums, BLAS order), so results move by ~1e-16 relative.
-_CHUNK_BYTES = 2 << 20
-_CHUNK_MIN_COLUMNS = 8  # per feature: keeps the per-chunk (dim × dim) addition small next to syrk
-
-
-def _chunk_length(dim: int, per_index: int, length: int, device: torch.device) -> int:
-    """Indices of the first sample axis per chunk (all of them off the CPU)."""
-    if device.type != "cpu":
-        return length
-    columns = max(_CHUNK_BYTES // (8 * dim), _CHUNK_MIN_COLUMNS * dim)
-    return max(1, min(length, columns // max(per_index, 1)))
 
 
 def _block_bounds(dim: int) -> list[tuple[int, int]]:
@@ -224,7 +200,7 @@ class FeatureMomentsCollector(StatisticCollector):
         self._stash: list[list[list[Any]]] = []  # [tap][model] -> (input, its _version) this batch
         self._calls: list[int] = []  # calls of the last model per tap this batch
         self._sums: list[tuple[Tap, str, Tensor]] = []  # column sums, for the finiteness check
-        self._ws: Tensor | None = None  # reused chunk workspace (see _CHUNK_BYTES)
+        self._ws: Tensor | None = None  # reused per-tap block (see _accumulate_space)
 
     def memory_bytes(self, num_models: int) -> int:
         return moments_memory_bytes(self.graph, num_models)
@@ -359,25 +335,24 @@ class FeatureMomentsCollector(StatisticCollector):
             self._sums.append((tap, seg.space, column_sum))
 
     def _accumulate_space(self, metric: SpaceMoments, parts: list[Tensor]) -> Tensor:
-        """Write the N models' (n, *samples) features side by side, chunk by chunk along the first
-        sample axis, into the reused workspace and add each chunk; returns the batch's column sum."""
+        """Write the N models' (n, *samples) features side by side into the reused workspace and add
+        them; returns the batch's column sum.
+
+        The workspace is allocated once per pass (the largest tap's block): a fresh (N·n × samples)
+        float64 block per tap (51 MB at ResNet-20×1's first stage) was mapped and zero-filled by the
+        kernel every time, which cost more than its product. The additions are the same as with a
+        fresh block, so the moments are bitwise unchanged. (Cache-sized chunks of samples were faster
+        per tap at one thread, but with 2 threads on the loaded 2-core machine their many small
+        parallel ops made the pass slower; NumPy's syrk likewise: see stats_pass_profile.md.)
+        """
         n, dim = parts[0].shape[0], parts[0].shape[0] * len(parts)
         sample_shape = parts[0].shape[1:]
-        if not sample_shape:
-            raise ValueError(f"a tapped input has no sample axis (shape {tuple(parts[0].shape)})")
-        rest = sample_shape[1:].numel()
-        step = _chunk_length(dim, rest, sample_shape[0], parts[0].device)
-        block_all = self._workspace(dim * step * rest, parts[0].device).view(dim, step, *sample_shape[1:])
-        column_sum = torch.zeros(dim, dtype=_F64, device=parts[0].device)
-        for start in range(0, sample_shape[0], step):
-            stop = min(start + step, sample_shape[0])
-            block = block_all[:, : stop - start]
-            for j, f in enumerate(parts):
-                block[j * n : (j + 1) * n].copy_(f[:, start:stop])
-            columns = block.reshape(dim, -1)  # a view: the chunk's columns are contiguous per row
-            chunk_sum = columns.sum(1, dtype=_F64)
-            metric.update(columns, chunk_sum)
-            column_sum += chunk_sum
+        block = self._workspace(dim * sample_shape.numel(), parts[0].device).view(dim, *sample_shape)
+        for j, f in enumerate(parts):
+            block[j * n : (j + 1) * n].copy_(f)
+        columns = block.view(dim, -1)
+        column_sum = columns.sum(1, dtype=_F64)
+        metric.update(columns, column_sum)
         return column_sum
 
     def _workspace(self, numel: int, device: torch.device) -> Tensor:
