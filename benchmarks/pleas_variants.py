@@ -104,18 +104,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.rows and label not in args.rows:
             continue
         row = run(factory(), list(sources), tasks, mnist if calib == "mnist" else None)
-        row |= {"method": label, "calibration": calib}
-        print(row, flush=True)
-        rows.append(row)
-    write_results(
-        args.out,
-        f"pleas_variants_{args.arch}x{args.width:g}",
-        title=f"PLeaS variants, {args.arch}×{args.width:g}, Fashion-MNIST 5+5 (quick_pair sources)",
-        columns=COLUMNS,
-        rows=rows,
-        command=command_line(__file__, argv),
-        machine=machine_description("cpu"),
-    )
+        rows.append(row | {"method": label, "calibration": calib})
+        print(rows[-1], flush=True)
+        write_results(  # after every row: a long CPU run that is stopped keeps what it measured
+            args.out,
+            f"pleas_variants_{args.arch}x{args.width:g}",
+            title=f"PLeaS variants, {args.arch}×{args.width:g}, Fashion-MNIST 5+5 (quick_pair sources)",
+            columns=COLUMNS,
+            rows=rows,
+            command=command_line(__file__, argv),
+            machine=machine_description("cpu"),
+        )
 
 
 if __name__ == "__main__":
