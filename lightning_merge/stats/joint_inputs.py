@@ -11,6 +11,10 @@ y_i = W_i x_i + b_i) has its normal equations in these sums, so the merge needs 
 Conv patches: the N inputs are concatenated along channels and passed to
 :func:`~lightning_merge.stats.patch_gram.input_gram` with the source layer's kernel geometry, so a
 stride-1 conv takes the shifted-window products and never materialises patches.
+
+Cost: the (N·d)² products are 2× those of the per-model ``grams`` statistic and dominate the pass.
+Measured (ResNet-20×1, 250 Fashion-MNIST images, 1 thread on a shared 2-core machine at load ~6):
+64 s for this pass against 12 s for the feature moments.
 """
 
 from __future__ import annotations
