@@ -50,7 +50,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "zipit": {"alpha": 0.0, "beta": 0.0},
     "mudsc": {},
     "weight_matching": {},
-    "pleas": {"width": 1.0, "ridge": 1e-8, "objective": "propagated"},  # published objective: not run here
+    "pleas": {"width": 1.0, "ridge": 1e-8},
 }
 #: smallest inputs the architectures accept (default 32×32); ViTs get ``image_size`` set small
 SIZES = {"alexnet": 64, "googlenet": 64, "inception_v3": 80, "maxvit_t": 224}
