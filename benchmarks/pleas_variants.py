@@ -56,6 +56,13 @@ def variants(
 def run(
     method: MergeMethod, sources: list, tasks: TaskSplitDataModule, calib: TaskSplitDataModule | None
 ) -> dict:
+    return run_module(method, sources, tasks, calib)[0]
+
+
+def run_module(
+    method: MergeMethod, sources: list, tasks: TaskSplitDataModule, calib: TaskSplitDataModule | None
+) -> tuple[dict, MergeModule]:
+    """The row of one merge, and the module (its ``merged`` model)."""
     module = MergeModule(
         sources=sources, method=method, evaluate_sources=False, evaluate_ensemble=False, heatmaps=0
     )
@@ -79,7 +86,7 @@ def run(
         "rel_params": cost.get("params"),
         "rel_flops": cost.get("flops"),
         "merge_s": ends[0] - start,
-    }
+    }, module
 
 
 def main(argv: Sequence[str] | None = None) -> None:
