@@ -18,9 +18,11 @@ BatchNorm reset when it wants one); the best value (the first on ties) is kept, 
 result's diagnostics (``lam``, ``lam_scores``). ``MergeModule`` (and so the YAML configs) supplies
 ``score`` when none is given: each candidate gets the merge's BatchNorm reset on the calibration
 data (when ``repair`` is on), then its accuracy on the tasks' *training* split
-(``task_train_dataloader``, the first ``search_batches`` batches of each task; ``None``: all) is
-the score — ``search_criterion="joint"`` (default: accuracy over all classes, the paper's headline)
-or ``"task_avg"`` (mean per-task accuracy); see :func:`lightning_merge.pipeline.merge.search_score`.
+(``task_train_dataloader``, ``search_batches`` batches of each task in a fixed seeded order;
+``None``: all) is the score: ``search_criterion="joint"`` (default: accuracy over all classes, the
+paper's headline) or ``"task_avg"`` (mean per-task accuracy); see
+:func:`lightning_merge.pipeline.merge.search_score`. The paper scores on the whole training set; 20
+batches of 128 per task (the default) keep nine merges affordable.
 Note that λ here weights the activation side; the official ``fix_rate`` weights the weight side, so
 their λ is 1 − ours (the grid is symmetric).
 

@@ -77,9 +77,10 @@ def search_score(
 ) -> Callable[[nn.Module], float]:
     """A hyperparameter search's score of a candidate merge (MuDSC's λ search), as the paper picks λ:
     the candidate gets the merge's BatchNorm reset on ``calibration`` (any true ``repair``), then its
-    accuracy on the tasks' *training* split (``task_data.task_train_dataloader(t)``, the first
-    ``max_batches`` batches per task): ``criterion`` "joint" (over all classes) or "task_avg" (the
-    mean per-task accuracy). Every rank scores the same batches, so every rank picks the same value."""
+    accuracy on the tasks' *training* split (``task_data.task_train_dataloader(t)``, ``max_batches``
+    batches per task in a fixed seeded order, ``None``: all): ``criterion`` "joint" (over all classes)
+    or "task_avg" (the mean per-task accuracy). Every rank scores the same batches, so every rank
+    picks the same value."""
     if criterion not in ("joint", "task_avg"):
         raise ValueError(f"search criterion must be 'joint' or 'task_avg', got {criterion!r}")
     if not hasattr(task_data, "task_train_dataloader"):

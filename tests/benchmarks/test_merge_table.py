@@ -185,7 +185,20 @@ def test_seed_groups_and_split_arguments(mt: ModuleType, capsys: pytest.CaptureF
 def test_default_rows(mt: ModuleType) -> None:
     labels = [x for x, _ in mt.method_rows()]
     assert labels[:4] == ["average", "weight_matching", "permute", "zipit"]
-    assert [x for x in labels if x.startswith("pleas")] == ["pleas w=1.25", "pleas w=1.5", "pleas w=1.75"]
+    assert [x for x in labels if x.startswith("pleas")] == [
+        "pleas w=1",
+        "pleas w=1.25",
+        "pleas w=1.5",
+        "pleas w=1.75",
+        "pleas budget=1.5",
+        "pleas budget=1.75",
+        "pleas w=1.5 propagated",
+        "pleas-free w=1.5",
+    ]
+    assert {"zipit no source reset", "mudsc no source reset", "mudsc λ search"} <= set(labels)
+    rows = dict(mt.method_rows())
+    assert not rows["zipit no source reset"]().reset_sources and rows["zipit"]().reset_sources
+    assert rows["mudsc λ search"]().lam_search and rows["pleas budget=1.75"]().budget == 1.75
     assert labels[-2:] == ["regmean (aligned)", "mats (aligned)"]
     assert not any(x.startswith("pleas") for x, _ in mt.method_rows(pleas_widths=()))
     mats = dict(mt.method_rows())["mats (aligned)"]()
