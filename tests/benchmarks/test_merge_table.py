@@ -167,6 +167,7 @@ def test_seed_groups_and_split_arguments(mt: ModuleType, capsys: pytest.CaptureF
     assert args.seeds == [(0, 1, 2), (3, 4, 5)]
     assert [x for x, _ in args.method_rows] == [
         "zipit",
+        "zipit no source reset",
         "zipit partial@0.3",
         "zipit partial@0.6",
         "zipit w=1.5",
