@@ -249,6 +249,23 @@ def _jsonable(config: dict) -> dict:
     return json.loads(json.dumps(config, default=str))
 
 
+def validate(module: MergeModule, data: MergeDataModule) -> pl.Trainer:
+    """``trainer.validate(module)`` on one CPU process, quietly; the trainer (its callbacks say where
+    the statistics came from)."""
+    with quiet_lightning(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=False,
+        )
+        trainer.validate(module, datamodule=data, verbose=False)
+    return trainer
+
+
 def evaluate_merge(
     label: str,
     method: MergeMethod,
@@ -266,9 +283,8 @@ def evaluate_merge(
     Relative parameters and FLOPs (nonzero weights only, :mod:`lightning_merge.cost`) are against one
     source (a partial zip counts trunk + N tails, the ensemble is N); ``seconds`` is the whole run
     (statistics pass or cache load, merge, test-set evaluation, counts); ``stats`` says whether the
-    statistics came from a ``"pass"``, the ``"cache"`` file or ``"none"``. ``repair`` is the
-    ``MergeModule``'s (BatchNorm reset / REPAIR); ``calibration`` another data module whose
-    calibration images the merge reads instead (PLeaS-free).
+    statistics came from a ``"pass"``, the ``"cache"`` file or ``"none"``. ``repair``: the
+    ``MergeModule``'s; ``calibration``: another data set's calibration images (PLeaS-free).
     """
     n = datamodule.num_tasks
     if len(sources) != n:
@@ -284,18 +300,7 @@ def evaluate_merge(
         evaluate_ensemble=references,
         heatmaps=0,
     )
-    with quiet_lightning(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=False,
-        )
-        data = MergeDataModule(datamodule, calibration=calibration)
-        trainer.validate(module, datamodule=data, verbose=False)
+    trainer = validate(module, MergeDataModule(datamodule, calibration=calibration))
     shape = datamodule.image_shape
     one = module.sources[0]
     params, flops = count_params(one), count_flops(one, shape)
