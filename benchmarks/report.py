@@ -3,11 +3,14 @@
     .venv/bin/python benchmarks/report.py [--results-dir benchmarks/results] [--out BENCHMARKS.md]
 
 Reads the merge tables (``merge_table_*.{json,md}``), the sweeps (``sweep_*.{json,md,png}``), the
-REPAIR comparison (``repair*.md``) and the performance notes other scripts leave there (``perf*.md``,
-``matchers*.md``, ``stats_pass*.md``, ``patch_gram*.md``).
-The intro lists, per table, the command that regenerates it (from its JSON), the machine, the best
-merge as a fraction of the ensemble's joint accuracy and which merges beat weight averaging (on joint
-accuracy and on the per-task average).
+MNIST + Fashion-MNIST table (``multi_dataset*.md``), the REPAIR comparison (``repair*.md``) and the
+performance notes other scripts leave there (``perf*.md``, ``matchers*.md``, ``stats_pass*.md``,
+``patch_gram*.md``).
+The intro lists, per table, the command that regenerates it (from its JSON), the machine, the
+headline (the best merge at ≤ 1× and ≤ 2× a source's FLOPs as a fraction of the equally treated
+ensemble's joint accuracy, ``merge_table.headline``) and which merges beat weight averaging (on joint
+accuracy and on the per-task average). It also draws one cost/quality frontier per table family
+(``frontier_<arch>.png``, joint accuracy vs relative FLOPs for every row; ``frontier.py``).
 A missing input becomes a line ``not run yet: <command>``.
 """
 
@@ -15,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import frontier
 import merge_table as mt
 
 PY = ".venv/bin/python"
@@ -52,6 +55,16 @@ TABLES: tuple[tuple[str, str, str], ...] = (
         "merge_table_resnet20x1_split3",
         f"{TABLE_CMD} --arch resnet20 --width 1 --split 3 --seeds 0:1:2 3:4:5 6:7:8",
     ),
+    (
+        "ResNet-20×1, 2 models (5+5 classes), converged sources",
+        "merge_table_resnet20x1_split2_converged",
+        f"{TABLE_CMD} --arch resnet20 --width 1 --split 2 --seeds 0:1 2:3 4:5 --converged",
+    ),
+    (
+        "VGG-11 (BN, width ×0.5), 2 models (5+5 classes), converged sources",
+        "merge_table_vgg11_bnx0.5_split2_converged",
+        f"{TABLE_CMD} --arch vgg11_bn --width 0.5 --split 2 --seeds 0:1 2:3 4:5 --converged",
+    ),
 )
 SWEEPS: tuple[tuple[str, str, str], ...] = (
     (
@@ -61,7 +74,7 @@ SWEEPS: tuple[tuple[str, str, str], ...] = (
     ),
 )
 #: Other scripts' notes, included in this order (files of one prefix sorted by name).
-EXTRA_PREFIXES = ("repair", "perf", "matchers", "stats_pass", "patch_gram")
+EXTRA_PREFIXES = ("multi_dataset", "repair", "perf", "matchers", "stats_pass", "patch_gram")
 
 
 def demote(markdown: str, levels: int = 2) -> str:
@@ -89,20 +102,14 @@ def load_json(path: Path) -> dict[str, Any] | None:
 
 
 def table_summary(heading: str, data: dict[str, Any]) -> list[str]:
-    """The intro lines of one table: commands, best merge vs ensemble, merges vs weight averaging."""
-    v = mt.verdict(data["rows"], len(data["tasks"]))
+    """The intro lines of one table: the headline (best merge at ≤ 1× and ≤ 2× a source's FLOPs as a
+    fraction of the equally treated ensemble), merges vs weight averaging, failures, commands."""
+    num_tasks = len(data["tasks"])
+    v = mt.verdict(data["rows"], num_tasks)
     groups = list(dict.fromkeys(r["seeds"] for r in data["rows"]))
     lines = [f"- **{heading}** ({len(groups)} seed group{'s' * (len(groups) != 1)}: {', '.join(groups)})"]
-    if v["best"] and not math.isnan(v["best_of_ensemble"]):
-        lines.append(
-            f"  - best merge: **{v['best']}**, joint {v['best_joint']:.2f}% = "
-            f"{100 * v['best_of_ensemble']:.1f}% of the ensemble's {v['ensemble_joint']:.2f}%"
-        )
-    if v["best_1x"] and not math.isnan(v["best_1x_of_ensemble"]):
-        lines.append(
-            f"  - best merge of one source's size: **{v['best_1x']}**, joint {v['best_1x_joint']:.2f}% = "
-            f"{100 * v['best_1x_of_ensemble']:.1f}% of the ensemble's"
-        )
+    rule = data.get("headline_scoring", mt.HEADLINE_SCORING)
+    lines += [f"  - {line}" for line in mt.headline_lines(data["rows"], num_tasks, rule)]
     if v["has_average"]:
         lines.append(f"  - beats weight averaging: {mt.beats_average(v)}")
     if v["failed"]:
@@ -110,6 +117,33 @@ def table_summary(heading: str, data: dict[str, Any]) -> list[str]:
     if v["incomplete"]:
         lines.append(f"  - not yet run on every seed group (left out above): {', '.join(v['incomplete'])}")
     lines += [f"  - regenerate: `{c}`" for c in data.get("commands", [data["command"]])]
+    return lines
+
+
+def family(stem: str) -> str:
+    """A table's family (its architecture): ``merge_table_vgg11_bnx0.5_split2`` → ``vgg11_bn``."""
+    return stem.removeprefix("merge_table_").rpartition("_split")[0].rpartition("x")[0] or stem
+
+
+def write_frontiers(results: Path, tables: Sequence[tuple[str, str, str]] = TABLES) -> list[Path]:
+    """``frontier_<family>.png`` in ``results`` for every family with a table that has rows."""
+    families: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for heading, stem, _ in tables:
+        data = load_json(results / f"{stem}.json")
+        if data and data.get("rows"):
+            families.setdefault(family(stem), []).append((heading, data))
+    written = [frontier.plot_family(t, results / f"frontier_{f}.png") for f, t in families.items()]
+    return [p for p in written if p is not None]
+
+
+def frontier_images(results: Path, out_dir: Path, tables: Sequence[tuple[str, str, str]]) -> list[str]:
+    """Links to the families' frontier PNGs that exist (written by :func:`write_frontiers`)."""
+    lines = []
+    for name in dict.fromkeys(family(stem) for _, stem, _ in tables):
+        png = results / f"frontier_{name}.png"
+        if png.is_file():
+            link = Path(os.path.relpath(png, out_dir)).as_posix()
+            lines += [f"![{name}: joint accuracy vs relative FLOPs]({link})", ""]
     return lines
 
 
@@ -155,8 +189,13 @@ def build_report(
         "",
         "Generated by `.venv/bin/python benchmarks/report.py` from the files in `benchmarks/results/`; "
         "every number comes from the command listed with its table. Fashion-MNIST, sources trained "
-        "for one epoch from different seeds on disjoint class splits (`artifacts/sources`), merged "
-        "without training. Joint accuracy (argmax over all classes) scores a merge that has collapsed "
+        "from different seeds on disjoint class splits (`artifacts/sources`; one epoch, or to a "
+        "validation plateau in the tables marked converged, each table lists its sources' epochs and "
+        "curves), merged without training. Each headline takes the best merge at ≤ 1× and at ≤ 2× a "
+        "source's FLOPs (nonzero weights, every row counted alike) and divides its joint accuracy by "
+        "the equally treated ensemble's (its sources given the merge's BatchNorm reset); a merge is "
+        "said to be above the ensemble only when it is so at no more than the ensemble's FLOPs. "
+        "Joint accuracy (argmax over all classes) scores a merge that has collapsed "
         "onto one task at about half that task's accuracy, because no source's logits for the classes "
         "it never saw were trained against the others'; so the merges are compared with weight "
         "averaging on the per-task average as well.",
@@ -175,6 +214,9 @@ def build_report(
         regen = [f"  - regenerate: `{c}`" for c in got.get("commands", [got["command"]])] if got else []
         lines += [f"- **{heading}**" + ("" if got else f": {not_run(command)}"), *regen]
     lines.append("")
+    images = frontier_images(results, out_dir, tables)
+    if images:
+        lines += ["## Cost/quality frontiers", "", *images]
     for heading, stem, command in tables:
         lines += _section(heading, results, stem, command)
     for heading, stem, command in sweeps:
@@ -192,6 +234,8 @@ def main(argv: list[str] | None = None) -> str:
     results, out = Path(args.results_dir), Path(args.out)
     if not results.is_dir():
         p.error(f"--results-dir {results} is not a directory")
+    for png in write_frontiers(results):
+        print(f"wrote {png}")
     text = build_report(results, out.parent)
     out.write_text(text)
     print(f"wrote {out} ({len(text.splitlines())} lines)")

@@ -13,6 +13,7 @@ A ``RichProgressBar`` is used unless the configuration brings its own progress b
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -64,12 +65,23 @@ def main(args: list[str] | None = None, run: bool = True) -> MergeCLI:
     )
 
 
+def import_from_working_directory() -> None:
+    """Put the working directory first on ``sys.path``, as ``python -m lightning_merge.cli`` does: the
+    console script alone would not, and a user's classes named in a YAML (``my_project.models.UserNet``)
+    usually live in the project folder the command runs from."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def run() -> None:
     """Console-script entry: runs the CLI and exits 0 (``main`` returns the CLI object for tests).
 
+    The user's modules import from the working directory (:func:`import_from_working_directory`).
     Every subcommand (``fit`` too, which has no statistics callback) leaves a CPU DDP (gloo) group to
     be destroyed before the interpreter goes; see :func:`destroy_gloo_group_at_exit`.
     """
+    import_from_working_directory()
     main()
     destroy_gloo_group_at_exit()
 

@@ -107,6 +107,16 @@ class ShardSampler(DistributedSampler):
         return self.num_samples
 
 
+def check_max_batches(max_batches: object) -> int | None:
+    """``max_batches`` itself when it is None or a positive int; every pass that reads data checks it
+    through here, up front, so a bad value fails before any work with one message."""
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    return max_batches
+
+
 def shard(
     loader: Iterable[Any], ranks: Ranks | None = None, *, max_batches: int | None = None
 ) -> Iterable[Any]:
@@ -117,8 +127,7 @@ def shard(
     split without repeating or dropping samples.
     """
     ranks = Ranks.current() if ranks is None else ranks
-    if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
-        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    check_max_batches(max_batches)
     if ranks.world == 1:
         return loader if max_batches is None else _Limited(loader, max_batches)
     _check_shardable(loader)

@@ -10,11 +10,12 @@ cache key, so each ``k`` trains its own models once. Every quality threshold is 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from trained import SEED_OFFSET, trained_pair
 
-from lightning_merge.data import TaskSplitDataModule
+from lightning_merge.data import TaskSplitDataModule, default_root
 from lightning_merge.models import SourceClassifier
 
 
@@ -24,6 +25,21 @@ def fmnist() -> TaskSplitDataModule:
     data = TaskSplitDataModule()
     data.setup()
     return data
+
+
+MNIST_FILES = [f"{p}-{k}" for p in ("train", "t10k") for k in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> str:
+    """The folder of MNIST's IDX files (``default_root("mnist")``); the test is skipped when it lacks
+    them: ``scripts/setup.sh`` (which CI runs) fetches them, the library never downloads."""
+    root = Path(default_root("mnist"))
+    root = root if root.is_absolute() else Path(__file__).resolve().parents[1] / root  # the repository's
+    missing = [f for f in MNIST_FILES if not (root / f).is_file() and not (root / f"{f}.gz").is_file()]
+    if missing:
+        pytest.skip(f"MNIST IDX files {missing} not in {root}: run `bash scripts/setup.sh`")
+    return str(root)
 
 
 @pytest.fixture(scope="session")

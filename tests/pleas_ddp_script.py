@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from ddp_launch import ddp_trainer
 from safetensors.torch import save_file
 from stats_nets import ConvNet, make_models
 from torch import nn
@@ -57,16 +58,7 @@ class PLeaSSources(pl.LightningModule):
 
 def main(out: Path) -> None:
     module = PLeaSSources()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        callbacks=[MergeStatistics(requires=sorted(METHOD.requires), progress=False)],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = ddp_trainer(MergeStatistics(requires=sorted(METHOD.requires), progress=False))
     trainer.validate(module)
     assert dist.is_initialized() and dist.get_world_size() == 2
     if trainer.is_global_zero:

@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from ddp_launch import ddp_trainer
 from stats_nets import ConvNet, conv_graph, make_models
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -56,16 +57,7 @@ class Sources(pl.LightningModule):
 
 def main(out: Path) -> None:
     module = Sources()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        callbacks=[MergeStatistics(requires=["moments", "grams"], progress=False)],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = ddp_trainer(MergeStatistics(requires=["moments", "grams"], progress=False))
     trainer.validate(module)
     assert dist.is_initialized() and dist.get_world_size() == 2
     if trainer.is_global_zero:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
+from lightning_merge.graph import permute_model, random_permutations
 from lightning_merge.graph.spec import AxisRef, MergeGraph, Segment, Space, Tap
 
 
@@ -101,3 +104,34 @@ def make_models(cls: type[nn.Module], n: int = 2, seed: int = 0) -> list[nn.Modu
                 mod.running_mean.uniform_(-0.5, 0.5)
                 mod.running_var.uniform_(0.5, 2.0)
     return models
+
+
+def seq_mlp(seed: int) -> nn.Sequential:
+    """A float64 6-10-12-3 MLP for the matching tests (hand-written graph: ``seq_mlp_graph``)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 3)).double()
+
+
+def seq_mlp_graph(model: nn.Module, group_size: int = 1) -> MergeGraph:
+    """``seq_mlp``'s two hidden spaces; ``group_size`` makes h2's features move in whole groups."""
+    spaces = [
+        Space(
+            "h1",
+            10,
+            [AxisRef("0.weight", 0, "out"), AxisRef("0.bias", 0, "out"), AxisRef("2.weight", 1, "in")],
+        ),
+        Space(
+            "h2",
+            12,
+            [AxisRef("2.weight", 0, "out"), AxisRef("2.bias", 0, "out"), AxisRef("4.weight", 1, "in")],
+            group_size=group_size,
+        ),
+    ]
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return MergeGraph(spaces=spaces, taps=[], cut_points=[], param_shapes=shapes)
+
+
+def permuted_twin(model: nn.Module, graph: MergeGraph, seed: int) -> tuple[nn.Module, dict]:
+    """A copy of ``model`` with every space of ``graph`` randomly permuted, and those permutations."""
+    perms = random_permutations(graph, seed=seed)
+    return permute_model(copy.deepcopy(model), graph, perms), perms

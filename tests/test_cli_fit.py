@@ -101,3 +101,23 @@ def test_console_entry_leaves_a_gloo_group_to_be_destroyed(monkeypatch) -> None:
     monkeypatch.setattr(cli, "destroy_gloo_group_at_exit", lambda: calls.append("hook") or True)
     cli.run()
     assert calls == ["main", "hook"]
+
+
+def test_console_entry_imports_the_users_modules_from_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`lightning-merge validate` run in a project folder finds `my_project.models` there (the console
+    script, unlike `python -m`, does not put the working directory on sys.path by itself)."""
+    import lightning_merge.cli as cli
+
+    (tmp_path / "user_module_in_cwd.py").write_text("VALUE = 7\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    with pytest.raises(ModuleNotFoundError):
+        __import__("user_module_in_cwd")
+    seen: list[int] = []
+    monkeypatch.setattr(cli, "main", lambda: seen.append(__import__("user_module_in_cwd").VALUE))
+    monkeypatch.setattr(cli, "destroy_gloo_group_at_exit", lambda: True)
+    cli.run()
+    assert seen == [7] and sys.path[0] == str(tmp_path)
+    sys.modules.pop("user_module_in_cwd", None)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import copy
 import itertools
 
-import lightning.pytorch as pl
 import mpmath
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from trained import quiet_trainer
 
 from lightning_merge.apply.batchnorm_reset import reset_batchnorm
 from lightning_merge.cost import Cost, cost, count_flops, count_params
@@ -147,11 +147,7 @@ def test_treat_references_resets_copies_and_leaves_the_sources_alone() -> None:
 
 
 def _validate(module: MergeModule, dm: TaskSplitDataModule) -> MergeModule:
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=False, limit_val_batches=2,
-    )  # fmt: skip
-    trainer.validate(module, datamodule=MergeDataModule(dm), verbose=False)
+    quiet_trainer(limit_val_batches=2).validate(module, datamodule=MergeDataModule(dm), verbose=False)
     return module
 
 

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
-from trained import trained_pair
+from trained import quiet_trainer, trained_pair
 
 from lightning_merge.callbacks.statistics import MergeStatistics
 from lightning_merge.data import MergeDataModule, TaskSplitDataModule
@@ -35,11 +35,7 @@ def datamodule() -> TaskSplitDataModule:
     return TaskSplitDataModule(calibration_size=512, eval_batch_size=1000)
 
 
-def trainer(**kwargs: object) -> pl.Trainer:
-    defaults = dict(
-        logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False
-    )
-    return pl.Trainer(accelerator="cpu", devices=1, **(defaults | kwargs))
+trainer = quiet_trainer
 
 
 @pytest.fixture(scope="module")

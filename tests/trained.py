@@ -13,6 +13,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import lightning.pytorch as pl
+
 from lightning_merge.models import SourceClassifier, quick_pair
 
 SEED_ENV = "LIGHTNING_MERGE_TEST_SEED"
@@ -44,3 +46,16 @@ def trained_pair(
 ) -> list[SourceClassifier]:
     """``quick_pair`` with the run's seeds and the test cache: one model per task, trained once per host."""
     return quick_pair(arch, seeds=shifted(*seeds), cache_dir=TEST_MODELS_DIR, **kwargs)
+
+
+def quiet_trainer(**kwargs: object) -> pl.Trainer:
+    """A one-CPU trainer without logger, checkpoints, summary or progress bar (``kwargs`` override)."""
+    defaults: dict[str, object] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+    return pl.Trainer(**(defaults | kwargs))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_merge.dataflow import Ranks, all_reduce_sum_, model_device, sharded_inputs
+from lightning_merge.dataflow import Ranks, all_reduce_sum_, check_max_batches, model_device, sharded_inputs
 
 
 class _Accumulator:
@@ -46,8 +46,7 @@ def reset_batchnorm(
     Returns ``model`` (modified in place) with its training flag restored. A model without BatchNorm
     is returned unchanged; an empty loader is an error.
     """
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+    check_max_batches(max_batches)
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
         return model

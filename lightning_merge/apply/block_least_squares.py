@@ -28,6 +28,7 @@ from torch import nn
 from lightning_merge.apply.weights import _Member, plan_axis
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.transform import SpaceTransform
+from lightning_merge.stats.attention import in_proj_view
 from lightning_merge.stats.container import FeatureMoments
 
 
@@ -82,14 +83,13 @@ class LayerSystem:
 
 def layer_system(
     name: str,
-    sources: Sequence[nn.Module],
+    layers: Sequence[nn.Module],
     moments: FeatureMoments,
     in_maps: torch.Tensor,
     out_maps: torch.Tensor,
 ) -> LayerSystem:
-    """Normal equations of merged layer ``name`` from the joint input moments of its sources."""
-    layers = [s.get_submodule(name) for s in sources]
-    num, dev = len(sources), moments.outer.device
+    """Normal equations of merged layer ``name`` from the joint input moments of its sources' ``layers``."""
+    num, dev = len(layers), moments.outer.device
     p = _patch_map(layers[0], in_maps).to(dev)  # (N, d', d)
     q = out_maps.to(dev)  # (N, o', o)
     d_new, d = p.shape[1], p.shape[2]
@@ -157,7 +157,8 @@ def refit_from_statistics(
     """Refit every merged Linear / ungrouped Conv2d that has joint input moments (in place).
 
     Returns per layer (non-zero weights allowed, a source layer's weights, rows seen): PLeaS' cost
-    counts only the allowed weights. Layers without moments (or never called) keep their merged weights."""
+    counts only the allowed weights. Layers without moments (or never called) keep their merged weights.
+    A self-attention's packed in_proj is refitted too, under the name ``<attention>.in_proj``."""
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     num = len(sources)
@@ -171,11 +172,37 @@ def refit_from_statistics(
         src = sources[0].get_submodule(name)
         in_maps = axis_maps(graph, f"{name}.weight", 1, src.weight.shape[1], transforms, num)
         out_maps = axis_maps(graph, f"{name}.weight", 0, src.weight.shape[0], transforms, num)
-        system = layer_system(name, sources, moments, in_maps, out_maps)
+        system = layer_system(name, [s.get_submodule(name) for s in sources], moments, in_maps, out_maps)
         sol = solve_blocks(system, ridge)
         _write(layer, name, sol, system.bias)
         cost[name] = (int(system.allowed.sum()), src.weight.numel(), float(moments.count))
+    for name, mha in merged.named_modules():
+        if isinstance(mha, nn.MultiheadAttention) and f"{name}.in_proj" in joint_inputs:
+            cost.update(_refit_in_proj(name, mha, sources, graph, transforms, joint_inputs, ridge))
     return cost
+
+
+def _refit_in_proj(
+    name: str,
+    mha: nn.MultiheadAttention,
+    sources: Sequence[nn.Module],
+    graph: MergeGraph,
+    transforms: Mapping[str, SpaceTransform],
+    joint_inputs: Mapping[str, FeatureMoments],
+    ridge: float,
+) -> dict[str, tuple[int, int, float]]:
+    """The packed q/k/v projection of a self-attention, fitted like a Linear(E, 3E) (its out_proj is
+    an ordinary Linear with its own joint moments)."""
+    key, moments = f"{name}.in_proj", joint_inputs[f"{name}.in_proj"]
+    if float(moments.count) == 0:
+        return {}
+    views = [in_proj_view(s.get_submodule(name)) for s in sources]
+    e, num = mha.embed_dim, len(sources)
+    in_maps = axis_maps(graph, f"{name}.in_proj_weight", 1, e, transforms, num)
+    out_maps = axis_maps(graph, f"{name}.in_proj_weight", 0, 3 * e, transforms, num)
+    system = layer_system(key, views, moments, in_maps, out_maps)
+    _write(in_proj_view(mha), key, solve_blocks(system, ridge), system.bias)
+    return {key: (int(system.allowed.sum()), views[0].weight.numel(), float(moments.count))}
 
 
 def _write(layer: nn.Module, name: str, sol: torch.Tensor, bias: bool) -> None:

@@ -36,12 +36,25 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from lightning_merge.dataflow import Ranks, all_reduce_sum_, local_batches, model_device
+from lightning_merge.dataflow import Ranks, all_reduce_sum_, check_max_batches, local_batches, model_device
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.transform import SpaceTransform
+from lightning_merge.stats.attention import (
+    attention_output,
+    check_attention,
+    check_self_attention_call,
+    context,
+    in_proj_space,
+    in_proj_view,
+    qkv,
+    stacked_block,
+)
 from lightning_merge.stats.patch_gram import input_gram, normal_sums, shifted_sums_apply, unfolded_rows
 
 SOLVABLE = (nn.Linear, nn.Conv2d)
+#: modules a refit steps through: the solvable layers and self-attention (its in_proj and out_proj,
+#: which torch applies functionally, are solved through :mod:`lightning_merge.apply.attention`)
+STEPPED = (*SOLVABLE, nn.MultiheadAttention)
 
 
 class _Stop(Exception):
@@ -49,14 +62,21 @@ class _Stop(Exception):
 
 
 def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the Linear/Conv2d modules of ``model`` in the order a forward pass calls them."""
+    """Names of the Linear/Conv2d and MultiheadAttention modules of ``model`` in the order a forward
+    pass calls them (an attention module's call is checked to be plain self-attention)."""
     order: list[str] = []
+
+    def seen(name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if isinstance(module, nn.MultiheadAttention):
+            check_attention(module, name)
+            check_self_attention_call(name, args, kwargs)
+        if name not in order:
+            order.append(name)
+
     handles = [
-        mod.register_forward_pre_hook(
-            lambda _m, _a, name=name: order.append(name) if name not in order else None
-        )
+        mod.register_forward_pre_hook(lambda m, a, k, name=name: seen(name, m, a, k), with_kwargs=True)
         for name, mod in model.named_modules()
-        if isinstance(mod, SOLVABLE)
+        if isinstance(mod, STEPPED)
     ]
     try:
         with torch.no_grad():
@@ -230,7 +250,7 @@ class _LeafTracer(fx.Tracer):
     """Keeps every Linear/Conv2d (subclasses included) a ``call_module`` node we can stop at."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, SOLVABLE) or super().is_leaf_module(m, qualname)
+        return isinstance(m, STEPPED) or super().is_leaf_module(m, qualname)
 
 
 class _Stepper:
@@ -342,6 +362,46 @@ def _fit(
     return normal.rows
 
 
+def _fit_attention(
+    name: str,
+    sources: Sequence[nn.Module],
+    runners: Sequence[Any],
+    num_batches: int,
+    graph: MergeGraph,
+    transforms: Mapping[str, SpaceTransform],
+    ridge: float,
+    ranks: Ranks | None,
+) -> None:
+    """Refit an attention module's in_proj (q, k, v rows on its attention space), then its out_proj on
+    the context the refitted in_proj gives; both from the module's input, captured once per model."""
+    merged = runners[0].model.get_submodule(name)
+    mhas = [s.get_submodule(name) for s in sources]
+
+    def inputs(b: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = runners[0].capture(b, name, output=False)
+        return x, [r.capture(b, name, output=False) for r in runners[1:]]
+
+    def blocks_of(space: str | None, channels: int) -> list[torch.Tensor] | None:
+        if space is None:
+            return None
+        return _blocks64(
+            [stacked_block(transforms[space].merge_block(i), channels) for i in range(len(mhas))]
+        )
+
+    view = in_proj_view(merged)
+    in_blocks = blocks_of(in_proj_space(graph, name), view.out_features)
+    pairs = (
+        (x, [qkv(m, xi) for m, xi in zip(mhas, xs, strict=True)]) for x, xs in map(inputs, range(num_batches))
+    )
+    _fit(view, f"{name}.in_proj", pairs, in_blocks, ridge, ranks)
+    out_blocks = blocks_of(_out_space(graph, f"{name}.out_proj"), merged.embed_dim)
+    pairs = (
+        (context(merged, x), [attention_output(m, xi) for m, xi in zip(mhas, xs, strict=True)])
+        for x, xs in map(inputs, range(num_batches))
+    )
+    _fit(merged.out_proj, f"{name}.out_proj", pairs, out_blocks, ridge, ranks)
+
+
 def _blocks64(blocks: Sequence[torch.Tensor] | None) -> list[torch.Tensor] | None:
     return None if blocks is None else [b.to(torch.float64) for b in blocks]
 
@@ -363,8 +423,7 @@ def least_squares_refit(
     previous layer (see :class:`_Stepper`)."""
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+    check_max_batches(max_batches)
     device = model_device(merged)
     batches = local_batches(data, device, ranks, max_batches=max_batches, what="least squares")
     modes = [merged.training] + [s.training for s in sources]
@@ -377,6 +436,9 @@ def least_squares_refit(
             runners = [layer_runner(m, batches) for m in (merged, *sources)]
             for name in names:
                 layer = merged.get_submodule(name)
+                if isinstance(layer, nn.MultiheadAttention):
+                    _fit_attention(name, sources, runners, len(batches), graph, transforms, ridge, ranks)
+                    continue
                 if not _check_layer(name, layer):
                     continue
                 space = _out_space(graph, name)

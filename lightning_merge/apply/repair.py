@@ -28,9 +28,16 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from lightning_merge.apply.least_squares import forward_order, layer_runner
-from lightning_merge.dataflow import Ranks, all_reduce_sum_, local_batches, model_device
+from lightning_merge.dataflow import Ranks, all_reduce_sum_, check_max_batches, local_batches, model_device
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.transform import SpaceTransform
+from lightning_merge.stats.attention import (
+    attention_output,
+    in_proj_space,
+    in_proj_view,
+    qkv,
+    stacked_block,
+)
 
 LAYERS = (nn.Linear, nn.Conv2d)
 NORMS = (_NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -66,11 +73,48 @@ def repair_points(model: nn.Module, graph: MergeGraph) -> dict[str, str]:
             whole = ref.axis == 0 and not ref.offset and ref.outer == 1 and ref.inner == 1
             if ref.role == "out" and whole and ref.param.endswith(".weight"):
                 out_of[ref.param.removesuffix(".weight")] = space.name
-    return {
+    points = {
         name: out_of[name]
         for name, module in model.named_modules()
         if isinstance(module, LAYERS) and out_of.get(name) not in (None, *normed)
     }
+    for name, module in model.named_modules():  # attention's packed q, k, v rows: one point
+        if isinstance(module, nn.MultiheadAttention):
+            space = in_proj_space(graph, name)
+            if space is not None and space not in normed:
+                points[f"{name}.in_proj"] = space
+    return points
+
+
+def _attention_of(model: nn.Module, point: str) -> tuple[nn.MultiheadAttention, str] | None:
+    """(attention module, "in_proj" or "out_proj") when ``point`` is one of its projections."""
+    owner, _, leaf = point.rpartition(".")
+    if leaf not in ("in_proj", "out_proj") or not owner:
+        return None
+    module = model.get_submodule(owner)
+    return (module, leaf) if isinstance(module, nn.MultiheadAttention) else None
+
+
+def _layer(model: nn.Module, point: str) -> nn.Module:
+    """The layer REPAIR folds into: the module, or a Linear view of attention's packed in_proj."""
+    attention = _attention_of(model, point)
+    if attention is not None and attention[1] == "in_proj":
+        return in_proj_view(attention[0])
+    return model.get_submodule(point)
+
+
+def _point_output(model: nn.Module, point: str, x: torch.Tensor) -> torch.Tensor:
+    """The point's output from the input of its module (for attention: the attention module's)."""
+    attention = _attention_of(model, point)
+    if attention is None:
+        return model.get_submodule(point)(x)
+    mha, leaf = attention
+    return qkv(mha, x) if leaf == "in_proj" else attention_output(mha, x)
+
+
+def _hooked_module(model: nn.Module, point: str) -> str:
+    """The module whose call a point's statistics come from (attention's projections: the attention)."""
+    return point.rpartition(".")[0] if _attention_of(model, point) is not None else point
 
 
 class _Sums:
@@ -107,11 +151,24 @@ def _source_moments(
     source: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor], ranks: Ranks | None
 ) -> _Sums:
     """Output sums of the named layers of one (unchanged) source: one eval-mode pass with hooks."""
-    sums = _Sums({n: source.get_submodule(n).weight.shape[0] for n in names}, model_device(source))
+    sums = _Sums({n: _layer(source, n).weight.shape[0] for n in names}, model_device(source))
+
+    def attention_hook(n: str):  # noqa: ANN202 — a forward pre-hook on the attention module
+        def record(_m: nn.Module, args: tuple) -> None:
+            sums.add(n, _channels_first(_layer(source, n), _point_output(source, n, args[0])))
+
+        return record
+
+    def layer_hook(n: str):  # noqa: ANN202 — a forward hook on the layer
+        def record(m: nn.Module, _args: tuple, y: torch.Tensor) -> None:
+            sums.add(n, _channels_first(m, y))
+
+        return record
+
     handles = [
-        source.get_submodule(n).register_forward_hook(
-            lambda m, _a, y, n=n: sums.add(n, _channels_first(m, y))
-        )
+        source.get_submodule(_hooked_module(source, n)).register_forward_pre_hook(attention_hook(n))
+        if _attention_of(source, n) is not None
+        else source.get_submodule(n).register_forward_hook(layer_hook(n))
         for n in names
     ]
     was_training = source.training
@@ -139,8 +196,12 @@ def _targets(
     per_source = [_source_moments(s, list(points), batches, ranks) for s in sources]
     targets = {}
     for name, space in points.items():
-        blocks = [transforms[space].merge_block(i).to(torch.float64) for i in range(len(sources))]
         moments = [s.moments(name) for s in per_source]
+        channels = moments[0][0].shape[0]
+        blocks = [
+            stacked_block(transforms[space].merge_block(i), channels).to(torch.float64)
+            for i in range(len(sources))
+        ]
         mean = sum(m @ mu for m, (mu, _) in zip(blocks, moments, strict=True))
         std = sum(m @ var.sqrt() for m, (_, var) in zip(blocks, moments, strict=True))
         targets[name] = (mean, std)
@@ -178,12 +239,11 @@ def repair_rescale(
     Returns ``merged``; a model with no such point (every merge point normalised) is unchanged."""
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+    check_max_batches(max_batches)
     points = repair_points(merged, graph)
     if not points:
         return merged
-    no_bias = [n for n in points if merged.get_submodule(n).bias is None]
+    no_bias = [n for n in points if _layer(merged, n).bias is None]
     if no_bias:
         raise ValueError(
             f"REPAIR folds a per-channel shift into the bias, but layers {no_bias} have none (and no "
@@ -200,16 +260,17 @@ def repair_rescale(
         with torch.no_grad():
             runner = layer_runner(merged, batches)
             for name in forward_order(merged, batches[0]):
-                if name in points:
-                    layer = merged.get_submodule(name)
-                    _rescale_layer(layer, name, runner, len(batches), targets[name], eps, ranks)
+                for point in (name, f"{name}.in_proj", f"{name}.out_proj"):
+                    if point in points and _hooked_module(merged, point) == name:
+                        _rescale_layer(merged, point, name, runner, len(batches), targets[point], eps, ranks)
     finally:
         merged.train(was_training)
     return merged
 
 
 def _rescale_layer(
-    layer: nn.Module,
+    model: nn.Module,
+    point: str,
     name: str,
     runner: Any,
     num_batches: int,
@@ -217,9 +278,12 @@ def _rescale_layer(
     eps: float,
     ranks: Ranks | None,
 ) -> None:
-    """Pooled output statistics of one layer (its inputs already repaired upstream), then the fold."""
-    sums = _Sums({name: layer.weight.shape[0]}, layer.weight.device)
+    """Pooled output statistics of one point (its inputs already repaired upstream), then the fold;
+    ``name`` is the module whose input the runner captures (an attention point's attention module)."""
+    layer = _layer(model, point)
+    sums = _Sums({point: layer.weight.shape[0]}, layer.weight.device)
     for b in range(num_batches):
-        sums.add(name, _channels_first(layer, layer(runner.capture(b, name, output=False))))
+        y = _point_output(model, point, runner.capture(b, name, output=False))
+        sums.add(point, _channels_first(layer, y))
     sums.all_reduce(ranks)
-    _fold(layer, *_affine(*sums.moments(name), target, eps))
+    _fold(layer, *_affine(*sums.moments(point), target, eps))

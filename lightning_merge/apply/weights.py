@@ -11,6 +11,8 @@ in float64 and the result is cast back to the tensor's dtype.
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -202,7 +204,14 @@ def merge_state_dicts(
     stray = sorted(set(transforms) - {s.name for s in graph.spaces})
     if stray:
         raise KeyError(f"transforms given for merge points {stray} that the graph does not have")
-    return {k: _merge_tensor(k, [sd[k] for sd in state_dicts], table.get(k, {}), transforms) for k in keys}
+    merged = OrderedDict(
+        (k, _merge_tensor(k, [sd[k] for sd in state_dicts], table.get(k, {}), transforms)) for k in keys
+    )
+    # Module versions travel with the state dict: torchvision's MNASNet refuses a load without them.
+    metadata = getattr(state_dicts[0], "_metadata", None)
+    if metadata is not None:
+        merged._metadata = copy.copy(metadata)  # type: ignore[attr-defined]
+    return merged
 
 
 def _merge_tensor(

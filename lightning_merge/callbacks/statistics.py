@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_merge.dataflow import Ranks, destroy_gloo_group_at_exit
+from lightning_merge.dataflow import Ranks, check_max_batches, destroy_gloo_group_at_exit
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.container import Statistics
@@ -82,10 +82,7 @@ class MergeStatistics(Callback):
                 f"requires={list(requires)!r}: give each of {known} at most once"
                 + (f" (unknown: {unknown})" if unknown else "")
             )
-        if max_batches is not None and (not isinstance(max_batches, int) or isinstance(max_batches, bool)):
-            raise TypeError(f"max_batches must be an int or None, got {max_batches!r}")
-        if max_batches is not None and max_batches < 1:
-            raise ValueError(f"max_batches must be positive, got {max_batches}")
+        check_max_batches(max_batches)
         if cache_path is not None and not isinstance(cache_path, (str, os.PathLike)):
             raise TypeError(f"cache_path must be a path or None, got {cache_path!r}")
         if not isinstance(progress, bool):

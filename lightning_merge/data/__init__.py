@@ -7,7 +7,14 @@ from lightning_merge.data.datamodule import (
     TensorImageDataset,
     validate_tasks,
 )
-from lightning_merge.data.idx import DATASETS, FASHION_MNIST_CLASSES, MNIST_CLASSES, load_split, read_idx
+from lightning_merge.data.idx import (
+    DATASETS,
+    FASHION_MNIST_CLASSES,
+    MNIST_CLASSES,
+    default_root,
+    load_split,
+    read_idx,
+)
 from lightning_merge.data.merge_data import MergeDataModule
 from lightning_merge.data.tasks import DatasetTasks, GlobalLabels, TaskData
 
@@ -22,6 +29,7 @@ __all__ = [
     "TaskData",
     "TaskSplitDataModule",
     "TensorImageDataset",
+    "default_root",
     "load_split",
     "read_idx",
     "validate_tasks",

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_merge.data.idx import DATASETS, load_split
+from lightning_merge.data.idx import DATASETS, default_root, load_split
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 DEFAULT_TASKS: tuple[tuple[int, ...], ...] = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
@@ -71,6 +71,8 @@ def validate_tasks(tasks: Sequence[Sequence[int]], num_classes: int) -> list[lis
 class TaskSplitDataModule(pl.LightningDataModule):
     """Per-task train/val/test loaders and a seeded calibration loader over (Fashion-)MNIST.
 
+    ``root`` is the folder of the IDX files; ``None``: the data set's default
+    (:func:`~lightning_merge.data.idx.default_root`: Fashion-MNIST's Debian folder, MNIST's ``.cache/mnist``).
     ``task`` selects the classes the standard ``train/val/test_dataloader`` use (``None``: all classes
     of all tasks). The validation set is a seeded hold-out of ``val_size`` training images; the
     calibration set is ``calibration_size`` images drawn (seeded) from the remaining training images
@@ -79,7 +81,7 @@ class TaskSplitDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        root: str = DEFAULT_ROOT,
+        root: str | None = None,
         dataset: Literal["fashion_mnist", "mnist"] = "fashion_mnist",
         tasks: Sequence[Sequence[int]] = DEFAULT_TASKS,
         task: int | None = None,
@@ -113,7 +115,8 @@ class TaskSplitDataModule(pl.LightningDataModule):
         if pad_to is not None and pad_to < 28:
             raise ValueError(f"pad_to must be None or >= 28 (the image size), got {pad_to}")
         self.save_hyperparameters()
-        self.root, self.dataset, self.task = str(root), dataset, task
+        self.root = str(root) if root is not None else default_root(dataset)
+        self.dataset, self.task = dataset, task
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.val_size, self.split_seed = val_size, split_seed
         self.calibration_size, self.calibration_seed = calibration_size, calibration_seed

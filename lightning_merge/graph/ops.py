@@ -13,10 +13,13 @@ add/sub/mul/div/pow/maximum/minimum/+=  tensor ∘ tensor joins both spaces (bro
 cat / concat (channel axis)             spaces become segments at offsets
 cat / stack (other axis)                joins the operands' spaces
 view/reshape/flatten/unflatten/         channel axis followed through the shapes; flatten of (C, H, W)
-squeeze/unsqueeze, nn.Flatten           gives ``inner = H*W``; channel-last flatten: error
+squeeze/unsqueeze, nn.Flatten           gives ``inner = H*W``; splitting the channel axis (channel
+                                        shuffle) or a channel-last flatten fixes its spaces
 permute/transpose/t/movedim/swapaxes    the channel axis moves
 getitem                                 tuple items; slicing/indexing other axes; indexing or
                                         partially slicing the channel axis fixes the space
+split/chunk/tensor_split/unbind         along other axes: every piece keeps the features; along
+                                        the channel axis: the space becomes fixed (MaxViT's q/k/v)
 mean/sum/amax/amin/std/var              over other axes: pass; over the channel axis: invariant
 max/avg/adaptive pooling                pass (error if pooling the channel axis)
 expand/contiguous/clone/to/…            pass; size/dim/shape/_assert: no tensor, ignored
@@ -173,10 +176,11 @@ def reshape(op: Op) -> Any:
         return _param_reshape(x, s_in, s_out)
     out = reshape_layout(x, s_in, s_out)
     if out is None:
-        raise op.fail(
-            f"reshape {s_in} -> {s_out} splits or interleaves the channel axis {x.dim} "
-            f"({x.features} features × inner {x.inner})"
-        )
+        # The channel axis is split (ShuffleNet's channel shuffle views C as (groups, C/groups) and
+        # transposes) or flattened behind another axis: feature f lands at strided or interleaved
+        # positions no space can describe. Its spaces stay fixed (never permuted): exact, unaligned.
+        op.state.fix(x)
+        return Layout.fixed(len(s_out))
     return out
 
 
@@ -235,6 +239,36 @@ def getitem(op: Op) -> Any:
         op.state.fix(src)
         return Layout.fixed(ndim)
     return src.moved(ndim, o)
+
+
+def _split_piece(op: Op, dim_index: int, keep_dim: bool) -> Layout | ParamLayout:
+    """The layout every piece of a split along one axis has (they all share it)."""
+    x, ndim = op.lay(0), op.args[0].dim()
+    dim = op.arg(dim_index, "dim", 0) % ndim
+    out_ndim = ndim if keep_dim else ndim - 1
+    if isinstance(x, ParamLayout):  # a piece is a partial slice of the parameter along ``dim``
+        axes = tuple(None if d == dim else a for d, a in enumerate(x.axes))
+        return ParamLayout(x.param, axes if keep_dim else axes[:dim] + axes[dim + 1 :])
+    if not isinstance(x, Layout) or x.is_fixed:
+        return Layout.fixed(out_ndim)
+    if dim == x.dim:  # each piece holds particular features (a partial slice): they stay put
+        op.state.fix(x)
+        return Layout.fixed(out_ndim)
+    return x.moved(out_ndim, x.dim if keep_dim else x.dim - (dim < x.dim))
+
+
+@register_handler(torch.split, torch.chunk, torch.tensor_split, "split", "chunk", "tensor_split")
+def split(op: Op) -> tuple[Layout | ParamLayout, ...]:
+    """Pieces along another axis keep the features; splitting the channel axis fixes its space."""
+    piece = _split_piece(op, 2, keep_dim=True)
+    return tuple(piece for _ in op.out)
+
+
+@register_handler(torch.unbind, "unbind")
+def unbind(op: Op) -> tuple[Layout | ParamLayout, ...]:
+    """Like :func:`split` into size-1 pieces, with the split axis dropped."""
+    piece = _split_piece(op, 1, keep_dim=False)
+    return tuple(piece for _ in op.out)
 
 
 @register_handler(

@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from . import ops as _ops  # noqa: F401  (fills the handler table)
+from . import swin as _swin  # noqa: F401  (torchvision Swin handlers)
 from .errors import OVERRIDE_ADVICE, GraphError
 from .layout import Layout, ParamLayout
 from .registry import module_handler, op_handler

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_merge.dataflow import check_max_batches
 from lightning_merge.graph.equivalence import permute_model
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.transform import SpaceTransform
@@ -136,10 +137,7 @@ class AlignedMerge(TransformMethod):
         stop_at: str | float | None = None,
     ) -> None:
         super().__init__(stop_at=stop_at)
-        if max_batches is not None and (
-            isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-        ):
-            raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+        check_max_batches(max_batches)
         self.aligner = check_aligner(PermuteMerge() if aligner is None else aligner)
         self.merger = check_merger(RegMean() if merger is None else merger)
         self.max_batches = max_batches

@@ -31,6 +31,7 @@ from torch import nn
 
 from lightning_merge.apply.block_least_squares import refit_from_statistics
 from lightning_merge.apply.least_squares import least_squares_refit
+from lightning_merge.dataflow import check_max_batches
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match._checks import check_similarity, check_target_width
 from lightning_merge.match.budget import LayerCost, budget_unmatched
@@ -168,8 +169,7 @@ class PLeaSMerge(TransformMethod):
             raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
         if objective == "propagated" and ridge == 0:
             raise ValueError("ridge=0 (pseudo-inverse) is for objective='published'; give ridge > 0")
-        if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
-            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+        check_max_batches(max_batches)
         _check_budget(budget, width, widths)
         self.width, self.widths, self.objective, self.ridge = float(width), widths, objective, float(ridge)
         self.budget = None if budget is None else float(budget)

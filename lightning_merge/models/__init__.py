@@ -11,9 +11,16 @@ from lightning_merge.models.heads import (
     scatter_to_global,
 )
 from lightning_merge.models.mlp import MLP
+from lightning_merge.models.plateau import PlateauRule, PlateauStopping
 from lightning_merge.models.registry import ARCHITECTURES, build_model
 from lightning_merge.models.resnet import BasicBlock, ResNet20
-from lightning_merge.models.training import load_source, quick_pair, task_accuracy, train_source
+from lightning_merge.models.training import (
+    load_source,
+    quick_pair,
+    source_record,
+    task_accuracy,
+    train_source,
+)
 from lightning_merge.models.vgg import VGG11BN
 
 __all__ = [
@@ -24,6 +31,8 @@ __all__ = [
     "ClassEmbedding",
     "EmbeddingHead",
     "LinearHead",
+    "PlateauRule",
+    "PlateauStopping",
     "ResNet20",
     "SourceClassifier",
     "build_model",
@@ -33,6 +42,7 @@ __all__ = [
     "orthonormal_embeddings",
     "quick_pair",
     "scatter_to_global",
+    "source_record",
     "task_accuracy",
     "train_source",
 ]

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from lightning_merge.data.datamodule import DEFAULT_ROOT, TaskSplitDataModule
 from lightning_merge.models.classifier import SourceClassifier
+from lightning_merge.models.plateau import PlateauRule
 from lightning_merge.models.training import cache_path, source_key, task_accuracy, train_source
 
 DEFAULT_CACHE_DIR = "artifacts/sources"
@@ -32,6 +33,8 @@ class SourceSpec:
     width: float = 1
     max_epochs: int = 1
     precision: str | None = None
+    #: train until validation accuracy plateaus (``max_epochs`` is then the cap); None: fixed epochs
+    plateau: PlateauRule | None = None
     model_kwargs: dict = field(default_factory=lambda: {"head": "embedding", "lr": 0.1})
 
 
@@ -39,6 +42,28 @@ DEFAULT_PAIR: tuple[SourceSpec, ...] = (
     SourceSpec(classes=(0, 1, 2, 3, 4), seed=0),
     SourceSpec(classes=(5, 6, 7, 8, 9), seed=1),
 )
+
+#: Per-architecture training settings that differ from ``SourceSpec``'s defaults (SGD, one epoch). A ViT
+#: trained from scratch wants AdamW with warmup + cosine and several epochs (about 2–3 min each on one
+#: CPU core for 25k images).
+ARCH_TRAINING: dict[str, dict] = {
+    "vit": {
+        "max_epochs": 3,
+        "model_kwargs": {
+            "head": "embedding",
+            "optimizer": "adamw",
+            "lr": 2e-3,
+            "weight_decay": 0.05,
+            "warmup_fraction": 0.1,
+        },
+    },
+}
+
+
+def arch_spec(classes: tuple[int, ...], seed: int, arch: str, width: float, **kwargs: object) -> SourceSpec:
+    """A source spec with ``arch``'s training settings (``ARCH_TRAINING``, else the default pair's)."""
+    settings = {**ARCH_TRAINING.get(arch, {}), **kwargs}
+    return SourceSpec(classes=tuple(classes), seed=seed, arch=arch, width=width, **settings)
 
 
 def train_spec(
@@ -52,6 +77,7 @@ def train_spec(
         width=spec.width,
         max_epochs=spec.max_epochs,
         precision=spec.precision,
+        plateau=spec.plateau,
         cache_dir=cache_dir,
         root=root,
         progress_bar=progress_bar,
@@ -68,6 +94,7 @@ def checkpoint_of(spec: SourceSpec, cache_dir: str | Path = DEFAULT_CACHE_DIR) -
         width=spec.width,
         max_epochs=spec.max_epochs,
         precision=spec.precision,
+        plateau=spec.plateau,
         **spec.model_kwargs,
     )
     return cache_path(cache_dir, key)

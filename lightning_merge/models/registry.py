@@ -10,8 +10,14 @@ from torch import nn
 from lightning_merge.models.mlp import MLP
 from lightning_merge.models.resnet import ResNet20
 from lightning_merge.models.vgg import VGG11BN
+from lightning_merge.models.vit import ViT
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"mlp": MLP, "vgg11_bn": VGG11BN, "resnet20": ResNet20}
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "mlp": MLP,
+    "vgg11_bn": VGG11BN,
+    "resnet20": ResNet20,
+    "vit": ViT,
+}
 
 #: Arguments only some architectures use (convolutional nets do not depend on the image size).
 _OPTIONAL_ARGS = ("image_size",)

@@ -21,15 +21,19 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_merge.data.datamodule import DEFAULT_ROOT, TaskSplitDataModule
+from lightning_merge.data.datamodule import TaskSplitDataModule
 from lightning_merge.dataflow import model_device
 from lightning_merge.models.classifier import SourceClassifier
+from lightning_merge.models.plateau import PlateauRule, PlateauStopping
 
 log = logging.getLogger(__name__)
 
 TEST_CACHE_DIR = ".cache/test_models"
 #: Bumped whenever a change of code changes what a cached checkpoint would hold.
 CACHE_VERSION = 2
+#: Training images held out for validation when a source trains to a plateau (all classes; about
+#: half of them fall in a 5-class task).
+PLATEAU_VAL_SIZE = 5000
 
 
 @contextlib.contextmanager
@@ -88,11 +92,13 @@ def source_key(
     dataset: str = "fashion_mnist",
     batch_size: int = 128,
     precision: str | None = None,
+    plateau: PlateauRule | None = None,
     **model_kwargs: Any,
 ) -> dict[str, Any]:
     """Everything that determines a trained source model (the cache key of ``train_source``).
 
-    ``precision`` enters the key only when set, so checkpoints trained before it existed keep their names.
+    ``precision`` and ``plateau`` (with the validation hold-out it needs) enter the key only when set,
+    so checkpoints trained before they existed keep their names.
     """
     key = {
         "version": CACHE_VERSION,
@@ -109,6 +115,9 @@ def source_key(
     }
     if precision is not None:
         key["precision"] = str(precision)
+    if plateau is not None:
+        key["plateau"] = plateau.as_dict()
+        key["val_size"] = PLATEAU_VAL_SIZE
     return key
 
 
@@ -122,11 +131,12 @@ def train_source(
     limit_train_batches: int | float | None = None,
     init_state_dict: Mapping[str, torch.Tensor] | None = None,
     cache_dir: str | Path | None = None,
-    root: str = DEFAULT_ROOT,
+    root: str | None = None,
     dataset: str = "fashion_mnist",
     batch_size: int = 128,
     progress_bar: bool = False,
     precision: str | None = None,
+    plateau: PlateauRule | None = None,
     **model_kwargs: Any,
 ) -> SourceClassifier:
     """Train one source model on ``classes`` (all their training images) and return it in eval mode.
@@ -136,7 +146,11 @@ def train_source(
     With ``cache_dir`` the checkpoint is written there and reused by later calls with equal arguments.
     ``precision`` is Lightning's Trainer precision (None: full float32); ``"bf16-mixed"`` trains the
     wide nets about 2x faster on a CPU with AVX512-BF16.
+    ``plateau``: hold out :data:`PLATEAU_VAL_SIZE` training images, validate after every epoch and stop
+    when the rule says the validation accuracy has plateaued (``max_epochs`` is then the cap); the
+    epoch curve goes into the checkpoint's JSON record (:func:`source_record`).
     """
+    _check_plateau(plateau, max_epochs)
     key = source_key(
         arch,
         classes,
@@ -148,41 +162,78 @@ def train_source(
         dataset=dataset,
         batch_size=batch_size,
         precision=precision,
+        plateau=plateau,
         **model_kwargs,
     )
     path = cache_path(cache_dir, key) if cache_dir is not None else None
     if path is not None and path.is_file():
         log.info("loading cached source model %s", path)
         return load_source(path)
-
-    with quiet_lightning():
-        pl.seed_everything(seed, verbose=False)
-        data = TaskSplitDataModule(root, dataset, [list(key["classes"])], 0, batch_size, val_size=0)
-        model = SourceClassifier(arch=arch, width=width, classes=key["classes"], **model_kwargs)
-        if init_state_dict is not None:
-            _load_init(model, init_state_dict)
-        trainer = _trainer(max_epochs, limit_train_batches, precision, progress_bar)
-        start = time.perf_counter()
-        trainer.fit(model, datamodule=data)
-        seconds = time.perf_counter() - start
-        if path is not None:
-            _save(trainer, path, {**key, "train_seconds": seconds})
-    log.info("trained %s on classes %s (seed %d) in %.1f s", arch, key["classes"], seed, seconds)
+    model, record = _fit(key, model_kwargs, root, init_state_dict, plateau, progress_bar)
+    if path is not None:
+        _save(model, path, record)
+    log.info(
+        "trained %s on classes %s (seed %d) in %.1f s", arch, key["classes"], seed, record["train_seconds"]
+    )
     return model.cpu().eval()
 
 
+def _check_plateau(plateau: PlateauRule | None, max_epochs: int) -> None:
+    if plateau is not None and not isinstance(plateau, PlateauRule):
+        raise TypeError(f"plateau must be a PlateauRule or None, got {type(plateau).__name__}")
+    if plateau is not None and max_epochs < plateau.min_epochs:
+        raise ValueError(
+            f"max_epochs={max_epochs} is below the plateau rule's min_epochs={plateau.min_epochs}"
+        )
+
+
+def _fit(
+    key: Mapping[str, Any],
+    model_kwargs: Mapping[str, Any],
+    root: str,
+    init_state_dict: Mapping[str, torch.Tensor] | None,
+    plateau: PlateauRule | None,
+    progress_bar: bool,
+) -> tuple[SourceClassifier, dict[str, Any]]:
+    """Train the source ``key`` describes; its record: the key, the time and (plateau) the curve."""
+    with quiet_lightning():
+        pl.seed_everything(key["seed"], verbose=False)
+        classes, val_size = list(key["classes"]), key.get("val_size", 0)
+        data = TaskSplitDataModule(root, key["dataset"], [classes], 0, key["batch_size"], val_size=val_size)
+        model = SourceClassifier(arch=key["arch"], width=key["width"], classes=classes, **model_kwargs)
+        if init_state_dict is not None:
+            _load_init(model, init_state_dict)
+        stopper = PlateauStopping(plateau) if plateau is not None else None
+        trainer = _trainer(
+            key["max_epochs"], key["limit_train_batches"], key.get("precision"), progress_bar, stopper
+        )
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=data)
+        seconds = time.perf_counter() - start
+    record = {**key, "train_seconds": seconds}
+    if stopper is not None:
+        record |= stopper.record() | {"epoch_seconds": seconds / max(1, len(stopper.curve))}
+    return model, record
+
+
 def _trainer(
-    max_epochs: int, limit_train_batches: int | float | None, precision: str | None, progress_bar: bool
+    max_epochs: int,
+    limit_train_batches: int | float | None,
+    precision: str | None,
+    progress_bar: bool,
+    stopper: PlateauStopping | None = None,
 ) -> pl.Trainer:
-    """A quiet single-device trainer without validation, logger or checkpoint callback."""
+    """A quiet single-device trainer without logger or checkpoint callback; it validates after every
+    epoch only with a plateau ``stopper``."""
     return pl.Trainer(
         accelerator="auto",
         devices=1,
         max_epochs=max_epochs,
         limit_train_batches=limit_train_batches,
         precision=precision if precision is not None else "32-true",
-        limit_val_batches=0,
+        limit_val_batches=None if stopper is not None else 0,
         num_sanity_val_steps=0,
+        callbacks=[stopper] if stopper is not None else None,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -190,13 +241,20 @@ def _trainer(
     )
 
 
-def _save(trainer: pl.Trainer, path: Path, record: dict[str, Any]) -> None:
+def _save(model: SourceClassifier, path: Path, record: dict[str, Any]) -> None:
     """The weights-only checkpoint (atomically) and its JSON record beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    trainer.save_checkpoint(tmp, weights_only=True)
+    model.trainer.save_checkpoint(tmp, weights_only=True)
     os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(record, indent=2))
+
+
+def source_record(path: str | Path) -> dict[str, Any] | None:
+    """The JSON record written beside a cached checkpoint (its key, training time and, for a source
+    trained to a plateau, its epochs and validation curve); None when there is none."""
+    record = Path(path).with_suffix(".json")
+    return json.loads(record.read_text()) if record.is_file() else None
 
 
 def load_source(path: str | Path) -> SourceClassifier:

@@ -15,7 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_merge.dataflow import Ranks, all_reduce_sum_, batch_inputs, model_device, shard
+from lightning_merge.dataflow import (
+    Ranks,
+    all_reduce_sum_,
+    batch_inputs,
+    check_max_batches,
+    model_device,
+    shard,
+)
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.stats.collector import Collector
 from lightning_merge.stats.container import Statistics
@@ -61,10 +68,7 @@ def collect_statistics(
         )
     ranks = Ranks.current() if ranks is None else ranks
     models = _check_models(models)
-    if max_batches is not None and (
-        not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches < 1
-    ):
-        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    check_max_batches(max_batches)
     collectors = list(collectors) if collectors is not None else build_collectors(requires, graph)
     for c in collectors:
         if not isinstance(c, Collector):

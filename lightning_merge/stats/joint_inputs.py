@@ -8,6 +8,11 @@ float64. Any least-squares problem whose inputs and targets are linear maps of t
 inputs (PLeaS' published objective: averaged matched features, unmatched ones kept apart, targets
 y_i = W_i x_i + b_i) has its normal equations in these sums, so the merge needs no data pass.
 
+Self-attention (``nn.MultiheadAttention``, whose projections torch applies functionally, so no hook
+on them fires) adds two layers: ``<name>.in_proj`` (the packed q/k/v projection; input: the
+attention's input tokens) and ``<name>.out_proj`` (input: each model's own heads' context), both
+computed from the attention module's input (:mod:`lightning_merge.stats.attention`).
+
 Conv patches: the N inputs are concatenated along channels and passed to
 :func:`~lightning_merge.stats.patch_gram.input_gram` with the source layer's kernel geometry, so a
 stride-1 conv takes the shifted-window products and never materialises patches.
@@ -32,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_merge.stats.attention import check_attention, check_self_attention_call, context
 from lightning_merge.stats.collector import StatisticCollector
 from lightning_merge.stats.container import FeatureMoments
 from lightning_merge.stats.gram import supported_layers
@@ -55,7 +61,12 @@ def joint_inputs_memory_bytes(model: nn.Module, num_models: int) -> int:
 
     Quadratic in N·d: a 3×3 conv with 256 input channels holds (2·2304)² values (170 MB) for N = 2."""
     dims = [num_models * m.weight[0].numel() for _, m in supported_layers(model)]
+    dims += [num_models * m.embed_dim for _, m in attention_modules(model)]  # the packed in_proj
     return 8 * sum(d * d + d + 1 for d in dims)
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.MultiheadAttention]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
 
 
 @register_statistic
@@ -84,31 +95,55 @@ class JointInputsCollector(StatisticCollector):
         for i, per in enumerate(layers[1:], start=1):
             if list(per) != names:
                 raise ValueError(f"model {i} has other Linear/Conv2d layers than model 0; cannot pair inputs")
+        attention = [dict(attention_modules(m)) for m in models]
+        # an attention's out_proj is a Linear its own hook never sees: the attention's hook feeds it
+        widths = {name: module.weight[0].numel() for name, module in layers[0].items()}
+        for name, mha in attention[0].items():
+            check_attention(mha, name)
+            widths[f"{name}.in_proj"] = widths[f"{name}.out_proj"] = mha.embed_dim
+        dev = next(iter(layers[0].values())).weight.device if layers[0] else torch.device("cpu")
         self.outer, self.total, self.count = {}, {}, {}
-        for name, module in layers[0].items():
-            d, dev = self.num_models * module.weight[0].numel(), module.weight.device
+        for name, width in widths.items():
+            d = self.num_models * width
             self.outer[name] = torch.zeros(d, d, dtype=torch.float64, device=dev)
             self.total[name] = torch.zeros(d, dtype=torch.float64, device=dev)
             self.count[name] = torch.zeros((), dtype=torch.float64, device=dev)
-        self.parked = [{n: [] for n in names} for _ in range(self.num_models - 1)]
+        self.parked = [{n: [] for n in widths} for _ in range(self.num_models - 1)]
         for i, per in enumerate(layers):
             for name, module in per.items():
                 self.handles.append(module.register_forward_hook(self._hook(i, name)))
+        for i, per in enumerate(attention):
+            for name, mha in per.items():
+                hook = self._attention_hook(i, name)
+                self.handles.append(mha.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _add(self, i: int, name: str, layer: nn.Module, x: torch.Tensor) -> None:
+        """Park model i's input to ``name`` or, for the last model, add the joint row products."""
+        if i < self.num_models - 1:
+            self.parked[i][name].append(x)
+            return
+        xs = [p[name].pop(0) for p in self.parked] + [x]
+        products = torch.promote_types(x.dtype, MIN_PRODUCTS)
+        xx, xs_sum, rows = input_gram(layer, joint_rows(layer, xs), products)
+        self.outer[name].add_(xx)
+        self.total[name].add_(xs_sum)
+        self.count[name] += rows
 
     def _hook(self, i: int, name: str):  # noqa: ANN202 — a forward hook
         def hook(mod: nn.Module, args: tuple, _out: torch.Tensor) -> None:
+            if self.active:
+                self._add(i, name, mod, args[0].detach())
+
+        return hook
+
+    def _attention_hook(self, i: int, name: str):  # noqa: ANN202 — a forward pre-hook
+        def hook(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
             if not self.active:
                 return
+            check_self_attention_call(name, args, kwargs)
             x = args[0].detach()
-            if i < self.num_models - 1:
-                self.parked[i][name].append(x)
-                return
-            xs = [p[name].pop(0) for p in self.parked] + [x]
-            products = torch.promote_types(x.dtype, MIN_PRODUCTS)
-            xx, xs_sum, rows = input_gram(mod, joint_rows(mod, xs), products)
-            self.outer[name].add_(xx)
-            self.total[name].add_(xs_sum)
-            self.count[name] += rows
+            self._add(i, f"{name}.in_proj", mha.out_proj, x)  # out_proj: any Linear of input width E
+            self._add(i, f"{name}.out_proj", mha.out_proj, context(mha, x))
 
         return hook
 

@@ -122,10 +122,10 @@ def check_models_match_graph(models: Sequence[nn.Module], graph: MergeGraph) -> 
                     f"model {i} does not match the merge graph: it has no module {tap.module!r} "
                     f"(tap of merge points {[s.space for s in tap.segments]})"
                 )
-            if tap.kind == "attention" and not isinstance(modules[tap.module], nn.MultiheadAttention):
+            if tap.kind == "attention" and not _is_attention(modules[tap.module]):
                 raise TypeError(
                     f"model {i}: attention tap {tap.module!r} is a {type(modules[tap.module]).__name__}, "
-                    "expected nn.MultiheadAttention"
+                    "expected nn.MultiheadAttention or a module with a packed qkv Linear (Swin)"
                 )
         tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         for name, shape in graph.param_shapes.items():
@@ -150,8 +150,19 @@ def _version_of(x: Tensor) -> int | None:
     return None if x.is_inference() else x._version
 
 
-def _attention_projections(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Tensor:
-    """q, k and v projections of an ``nn.MultiheadAttention`` call, stacked as rows (3, ..., E)."""
+def _is_attention(module: nn.Module) -> bool:
+    """nn.MultiheadAttention, or a self-attention with a packed ``qkv`` Linear (torchvision's Swin)."""
+    qkv = getattr(module, "qkv", None)
+    return isinstance(module, nn.MultiheadAttention) or (
+        isinstance(qkv, nn.Linear) and qkv.out_features == 3 * qkv.in_features
+    )
+
+
+def _attention_projections(mha: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    """q, k and v projections of an attention call, stacked as rows (3, ..., E)."""
+    if not isinstance(mha, nn.MultiheadAttention):  # packed qkv Linear on the (..., E) input
+        x = _first_input(type(mha).__name__, args, kwargs)
+        return F.linear(x, mha.qkv.weight, mha.qkv.bias).unflatten(-1, (3, -1)).movedim(-2, 0)
     names = ("query", "key", "value")
     query, key, value = (args[j] if len(args) > j else kwargs[name] for j, name in enumerate(names))
     if mha._qkv_same_embed_dim:

@@ -173,5 +173,5 @@ def test_chunking_does_not_change_the_sums(monkeypatch) -> None:
 def test_max_batches_must_be_positive() -> None:
     sources, merged, data = sources_and_merged(ResNetLike)
     graph, tr = graph_and_transforms()
-    with pytest.raises(ValueError, match="max_batches must be a positive integer"):
+    with pytest.raises(ValueError, match="max_batches must be a positive int or None, got 0"):
         ls.least_squares_refit(merged, sources, graph, tr, data, max_batches=0)

@@ -76,10 +76,17 @@ def test_report_carries_the_json_numbers_and_missing_lines(results: Path, tmp_pa
         line = next(x for x in text.splitlines() if x.startswith(f"| {r['method']} |"))
         assert f"| {r['joint_acc']:.2f} | {r['task_0_acc']:.2f} | {r['task_1_acc']:.2f} |" in line
     v = mt.verdict(data["rows"], 2)
-    assert f"{100 * v['best_joint'] / v['ensemble_joint']:.1f}% of the ensemble's" in text
-    one_size = [r for r in data["rows"] if r["method"] == v["best_1x"]]
-    assert one_size and all(r["rel_params"] <= 1 + 1e-9 for r in one_size)
-    assert f"**{v['best_1x']}**, joint {v['best_1x_joint']:.2f}%" in text
+    headline = mt.headline_lines(data["rows"], 2)
+    assert headline[0].startswith("Equally treated ensemble (raw logits): joint")
+    for line in headline:  # the headline of merge_table.headline, under the table's heading
+        assert f"  - {line}\n" in text
+    h = mt.headline(data["rows"], 2)
+    assert all(p["method"] in ("average", "permute") for p in h["picks"])
+    assert f"{100 * h['picks'][0]['of_treated_ensemble']:.1f}% of the equally treated ensemble's" in text
+    # a frontier per table family, drawn by report.main and linked from the report
+    png = results / "frontier_resnet20.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "frontier_resnet20.png)" in text
+    assert not (results / "frontier_vgg11_bn.png").exists()  # no VGG table: no figure
     assert f"  - beats weight averaging: {mt.beats_average(v)}" in text
     assert "regenerate: `cmd T`" in text and "regenerate: `cmd S`" in text and "Machine: box" in text
     for _, stem, command in report.TABLES[1:]:

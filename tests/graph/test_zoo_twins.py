@@ -57,6 +57,20 @@ def _regnet() -> nn.Module:
     return tv.models.RegNet(params, num_classes=10)
 
 
+def _shufflenet() -> nn.Module:
+    """ShuffleNetV2 blocks (channel split, channel shuffle) with one block per stage."""
+    return tv.models.ShuffleNetV2([1, 1, 1], [8, 16, 32, 64, 128], num_classes=10)
+
+
+def _swin(v2: bool = False) -> nn.Module:
+    """Two stages of two blocks (plain and shifted windows of 2×2 tokens), patch merging between."""
+    sw = tv.models.swin_transformer
+    kw = {"block": sw.SwinTransformerBlockV2, "downsample_layer": sw.PatchMergingV2} if v2 else {}
+    return sw.SwinTransformer(
+        [4, 4], 16, [2, 2], [2, 4], [2, 2], stochastic_depth_prob=0.1, num_classes=10, **kw
+    )
+
+
 #: one small model per family; the zoo's own sizes are the benchmark's (benchmarks/zoo_coverage.py)
 FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "resnet": _resnet,
@@ -65,6 +79,9 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "convnext": _convnext,
     "regnet": _regnet,
     "densenet": lambda: tv.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16),
+    "shufflenet": _shufflenet,
+    "swin": _swin,
+    "swin_v2": lambda: _swin(v2=True),
     "vit": lambda: tv.models.VisionTransformer(32, 8, 2, 4, 64, 128, num_classes=10),
 }
 
@@ -79,9 +96,15 @@ def test_twin_recovery(family: str) -> None:
     assert result == dict.fromkeys(zoo.METHODS, "ok"), result
 
 
-def test_shufflenet_is_refused_naming_the_op_and_node() -> None:
-    from lightning_merge.graph import UnsupportedOpError, trace_graph
+def test_shufflenet_channel_shuffle_fixes_the_spaces_it_interleaves() -> None:
+    """The shuffle's inputs (each block's concatenated branches) stay fixed; the spaces inside the
+    branches and the stem/last convolutions' are still merge points."""
+    from lightning_merge.graph import trace_graph
 
-    with pytest.raises(UnsupportedOpError, match=r"Tensor\.view at fx node 'view'") as err:
-        trace_graph(tv.models.shufflenet_v2_x0_5().eval(), torch.randn(2, 3, 32, 32))
-    assert err.value.node == "view"
+    model = _shufflenet().eval()
+    graph = trace_graph(model, torch.randn(2, 3, 32, 32))
+    names = {s.name for s in graph.spaces}
+    assert "conv1.0" in names and "conv5.0" in names
+    assert {"stage2.0.branch2.0", "stage3.0.branch2.0", "stage4.0.branch2.0"} <= names
+    for stage in ("stage2", "stage3", "stage4"):  # the last conv of each branch feeds the shuffle
+        assert f"{stage}.0.branch1.2" not in names and f"{stage}.0.branch2.5" not in names

@@ -4,48 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from stats_nets import permuted_twin
+from stats_nets import seq_mlp as mlp
+from stats_nets import seq_mlp_graph as mlp_graph
 
-from lightning_merge.graph import AxisRef, MergeGraph, Space, permute_model, random_permutations, trace_graph
+from lightning_merge.graph import permute_model, random_permutations, trace_graph
 from lightning_merge.match import match_mudsc, match_permute, match_weights, match_zipit, weight_similarity
-
-
-def mlp(seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 3)).double()
-
-
-def mlp_graph(model: nn.Module, group_size: int = 1) -> MergeGraph:
-    spaces = [
-        Space(
-            "h1",
-            10,
-            [AxisRef("0.weight", 0, "out"), AxisRef("0.bias", 0, "out"), AxisRef("2.weight", 1, "in")],
-        ),
-        Space(
-            "h2",
-            12,
-            [AxisRef("2.weight", 0, "out"), AxisRef("2.bias", 0, "out"), AxisRef("4.weight", 1, "in")],
-            group_size=group_size,
-        ),
-    ]
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    return MergeGraph(spaces=spaces, taps=[], cut_points=[], param_shapes=shapes)
-
-
-def permuted_copy(model: nn.Module, graph: MergeGraph, seed: int):
-    copy = mlp(0)
-    copy.load_state_dict(model.state_dict())
-    perms = random_permutations(graph, seed=seed)
-    permute_model(copy, graph, perms)
-    return copy, perms
 
 
 @pytest.mark.parametrize("num_copies", [1, 2])
 def test_weight_matching_recovers_permuted_copies(num_copies):
     base = mlp(0)
     graph = mlp_graph(base)
-    copies = [permuted_copy(base, graph, seed=s) for s in range(1, num_copies + 1)]
+    copies = [permuted_twin(base, graph, seed=s) for s in range(1, num_copies + 1)]
     x = torch.randn(5, 6, dtype=torch.float64)
     for c, _ in copies:
         assert torch.allclose(c(x), base(x))  # permuting keeps the function
@@ -93,7 +64,7 @@ def test_weight_matching_errors_name_the_culprit():
 def test_weight_similarity_is_exact_on_a_permuted_copy_once_other_axes_are_aligned():
     base = mlp(0)
     graph = mlp_graph(base)
-    copy, perms = permuted_copy(base, graph, seed=5)
+    copy, perms = permuted_twin(base, graph, seed=5)
     sds = [base.state_dict(), copy.state_dict()]
     # producing rows alone are aligned already (their other axis is the fixed input)
     sim_out = weight_similarity(sds, graph, "h1", roles=("out",))

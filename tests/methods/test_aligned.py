@@ -6,11 +6,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+from trained import quiet_trainer
 
 from lightning_merge.apply.batchnorm_reset import reset_batchnorm
 from lightning_merge.apply.partial import PartialZipModel
@@ -280,16 +280,7 @@ def test_runs_through_merge_module(source_pair: Callable) -> None:
     method = AlignedMerge(merger=MaTS(subspace="regmean", iterations=10))
     module = MergeModule(sources=source_pair("mlp", width=0.25), method=method, evaluate_sources=False)
     dm = TaskSplitDataModule(calibration_size=512, eval_batch_size=1000)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        limit_val_batches=1,
-    )
-    trainer.validate(module, datamodule=MergeDataModule(dm), verbose=False)
+    quiet_trainer(limit_val_batches=1).validate(module, datamodule=MergeDataModule(dm), verbose=False)
     assert set(module.results) == {
         f"{m}/{k}"
         for m in ("merged", "ensemble", "ensemble_reset")

@@ -7,39 +7,19 @@ import math
 
 import pytest
 import torch
+from stats_nets import permuted_twin
+from stats_nets import seq_mlp as mlp
+from stats_nets import seq_mlp_graph as mlp_graph
 from torch import nn
 from zipit_reference import zipit_reference
 
-from lightning_merge.graph import AxisRef, MergeGraph, Space, permute_model, random_permutations, trace_graph
+from lightning_merge.graph import permute_model, random_permutations, trace_graph
 from lightning_merge.match import match_zipit, weight_similarity
 from lightning_merge.match._weights import axes_by_param, mapped_member_rows
 from lightning_merge.match.mudsc import fusion_scores, match_scored, mudsc_descent, space_maps
 from lightning_merge.match.permute import permutations_to_transform
 from lightning_merge.methods import MuDSCMerge
 from lightning_merge.stats.collect import collect_statistics
-
-
-def mlp(seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 3)).double()
-
-
-def mlp_graph(model: nn.Module, group_size: int = 1) -> MergeGraph:
-    spaces = [
-        Space(
-            "h1",
-            10,
-            [AxisRef("0.weight", 0, "out"), AxisRef("0.bias", 0, "out"), AxisRef("2.weight", 1, "in")],
-        ),
-        Space(
-            "h2",
-            12,
-            [AxisRef("2.weight", 0, "out"), AxisRef("2.bias", 0, "out"), AxisRef("4.weight", 1, "in")],
-            group_size=group_size,
-        ),
-    ]
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    return MergeGraph(spaces=spaces, taps=[], cut_points=[], param_shapes=shapes)
 
 
 def act_corrs(models: list[nn.Module], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -59,11 +39,6 @@ def act_corrs(models: list[nn.Module], seed: int = 0) -> dict[str, torch.Tensor]
         std = cov.diagonal().sqrt().clamp_min(1e-8)  # dead ReLU features correlate 0, never NaN
         out[name] = cov / torch.outer(std, std)
     return out
-
-
-def permuted_twin(model: nn.Module, graph: MergeGraph, seed: int) -> tuple[nn.Module, dict]:
-    perms = random_permutations(graph, seed=seed)
-    return permute_model(copy.deepcopy(model), graph, perms), perms
 
 
 # ------------------------------------------------------------------ weight similarity

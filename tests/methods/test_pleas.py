@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
-import subprocess
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from ddp_launch import run_ddp_script
 from pleas_ddp_script import METHOD, PLeaSSources
 from safetensors.torch import load_file
 from torch import nn
@@ -262,15 +259,7 @@ def test_statistics_of_other_models_are_refused() -> None:
 # ------------------------------------------------------------------ DDP and the statistics store
 @pytest.mark.ddp
 def test_two_ddp_processes_give_the_single_process_weights(tmp_path) -> None:
-    script = Path(__file__).resolve().parents[1] / "pleas_ddp_script.py"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")]),
-    }
-    env.pop("LOCAL_RANK", None)
-    run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
-    )
+    run = run_ddp_script("pleas_ddp_script.py", tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     module = PLeaSSources()  # same seeds → same sources and data
     module.statistics = collect_statistics(

@@ -5,11 +5,10 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from trained import trained_pair
+from trained import quiet_trainer, trained_pair
 
 from lightning_merge.apply.partial import PartialZipModel
 from lightning_merge.data import MergeDataModule, TaskSplitDataModule
@@ -24,15 +23,7 @@ from lightning_merge.stats.store import model_fingerprint
 def run(sources: list, method: ZipItMerge, export_dir: Path) -> tuple[MergeModule, TaskSplitDataModule]:
     dm = TaskSplitDataModule(calibration_size=512, eval_batch_size=1000)
     module = MergeModule(sources=sources, method=method, export_dir=str(export_dir), evaluate_sources=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-    )
-    trainer.validate(module, datamodule=MergeDataModule(dm), verbose=False)
+    quiet_trainer().validate(module, datamodule=MergeDataModule(dm), verbose=False)
     return module, dm
 
 

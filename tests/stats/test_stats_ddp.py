@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from ddp_launch import run_ddp_script
 from stats_ddp_script import NUM_SAMPLES, Sources
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -16,19 +12,10 @@ from lightning_merge.dataflow import ShardSampler
 from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.store import load_statistics
 
-SCRIPT = Path(__file__).resolve().parents[1] / "stats_ddp_script.py"
-
 
 @pytest.mark.ddp
 def test_ddp_statistics_equal_single_process(tmp_path) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent), os.environ.get("PYTHONPATH", "")]),
-    }
-    env.pop("LOCAL_RANK", None)
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=150
-    )
+    run = run_ddp_script("stats_ddp_script.py", tmp_path, timeout=150)
     assert run.returncode == 0, run.stderr[-4000:]
     module = Sources()  # same seeds → same source models
     reference = collect_statistics(

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_sum
+from trained import quiet_trainer
 
 from lightning_merge.callbacks.statistics import MergeStatistics
 from lightning_merge.methods.base import MergeMethod
@@ -97,15 +98,7 @@ def reference_logit_sums(module: Sources, batches: int) -> Tensor:
 
 
 def trainer_with(callback: MergeStatistics) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        callbacks=[callback],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    return quiet_trainer(callbacks=[callback])
 
 
 def test_a_statistic_registered_here_flows_through_pass_cache_store_and_digest(toy, tmp_path) -> None:

@@ -1,0 +1,60 @@
+"""benchmarks/zoo_coverage.py without running a model: size skips become rows, the summary counts
+each method's exact merges (float32 apart from float64-only), and a finished row is not redone."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytest.importorskip("torchvision")
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture
+def zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("zoo_coverage_cli", BENCH / "zoo_coverage.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["zoo_coverage_cli"] = module
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    return module
+
+
+def test_a_model_over_the_size_limit_is_a_row_that_says_so(zoo: ModuleType, tmp_path: Path) -> None:
+    zoo.main(["--only", "vgg11", "--max-params", "100"], log=lambda _: None)
+    row = json.loads((tmp_path / "zoo_coverage.json").read_text())["rows"]["vgg11"]
+    assert row["status"] == "skipped (size)"
+    assert row["params_M"] == 132.9
+    assert row["error"] == "132.9 M params > --max-params 100"
+    md = (tmp_path / "zoo_coverage.md").read_text()
+    assert "| vgg11 | 132.9 |  | skipped (size): 132.9 M params > --max-params 100 |" in md
+    assert "skipped (size) 1" in md and "not run" in md
+
+
+def test_finished_rows_are_kept_unless_rerun(zoo: ModuleType, tmp_path: Path) -> None:
+    done = {"arch": "alexnet", "status": "ok", "methods": dict.fromkeys(zoo.METHODS, "ok"), "total_s": 1}
+    (tmp_path / "zoo_coverage.json").write_text(json.dumps({"rows": {"alexnet": done}}))
+    zoo.main(["--only", "alexnet", "--max-params", "1"], log=lambda _: None)
+    assert json.loads((tmp_path / "zoo_coverage.json").read_text())["rows"]["alexnet"] == done
+    zoo.main(["--only", "alexnet", "--max-params", "1", "--rerun"], log=lambda _: None)
+    assert json.loads((tmp_path / "zoo_coverage.json").read_text())["rows"]["alexnet"]["status"] == (
+        "skipped (size)"
+    )
+
+
+def test_summary_counts_float32_and_float64_merges_apart(zoo: ModuleType) -> None:
+    methods = list(zoo.METHODS)
+    a = dict.fromkeys(methods, "ok")
+    b = {**a, methods[-1]: "ok in float64 (float32 2.8e-05)"}
+    c = {**a, methods[0]: "error 4.3e-04 (float64: error 4.3e-04)"}
+    assert [zoo.row_status(r) for r in (a, b, c)] == ["ok", "ok (float64)", "failed"]
+    rows = {k: {"status": zoo.row_status(r), "methods": r} for k, r in zip("xyz", (a, b, c), strict=True)}
+    lines = zoo.summary(rows, ["x", "y", "z", "w"])
+    assert lines[0] == "Architectures: 4; failed 1, not run 1, ok 1, ok (float64) 1"
+    assert f"{methods[0]} 2/4" in lines[2] and f"{methods[-1]} 2/4" in lines[2]
+    assert f"{methods[0]} 2/4" in lines[4] and f"{methods[-1]} 3/4" in lines[4]
