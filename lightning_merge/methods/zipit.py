@@ -23,6 +23,13 @@ from lightning_merge.methods.transform_base import (
 from lightning_merge.stats.container import Statistics
 
 
+def check_flag(value: object, name: str) -> bool:
+    """``value`` if it is a bool; anything else (0, "yes", None) is an error naming ``name``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def resolve_widths(
     graph: MergeGraph, num_models: int, ratio: float, widths: dict[str, int] | None
 ) -> dict[str, int]:
@@ -38,7 +45,11 @@ def resolve_widths(
 
 
 class ZipItMerge(TransformMethod):
-    """ZipIt! (Stoica et al., 2023). Defaults α=0.3, β=0.125 are the paper's for two models."""
+    """ZipIt! (Stoica et al., 2023). Defaults α=0.3, β=0.125 are the paper's for two models.
+
+    ``reset_sources`` (default True, as the official scripts: ``reset_bn_stats`` of every base model
+    on the union training loader before ``graphify``/``transform``): ``MergeModule`` resets the
+    sources' BatchNorm statistics on the calibration data before gathering the correlations."""
 
     name = "zipit"
 
@@ -52,11 +63,13 @@ class ZipItMerge(TransformMethod):
         width: float = 1.0,
         widths: dict[str, int] | None = None,
         stop_at: str | float | None = None,
+        reset_sources: bool = True,
     ) -> None:
         super().__init__(stop_at=stop_at)
         check_alpha_beta(alpha, beta)
         check_ratio(width, "width")
         self.alpha, self.beta, self.width, self.widths = float(alpha), float(beta), float(width), widths
+        self.reset_sources = check_flag(reset_sources, "reset_sources")
 
     def match(self, sources: Sequence[nn.Module], graph: MergeGraph, stats: Statistics | None) -> Transforms:
         num = len(sources)

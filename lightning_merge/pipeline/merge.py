@@ -9,19 +9,21 @@ and falls back to rank 0's weights if a rank drifted.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_merge.apply.batchnorm_reset import reset_batchnorm
 from lightning_merge.apply.partial import PartialZipModel
 from lightning_merge.apply.repair import repair_rescale
 from lightning_merge.dataflow import Ranks
-from lightning_merge.evaluation import MergeScores, Scoring, Treat, check_scoring_models
+from lightning_merge.evaluation import MergeScores, Scoring, Treat, check_scoring_models, evaluate_model
 from lightning_merge.methods.base import MergeMethod, MergeResult
 from lightning_merge.pipeline.prepare import PreparedSources
 from lightning_merge.stats.container import Statistics
@@ -60,6 +62,86 @@ def run_method(
     if method.needs_data:
         kwargs["data"] = calibration
     return method.merge(list(sources.models), **kwargs)
+
+
+def search_score(
+    criterion: str,
+    task_data: Any,
+    prepared: PreparedSources,
+    calibration: Iterable[Any],
+    repair: Repair,
+    *,
+    scoring: Scoring = "logits",
+    max_batches: int | None = None,
+    ranks: Ranks | None = None,
+) -> Callable[[nn.Module], float]:
+    """A hyperparameter search's score of a candidate merge (MuDSC's λ search), as the paper picks λ:
+    the candidate gets the merge's BatchNorm reset on ``calibration`` (any true ``repair``), then its
+    accuracy on the tasks' *training* split (``task_data.task_train_dataloader(t)``, ``max_batches``
+    batches per task in a fixed seeded order, ``None``: all): ``criterion`` "joint" (over all classes)
+    or "task_avg" (the mean per-task accuracy). Every rank scores the same batches, so every rank
+    picks the same value."""
+    if criterion not in ("joint", "task_avg"):
+        raise ValueError(f"search criterion must be 'joint' or 'task_avg', got {criterion!r}")
+    if not hasattr(task_data, "task_train_dataloader"):
+        raise ValueError(
+            f"the search scores on the tasks' training data, but {type(task_data).__name__} has no "
+            "task_train_dataloader(task); give the method an explicit score= callable"
+        )
+    tasks = [list(t) for t in task_data.tasks]
+    loaders = [
+        list(itertools.islice(_seeded(task_data.task_train_dataloader(t)), max_batches))
+        for t in range(len(tasks))
+    ]
+
+    @torch.no_grad()
+    def score(model: nn.Module) -> float:
+        if repair:
+            reset_batchnorm(model, calibration, ranks=ranks)
+        acc = evaluate_model(model.eval(), loaders, tasks, prepared.heads, scoring=scoring)
+        if criterion == "joint":
+            return acc["joint_acc"]
+        per_task = [acc[f"task{t}_acc"] for t in range(len(tasks)) if f"task{t}_acc" in acc]
+        return sum(per_task) / len(per_task)
+
+    return score
+
+
+def _seeded(loader: Iterable[Any]) -> Iterable[Any]:
+    """A DataLoader's data in a fixed shuffled order (seed 0): every call and every rank scores the
+    same training images, drawn from every class; other iterables as they are."""
+    if not isinstance(loader, DataLoader) or loader.batch_size is None:
+        return loader
+    gen = torch.Generator().manual_seed(0)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True, generator=gen)
+
+
+def with_search_score(
+    method: MergeMethod,
+    task_data: Any,
+    prepared: PreparedSources,
+    calibration: Iterable[Any],
+    repair: Repair,
+    scoring: Scoring = "logits",
+    ranks: Ranks | None = None,
+) -> MergeMethod:
+    """``method``, or for a method that searches a hyperparameter (``lam_search``) without its own
+    ``score``, a copy whose ``score`` is :func:`search_score` with the method's ``search_criterion``
+    and ``search_batches`` (MuDSC's λ search run as its paper does; the caller's method is unchanged)."""
+    if not getattr(method, "lam_search", False) or getattr(method, "score", None) is not None:
+        return method
+    searching = copy.copy(method)
+    searching.score = search_score(  # type: ignore[attr-defined]
+        method.search_criterion,  # type: ignore[attr-defined]
+        task_data,
+        prepared,
+        calibration,
+        repair,
+        scoring=scoring,
+        max_batches=method.search_batches,  # type: ignore[attr-defined]
+        ranks=ranks,
+    )
+    return searching
 
 
 @torch.no_grad()

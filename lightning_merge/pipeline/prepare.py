@@ -9,15 +9,18 @@ permuting every merge point at random (a graph that would merge wrongly stops he
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_merge.apply.batchnorm_reset import reset_batchnorm
 from lightning_merge.apply.twin import check_equivalence
+from lightning_merge.dataflow import Ranks
 from lightning_merge.evaluation import SourceHead, head_of
 from lightning_merge.graph import MergeGraph, load_graph, trace_graph
 from lightning_merge.pipeline.load import LoadedSource, Source, check_same_architecture, load_source
@@ -98,3 +101,16 @@ def merge_graph_of(
 
 def _frozen(model: nn.Module) -> nn.Module:
     return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def reset_source_batchnorm(
+    prepared: PreparedSources, calibration: Iterable[Any], ranks: Ranks | None = None
+) -> PreparedSources:
+    """``prepared`` with reset copies of its sources: every BatchNorm's running statistics pooled over
+    ``calibration`` (the union of the tasks' data), as ZipIt!'s and MuDSC's official pipelines do
+    before gathering correlations; fingerprints are recomputed, so cached statistics of the untreated
+    sources are not reused. The loaded sources are not modified; the base (if any) is left alone."""
+    models = [reset_batchnorm(copy.deepcopy(m), calibration, ranks=ranks) for m in prepared.models]
+    models = [m.eval().requires_grad_(False) for m in models]
+    return replace(prepared, models=models, fingerprints=[model_fingerprint(m) for m in models])

@@ -16,6 +16,16 @@ computed from the attention module's input (:mod:`lightning_merge.stats.attentio
 Conv patches: the N inputs are concatenated along channels and passed to
 :func:`~lightning_merge.stats.patch_gram.input_gram` with the source layer's kernel geometry, so a
 stride-1 conv takes the shifted-window products and never materialises patches.
+
+Precision: the sums are float64; the products that feed them run in the sources' own precision,
+at least :data:`MIN_PRODUCTS` (float32 models: float32 products over one image row of a chunk,
+or :data:`~lightning_merge.stats.patch_gram.SYM_ROWS` rows, each added in float64; float64
+models: float64 throughout). A float32 product of float32 activations is as precise as the
+activations themselves and about 2× cheaper than a float64 one; set :data:`MIN_PRODUCTS` to
+``torch.float64`` for float64 products everywhere.
+
+Cost: the (N·d)² products are 2× those of the per-model ``grams`` statistic and dominate the pass
+(``benchmarks/results/pleas_time.md``).
 """
 
 from __future__ import annotations
@@ -33,6 +43,9 @@ from lightning_merge.stats.container import FeatureMoments
 from lightning_merge.stats.gram import supported_layers
 from lightning_merge.stats.patch_gram import input_gram
 from lightning_merge.stats.registry import register_statistic
+
+#: Lowest precision of the products (the sums are float64 regardless).
+MIN_PRODUCTS = torch.float32
 
 
 def joint_rows(layer: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -110,7 +123,8 @@ class JointInputsCollector(StatisticCollector):
             self.parked[i][name].append(x)
             return
         xs = [p[name].pop(0) for p in self.parked] + [x]
-        xx, xs_sum, rows = input_gram(layer, joint_rows(layer, xs))
+        products = torch.promote_types(x.dtype, MIN_PRODUCTS)
+        xx, xs_sum, rows = input_gram(layer, joint_rows(layer, xs), products)
         self.outer[name].add_(xx)
         self.total[name].add_(xs_sum)
         self.count[name] += rows

@@ -188,6 +188,7 @@ def test_seed_groups_and_split_arguments(mt: ModuleType, capsys: pytest.CaptureF
     assert args.seeds == [(0, 1, 2), (3, 4, 5)]
     assert [x for x, _ in args.method_rows] == [
         "zipit",
+        "zipit no source reset",
         "zipit partial@0.3",
         "zipit partial@0.6",
         "zipit w=1.5",
@@ -206,7 +207,20 @@ def test_seed_groups_and_split_arguments(mt: ModuleType, capsys: pytest.CaptureF
 def test_default_rows(mt: ModuleType) -> None:
     labels = [x for x, _ in mt.method_rows()]
     assert labels[:4] == ["average", "weight_matching", "permute", "zipit"]
-    assert [x for x in labels if x.startswith("pleas")] == ["pleas w=1.25", "pleas w=1.5", "pleas w=1.75"]
+    assert [x for x in labels if x.startswith("pleas")] == [
+        "pleas w=1",
+        "pleas w=1.25",
+        "pleas w=1.5",
+        "pleas w=1.75",
+        "pleas budget=1.5",
+        "pleas budget=1.75",
+        "pleas w=1.5 propagated",
+        "pleas-free w=1.5",
+    ]
+    assert {"zipit no source reset", "mudsc no source reset", "mudsc λ search"} <= set(labels)
+    rows = dict(mt.method_rows())
+    assert not rows["zipit no source reset"]().reset_sources and rows["zipit"]().reset_sources
+    assert rows["mudsc λ search"]().lam_search and rows["pleas budget=1.75"]().budget == 1.75
     assert labels[-2:] == ["regmean (aligned)", "mats (aligned)"]
     assert not any(x.startswith("pleas") for x, _ in mt.method_rows(pleas_widths=()))
     mats = dict(mt.method_rows())["mats (aligned)"]()
@@ -419,6 +433,14 @@ def test_results_carry_the_sources_curves_and_refuse_other_training(
 
 def test_rows_with_equals_sign_match_one_label(mt: ModuleType) -> None:
     args = mt.parse_args(["--rows", "=zipit", "=permute", "pleas", "--pleas-widths", "1"])
-    assert [x for x, _ in args.method_rows] == ["permute", "zipit", "pleas w=1"]
+    assert [x for x, _ in args.method_rows] == [
+        "permute",
+        "zipit",
+        "pleas w=1",
+        "pleas budget=1.5",
+        "pleas budget=1.75",
+        "pleas w=1.5 propagated",
+        "pleas-free w=1.5",
+    ]
     with pytest.raises(ValueError, match=r"--rows \['=zip'\] match no row"):
         mt.select_rows(mt.method_rows(2), ["=zip"])

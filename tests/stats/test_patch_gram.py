@@ -69,7 +69,9 @@ def test_chunks_of_images_add_up(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_small_inputs_take_the_rows_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pg, "SHIFT_MIN_ROWS", 100)  # 25 output positions per image
     calls: list[int] = []
-    monkeypatch.setattr(pg, "_shift_sums", lambda conv, x, y: calls.append(x.shape[0]) or (None, None, None))
+    monkeypatch.setattr(
+        pg, "_shift_sums", lambda conv, x, y, *_: calls.append(x.shape[0]) or (None, None, None)
+    )
     conv = nn.Conv2d(3, 2, 3, padding=1)
     x = torch.randn(3, 3, 5, 5)
     xx, _, n = pg.input_gram(conv, x)  # 75 rows < 100: unfolded rows
