@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,10 @@ class MergeModule(pl.LightningModule):
         self.result = stages.run_method(method, prepared, self.statistics, data, ranks)
         self.merged = stages.post_merge(self.result, prepared, data, self.repair, ranks)
         stages.agree_across_ranks(self.merged, self.trainer.strategy)
-        scores, treated = self.references.of(prepared, self.merged, self.data.tasks, data, self.repair, ranks)
+        untreated = replace(prepared, models=list(self.sources))  # references start from the user's models
+        scores, treated = self.references.of(
+            untreated, self.merged, self.data.tasks, data, self.repair, ranks
+        )
         self.scores, self.treated = scores.to(self.trainer.strategy.root_device), nn.ModuleList(treated)
 
     def prepare(self) -> PreparedSources:
@@ -140,10 +144,10 @@ class MergeModule(pl.LightningModule):
             device = self.trainer.strategy.root_device
             for m in [*prepared.models, *([prepared.base] if prepared.base is not None else [])]:
                 m.to(device)
+            self.sources = nn.ModuleList(prepared.models)  # the references: the user's models, untreated
             if self.method.reset_sources:  # before the statistics pass, which reads these models
                 ranks = Ranks.of_strategy(self.trainer.strategy)
                 prepared = reset_source_batchnorm(prepared, data.calibration_dataloader(), ranks)
-            self.sources = nn.ModuleList(prepared.models)
             self.prepared = prepared
         return self.prepared
 

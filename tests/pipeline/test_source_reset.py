@@ -64,6 +64,22 @@ def test_statistics_are_gathered_on_the_reset_sources(resnet_pair: list, reset: 
         assert close == same, (reset, same)
     for p, b in zip(resnet_pair, before, strict=True):  # the loaded sources are not modified
         assert all(torch.equal(v, b[k]) for k, v in bn_buffers(p.model).items())
+    for got, want in zip(module.sources, untreated, strict=True):  # references: the user's models
+        assert all(torch.equal(v, bn_buffers(want)[k]) for k, v in bn_buffers(got).items())
+
+
+def test_the_untreated_ensemble_is_the_users_models_when_the_sources_are_reset(resnet_pair: list) -> None:
+    """With reset_sources the merge reads reset copies, but the untreated references stay untreated:
+    the ensemble is scored from the loaded models, the treated one from their reset copies."""
+    dm = TaskSplitDataModule(calibration_size=96, eval_batch_size=500)
+    module = MergeModule(sources=resnet_pair, method=ZipItMerge(reset_sources=True), heatmaps=0)
+    trainer().validate(module, datamodule=MergeDataModule(dm), verbose=False)
+    for got, want in zip(module.treated, module.prepared.models, strict=True):  # treated = reset copies
+        assert all(torch.equal(v, bn_buffers(want)[k]) for k, v in bn_buffers(got).items())
+    for t, pair in enumerate(resnet_pair):
+        batch = next(iter(dm.task_test_dataloader(t)))
+        want = pair.model.eval()(batch[0])
+        torch.testing.assert_close(module.sources[t](batch[0]), want, rtol=0, atol=0)
 
 
 def test_reset_copies_get_their_own_fingerprints(resnet_pair: list) -> None:
