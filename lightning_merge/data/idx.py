@@ -7,6 +7,7 @@ keeping them in memory and indexing tensors is far faster than any per-sample de
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,10 @@ class DatasetInfo:
     install_hint: str
     default_root: str
     root_env: str
+    #: SHA-256 of the uncompressed label files (``train`` / ``t10k``) of the published release: the
+    #: files of MNIST and Fashion-MNIST share their names and sizes, so a root holding the other set
+    #: would otherwise be read silently.
+    label_sha256: tuple[tuple[str, str], ...] = ()
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -52,6 +57,10 @@ DATASETS: dict[str, DatasetInfo] = {
         "(files land in /usr/share/datasets/fashion-mnist)",
         default_root="/usr/share/datasets/fashion-mnist",
         root_env="LIGHTNING_MERGE_FASHION_MNIST_ROOT",
+        label_sha256=(
+            ("train", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+            ("t10k", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+        ),
     ),
     "mnist": DatasetInfo(
         "mnist",
@@ -63,6 +72,10 @@ DATASETS: dict[str, DatasetInfo] = {
         "and point `root` (or $LIGHTNING_MERGE_MNIST_ROOT) at it",
         default_root=".cache/mnist",
         root_env="LIGHTNING_MERGE_MNIST_ROOT",
+        label_sha256=(
+            ("train", "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+            ("t10k", "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+        ),
     ),
 }
 
@@ -82,12 +95,16 @@ def default_root(dataset: str) -> str:
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+def _read_bytes(path: Path) -> bytes:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        return f.read()
+
+
 def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file (``.gz`` or plain) into a numpy array of its declared shape."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
     code, ndim = raw[2], raw[3]
@@ -120,9 +137,23 @@ def load_split(
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
     prefix = "train" if train else "t10k"
     images = read_idx(find_idx_file(root, f"{prefix}-images-idx3-ubyte", dataset))
-    labels = read_idx(find_idx_file(root, f"{prefix}-labels-idx1-ubyte", dataset))
+    label_file = find_idx_file(root, f"{prefix}-labels-idx1-ubyte", dataset)
+    check_not_another_dataset(label_file, prefix, dataset)
+    labels = read_idx(label_file)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(
             f"{dataset} {prefix} split in {root}: images {images.shape} and labels {labels.shape} differ"
         )
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def check_not_another_dataset(label_file: Path, prefix: str, dataset: str) -> None:
+    """Refuse a label file that is another known data set's (same file names, same sizes): reading
+    Fashion-MNIST as MNIST would train and score the wrong data without any other error."""
+    digest = hashlib.sha256(_read_bytes(label_file)).hexdigest()
+    for other, info in DATASETS.items():
+        if other != dataset and dict(info.label_sha256).get(prefix) == digest:
+            raise ValueError(
+                f"{label_file} is {other}'s {prefix} labels, but dataset={dataset!r} was asked for: "
+                f"point root at {dataset}'s files ({DATASETS[dataset].install_hint})"
+            )

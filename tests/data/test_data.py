@@ -202,6 +202,15 @@ def test_mnist_from_its_default_folder(mnist_root: str) -> None:
     assert data.class_names == MNIST_CLASSES and len(data.dataset_for("test", 0)) == 10_000
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_a_folder_of_the_other_data_set_is_refused(mnist_root: str, train: bool) -> None:
+    """MNIST and Fashion-MNIST share file names and sizes: the labels' digest tells them apart."""
+    with pytest.raises(ValueError, match=r"is fashion_mnist's (train|t10k) labels, but dataset='mnist'"):
+        load_split(DEFAULT_ROOT, train=train, dataset="mnist")
+    with pytest.raises(ValueError, match=r"is mnist's (train|t10k) labels, but dataset='fashion_mnist'"):
+        load_split(mnist_root, train=train, dataset="fashion_mnist")
+
+
 def test_default_roots_per_data_set_and_their_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LIGHTNING_MERGE_MNIST_ROOT", raising=False)
     monkeypatch.delenv("LIGHTNING_MERGE_FASHION_MNIST_ROOT", raising=False)
