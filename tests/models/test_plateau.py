@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from trained import quiet_trainer
 
 from lightning_merge.models import PlateauRule, PlateauStopping, source_record, train_source
 from lightning_merge.models.training import cache_path, source_key
@@ -36,10 +37,7 @@ class ScriptedAccuracy(pl.LightningModule):
 def _fit(curve: Sequence[float], rule: PlateauRule, max_epochs: int) -> PlateauStopping:
     loader = DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2)
     stopper = PlateauStopping(rule)
-    trainer = pl.Trainer(
-        max_epochs=max_epochs, callbacks=[stopper], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
-    )  # fmt: skip
+    trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[stopper], num_sanity_val_steps=0)
     trainer.fit(ScriptedAccuracy(curve), train_dataloaders=loader, val_dataloaders=loader)
     assert trainer.current_epoch == len(stopper.curve)  # epochs actually run
     return stopper
@@ -89,11 +87,9 @@ def test_bad_rules_name_the_culprit(kwargs: dict, culprit: str) -> None:
 
 def test_an_unlogged_monitor_is_named() -> None:
     loader = DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2)
-    trainer = pl.Trainer(
-        max_epochs=2, callbacks=[PlateauStopping(monitor="val_top1")], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        accelerator="cpu", num_sanity_val_steps=0,
-    )  # fmt: skip
+    trainer = quiet_trainer(
+        max_epochs=2, callbacks=[PlateauStopping(monitor="val_top1")], num_sanity_val_steps=0
+    )
     with pytest.raises(KeyError, match="val_top1"):
         trainer.fit(ScriptedAccuracy([0.5, 0.6]), train_dataloaders=loader, val_dataloaders=loader)
 

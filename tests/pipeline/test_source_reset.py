@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from trained import trained_pair
+from trained import quiet_trainer, trained_pair
 
 from lightning_merge.apply.batchnorm_reset import reset_batchnorm
 from lightning_merge.data import MergeDataModule, TaskSplitDataModule
@@ -25,10 +25,7 @@ from lightning_merge.stats.store import model_fingerprint
 
 
 def trainer() -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=False, limit_val_batches=1,
-    )  # fmt: skip
+    return quiet_trainer(limit_val_batches=1)
 
 
 def bn_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
