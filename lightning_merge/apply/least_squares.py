@@ -218,15 +218,13 @@ def _capture(model: nn.Module, name: str, x: torch.Tensor, *, output: bool) -> t
 
 
 def _out_space(graph: MergeGraph, name: str) -> str | None:
-    for space in graph.spaces:
-        for ref in space.members:
-            if ref.param == f"{name}.weight" and ref.role == "out":
-                if ref.axis != 0 or ref.offset or ref.outer != 1 or ref.inner != 1:
-                    raise ValueError(
-                        f"least squares expects {name}.weight axis 0 to be all of {space.name!r}"
-                    )
-                return space.name
-    return None
+    found = graph.producer_of(f"{name}.weight")
+    if found is None:
+        return None
+    space, ref = found
+    if ref.axis != 0 or ref.offset or ref.outer != 1 or ref.inner != 1:
+        raise ValueError(f"least squares expects {name}.weight axis 0 to be all of {space.name!r}")
+    return space.name
 
 
 def _check_layer(name: str, layer: nn.Module) -> bool:

@@ -128,6 +128,14 @@ class MergeGraph:
                 return s
         raise KeyError(f"no merge point named {name!r}; known: {[s.name for s in self.spaces]}")
 
+    def producer_of(self, param: str) -> tuple[Space, AxisRef] | None:
+        """The merge point whose features ``param`` produces (its ``out`` member) and that member, or None."""
+        for space in self.spaces:
+            for ref in space.members:
+                if ref.param == param and ref.role == "out":
+                    return space, ref
+        return None
+
     def to_dict(self) -> dict:
         return {
             "spaces": [asdict(s) for s in self.spaces],
