@@ -104,7 +104,10 @@ def _read_bytes(path: Path) -> bytes:
 def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file (``.gz`` or plain) into a numpy array of its declared shape."""
     path = Path(path)
-    raw = _read_bytes(path)
+    return _parse_idx(_read_bytes(path), path)
+
+
+def _parse_idx(raw: bytes, path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
     code, ndim = raw[2], raw[3]
@@ -138,8 +141,9 @@ def load_split(
     prefix = "train" if train else "t10k"
     images = read_idx(find_idx_file(root, f"{prefix}-images-idx3-ubyte", dataset))
     label_file = find_idx_file(root, f"{prefix}-labels-idx1-ubyte", dataset)
-    check_not_another_dataset(label_file, prefix, dataset)
-    labels = read_idx(label_file)
+    raw = _read_bytes(label_file)
+    check_not_another_dataset(raw, label_file, prefix, dataset)
+    labels = _parse_idx(raw, label_file)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(
             f"{dataset} {prefix} split in {root}: images {images.shape} and labels {labels.shape} differ"
@@ -147,10 +151,10 @@ def load_split(
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
-def check_not_another_dataset(label_file: Path, prefix: str, dataset: str) -> None:
+def check_not_another_dataset(raw: bytes, label_file: Path, prefix: str, dataset: str) -> None:
     """Refuse a label file that is another known data set's (same file names, same sizes): reading
     Fashion-MNIST as MNIST would train and score the wrong data without any other error."""
-    digest = hashlib.sha256(_read_bytes(label_file)).hexdigest()
+    digest = hashlib.sha256(raw).hexdigest()
     for other, info in DATASETS.items():
         if other != dataset and dict(info.label_sha256).get(prefix) == digest:
             raise ValueError(
