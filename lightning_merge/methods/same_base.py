@@ -15,6 +15,7 @@ Rules common to these methods:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from abc import abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from torch import nn
 
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.methods.base import MergeMethod, MergeResult
+from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.container import Statistics
 
 State = dict[str, torch.Tensor]
@@ -210,3 +212,58 @@ def check_layer_stat(method: str, field: str, i: int, layer: str, stat: torch.Te
             f"{method}: statistics {field!r} of model {i} at layer {layer!r} have size {stat.shape[-1]}, "
             f"but the layer's [W | b] has {expected} input columns; were they gathered on another model?"
         )
+
+
+#: Statistics kept per model (one entry per source), so each source's can come from its own data.
+PER_MODEL_STATISTICS: tuple[str, ...] = ("grams", "fisher", "kfac")
+
+
+def own_task_statistics(
+    sources: Sequence[nn.Module],
+    loaders: Sequence[Iterable[Any]],
+    requires: Sequence[str] = PER_MODEL_STATISTICS,
+    *,
+    progress: bool = False,
+) -> Statistics:
+    """Each source's statistics gathered on its *own* loader, side by side in one container.
+
+    Why: the owner of a model fine-tuned on one task usually holds that task's data only, which is
+    the setting RegMean, Fisher merging and MaTS are published in; one calibration set shared by all
+    sources (what the pipeline's statistics pass uses) is a different setting. Only per-model statistics
+    (:data:`PER_MODEL_STATISTICS`) can be gathered this way; the same-base methods need no graph.
+    """
+    names = _check_own_task_inputs(sources, loaders, requires)
+    graph = MergeGraph(spaces=[], taps=[], cut_points=[], param_shapes={})
+    parts = [
+        collect_statistics([model], graph, loader, requires=names, progress=progress)
+        for model, loader in zip(sources, loaders, strict=True)
+    ]
+    stats = Statistics(num_models=len(sources), graph_digest=graph.digest())
+    for name in names:
+        first = parts[0][name]
+        joined = {
+            f.name: [x for p in parts for x in getattr(p[name], f.name)] for f in dataclasses.fields(first)
+        }
+        stats[name] = type(first)(**joined)
+    return stats
+
+
+def _check_own_task_inputs(
+    sources: Sequence[nn.Module], loaders: Sequence[Iterable[Any]], requires: Sequence[str]
+) -> list[str]:
+    """The requested statistic names, after checking one loader per source and per-model names only."""
+    if len(loaders) != len(sources):
+        raise ValueError(
+            f"own_task_statistics needs one loader per source: got {len(sources)} sources and "
+            f"{len(loaders)} loaders"
+        )
+    names = list(requires)
+    if not names:
+        raise ValueError(f"requires is empty: name some of {list(PER_MODEL_STATISTICS)}")
+    bad = [n for n in names if n not in PER_MODEL_STATISTICS]
+    if bad:
+        raise ValueError(
+            f"own_task_statistics gathers only per-model statistics {list(PER_MODEL_STATISTICS)}; "
+            f"{bad[0]!r} is joint over the models or unknown"
+        )
+    return names
