@@ -207,7 +207,8 @@ def aggregate(rows: Sequence[Row]) -> list[Row]:
         agg: Row = {"method": label, "groups": len(sel)}
         for key in (*ACCURACIES, "rel_flops"):
             mean, std = mean_std([r[key] for r in sel])
-            agg |= {f"{key}_mean": mean, f"{key}_std": std, key: cell(mean, std)}
+            shown = cell(mean, None if key == "rel_flops" else std)  # a cost does not vary by seed
+            agg |= {f"{key}_mean": mean, f"{key}_std": std, key: shown}
         out.append(agg)
     return out
 
