@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -73,6 +73,16 @@ class Settings:
     calibration_size: int = 512  # own-task training images per fine-tuned model
 
 
+class Member(NamedTuple):
+    """One model of a family: how it is trained (``init``: the weights it starts from, None: fresh)."""
+
+    role: str
+    seed: int
+    classes: list[int]
+    batches: int
+    init: dict[str, torch.Tensor] | None
+
+
 def merge_rows() -> list[tuple[str, Callable[[], MergeMethod]]]:
     """The merges in table order (label, factory): every same-base method the library has."""
     return [
@@ -91,13 +101,13 @@ def train_family(
     seeds: Sequence[int], settings: Settings, cache_dir: str | Path
 ) -> tuple[SourceClassifier, list[SourceClassifier], list[Row]]:
     """The base and its two fine-tuned copies (trained into ``cache_dir`` when absent), and each one's
-    training record: role, seed, classes, epochs, batch cap, batch size and (when cached) seconds."""
+    training record: role, seed, classes, epochs, batch cap, batch size and seconds (when recorded)."""
     if len(seeds) != 1 + len(TASKS):
         raise ValueError(f"a seed group is BASE:TUNE0:TUNE1, got {seeds_label(seeds)}")
-    specs = [("base", seeds[0], list(range(10)), settings.base_batches, None)]
+    specs = [Member("base", seeds[0], list(range(10)), settings.base_batches, None)]
     base = _train(specs[0], settings, cache_dir)
     specs += [
-        (f"fine-tuned on task {t}", seed, list(task), settings.tune_batches, base.state_dict())
+        Member(f"fine-tuned on task {t}", seed, list(task), settings.tune_batches, base.state_dict())
         for t, (seed, task) in enumerate(zip(seeds[1:], TASKS, strict=True))
     ]
     tuned = [_train(spec, settings, cache_dir) for spec in specs[1:]]
@@ -105,27 +115,28 @@ def train_family(
     return base, tuned, records
 
 
-def _train(spec: tuple, settings: Settings, cache_dir: str | Path) -> SourceClassifier:
-    _, seed, classes, batches, init = spec
-    return train_source(
-        ARCH, classes, seed, width=settings.width, limit_train_batches=batches,
-        batch_size=settings.batch_size, init_state_dict=init, cache_dir=cache_dir,
+def _arguments(member: Member, settings: Settings) -> dict[str, Any]:
+    """``train_source``'s arguments for ``member`` (also its cache key's, through ``source_key``)."""
+    return dict(
+        arch=ARCH, classes=member.classes, seed=member.seed, width=settings.width,
+        limit_train_batches=member.batches, batch_size=settings.batch_size, init_state_dict=member.init,
     )  # fmt: skip
 
 
-def _record(spec: tuple, settings: Settings, cache_dir: str | Path) -> Row:
-    role, seed, classes, batches, init = spec
-    key = source_key(
-        ARCH, classes, seed, width=settings.width, limit_train_batches=batches,
-        batch_size=settings.batch_size, init_state_dict=init,
-    )  # fmt: skip
+def _train(member: Member, settings: Settings, cache_dir: str | Path) -> SourceClassifier:
+    return train_source(**_arguments(member, settings), cache_dir=cache_dir)
+
+
+def _record(member: Member, settings: Settings, cache_dir: str | Path) -> Row:
+    """The member's training settings and, from the record beside its checkpoint, its training time."""
+    key = source_key(**_arguments(member, settings))
     saved = source_record(cache_path(cache_dir, key)) or {}
     return {
-        "role": role,
-        "seed": seed,
-        "classes": classes,
+        "role": member.role,
+        "seed": member.seed,
+        "classes": member.classes,
         "epochs": key["max_epochs"],
-        "batches": batches,
+        "batches": member.batches,
         "batch_size": settings.batch_size,
         "train_seconds": saved.get("train_seconds"),
     }
@@ -282,7 +293,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Settings
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.width <= 0:
         p.error(f"--width must be positive, got {args.width}")
-    return Settings(args.width, args.base_batches, args.tune_batches, 128, args.calibration_size)
+    return Settings(
+        width=args.width, base_batches=args.base_batches, tune_batches=args.tune_batches,
+        calibration_size=args.calibration_size,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -301,14 +315,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   if isinstance(m, nn.Linear))  # fmt: skip
     groups = [seeds_label(s) for s in args.seeds]
     text = notes(settings, groups, records, hidden) + "\n\n" + row_settings(rows)
+    table = aggregate(rows)
     md, js = write_results(
         args.out_dir, STEM, title="Same-base merges: two fine-tuned copies of one MLP (Fashion-MNIST 5+5)",
-        columns=COLUMNS, rows=aggregate(rows), command=command_line("benchmarks/same_base.py", argv),
+        columns=COLUMNS, rows=table, command=command_line("benchmarks/same_base.py", argv),
         machine=machine_description("cpu"), notes=text.strip(),
         extra={"settings": asdict(settings), "groups": rows, "sources": records},
     )  # fmt: skip
     print(f"wrote {md} and {js}")
-    return {"rows": aggregate(rows), "groups": rows, "sources": records}
+    return {"rows": table, "groups": rows, "sources": records}
 
 
 if __name__ == "__main__":
