@@ -16,6 +16,8 @@ from lightning_merge.models import train_source
 from lightning_merge.models.training import cache_path, source_key
 
 pytestmark = pytest.mark.slow  # trains two MLPs for 100 steps each (cached), then one merge
+# The thresholds faced (merged task0 / task1 accuracy, joint) at LIGHTNING_MERGE_TEST_SEED=100:
+# 0.854 / 0.723, 0.696; at 200: 0.849 / 0.706, 0.712 — far above the 0.3 floors.
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "merge" / "zipit_mnist_fmnist_mlp.yaml"
