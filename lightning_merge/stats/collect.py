@@ -1,9 +1,11 @@
 """The statistics pass: run the N source models over calibration data with a set of collectors.
 
-Models go to eval mode (BatchNorm uses its running statistics) on one device. Each collector gets
-its own pass over the data with only its hooks attached, so one collector's hooks never see
-another collector's forwards. When a process group is running, the loader is re-sharded so every
-sample is seen by exactly one rank, and every collector state is summed across ranks once, in place.
+Models go to eval mode (BatchNorm uses its running statistics) on one device. The statistics read
+off plain forwards (:class:`~lightning_merge.stats.collector.ForwardCollector`: moments, Gram
+matrices, joint inputs) share one pass, one forward per model and batch; every other collector
+(Fisher, K-FAC: gradients) gets its own pass with only its hooks attached. When a process group is
+running, the loader is re-sharded so every sample is seen by exactly one rank, and every collector
+state is summed across ranks once, in place.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from lightning_merge.dataflow import (
     shard,
 )
 from lightning_merge.graph.spec import MergeGraph
-from lightning_merge.stats.collector import Collector
+from lightning_merge.stats.collector import Collector, ForwardCollector, SharedForward
 from lightning_merge.stats.container import Statistics
 from lightning_merge.stats.registry import statistic_collector
 
@@ -80,8 +82,8 @@ def collect_statistics(
     try:
         for m in models:
             m.to(device).eval()
-        for collector in collectors:
-            _run(collector, models, loader, device, progress and ranks.is_zero, ranks, dataloader)
+        for one_pass in passes(collectors):
+            _run(one_pass, models, loader, device, progress and ranks.is_zero, ranks, dataloader)
         stats = Statistics(num_models=len(models), graph_digest=graph.digest())
         for collector in collectors:
             collector.fill(stats)
@@ -89,6 +91,14 @@ def collect_statistics(
         for m, mode in zip(models, modes, strict=True):
             m.train(mode)
     return stats
+
+
+def passes(collectors: Sequence[Collector]) -> list[Collector]:
+    """The data passes: every forward-only collector in one shared pass (first, in request order),
+    then one pass per other collector."""
+    shared = [c for c in collectors if isinstance(c, ForwardCollector)]
+    rest = [c for c in collectors if not isinstance(c, ForwardCollector)]
+    return ([SharedForward(shared)] if shared else []) + rest
 
 
 def _check_models(models: Sequence[nn.Module]) -> list[nn.Module]:

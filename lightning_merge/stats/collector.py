@@ -107,6 +107,66 @@ class StatisticCollector(ABC):
         statistic for ``num_models`` models."""
 
 
+class ForwardCollector(StatisticCollector):
+    """A statistic its hooks read off plain no-grad forwards of the N models (moments, Gram
+    matrices, joint inputs). The statistics pass runs every such collector of a request over one
+    shared forward per batch (:class:`SharedForward`) instead of a data pass each; alone, its
+    :meth:`step` is that forward between :meth:`begin_batch` and :meth:`end_batch`."""
+
+    def begin_batch(self) -> None:
+        """Before the batch's forwards: hooks start recording."""
+
+    @abstractmethod
+    def end_batch(self) -> None:
+        """After them: hooks stop, the batch is folded in, what the hooks kept is dropped."""
+
+    def abort_batch(self) -> None:
+        """After a forward raised: hooks stop and what they kept is dropped, without the checks of
+        :meth:`end_batch` (whose complaint would hide the forward's error)."""
+        self.end_batch()
+
+    def step(self, models: Sequence[nn.Module], inputs: Tensor) -> None:
+        SharedForward([self]).step(models, inputs)
+
+
+class SharedForward:
+    """Several :class:`ForwardCollector` as one :class:`Collector`: each batch goes through every
+    model once, and all their hooks read that forward."""
+
+    def __init__(self, parts: Sequence[ForwardCollector]) -> None:
+        self.parts = list(parts)
+        self.name = "+".join(c.name for c in self.parts)
+
+    def attach(self, models: Sequence[nn.Module]) -> None:
+        for c in self.parts:
+            c.attach(models)
+
+    def detach(self) -> None:
+        for c in self.parts:
+            c.detach()
+
+    def step(self, models: Sequence[nn.Module], inputs: Tensor) -> None:
+        for c in self.parts:
+            c.begin_batch()
+        try:
+            with torch.no_grad():
+                for model in models:
+                    model(inputs)
+        except BaseException:
+            for c in self.parts:
+                c.abort_batch()
+            raise
+        for c in self.parts:
+            c.end_batch()
+
+    def states(self) -> list[Tensor]:
+        return [t for c in self.parts for t in c.states()]
+
+    def fill(self, stats: Statistics) -> None:
+        for c in self.parts:
+            c.fill(stats)
+
+
 class SumStates(Metric):
     """Named float64 sums as torchmetrics states (``dist_reduce_fx="sum"``), one per key.
 

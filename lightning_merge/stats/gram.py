@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_merge.stats.collector import (
-    StatisticCollector,
+    ForwardCollector,
     SumStates,
     check_per_model,
     check_square,
@@ -79,7 +79,7 @@ class _LayerHooks:
 
 
 @register_statistic
-class GramCollector(StatisticCollector):
+class GramCollector(ForwardCollector):
     """Accumulates ``grams[i][layer] = Σ x xᵀ`` (augmented rows) and the number of rows per layer.
 
     Its value is a :class:`GramStatistics`, saved as ``grams/<i>/<layer>`` with the row counts in
@@ -110,14 +110,11 @@ class GramCollector(StatisticCollector):
         self.grams[i].update(name, with_bias_column(module, xx, xs, rows))
         self.counts[i].update(name, rows)
 
-    def step(self, models: Sequence[nn.Module], inputs: torch.Tensor) -> None:
+    def begin_batch(self) -> None:
         self._hooks.active = True
-        try:
-            with torch.no_grad():
-                for model in models:
-                    model(inputs)
-        finally:
-            self._hooks.active = False
+
+    def end_batch(self) -> None:
+        self._hooks.active = False
 
     def states(self) -> list[torch.Tensor]:
         return [t for metric in (*self.grams, *self.counts) for t in metric.states()]

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_merge.stats.attention import check_attention, check_self_attention_call, context
-from lightning_merge.stats.collector import StatisticCollector
+from lightning_merge.stats.collector import ForwardCollector
 from lightning_merge.stats.container import FeatureMoments
 from lightning_merge.stats.gram import supported_layers
 from lightning_merge.stats.patch_gram import input_gram
@@ -72,7 +72,7 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.MultiheadAttention
 
 
 @register_statistic
-class JointInputsCollector(StatisticCollector):
+class JointInputsCollector(ForwardCollector):
     """Accumulates, per supported layer, Σ z zᵀ, Σ z and the row count of z = [x_1; …; x_N].
 
     A forward of models 0 … N−2 parks each layer input (in call order, so a layer called twice pairs
@@ -154,17 +154,14 @@ class JointInputsCollector(StatisticCollector):
             h.remove()
         self.handles.clear()
 
-    def step(self, models: Sequence[nn.Module], inputs: torch.Tensor) -> None:
+    def begin_batch(self) -> None:
         self.active = True
-        try:
-            with torch.no_grad():
-                for model in models:
-                    model(inputs)
-        finally:
-            self.active = False
-            for p in self.parked:
-                for lst in p.values():
-                    lst.clear()
+
+    def end_batch(self) -> None:
+        self.active = False
+        for p in self.parked:
+            for lst in p.values():
+                lst.clear()
 
     def states(self) -> list[torch.Tensor]:
         return [*self.outer.values(), *self.total.values(), *self.count.values()]

@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 from torchmetrics import Metric
 
 from lightning_merge.graph.spec import MergeGraph, Tap
-from lightning_merge.stats.collector import StatisticCollector
+from lightning_merge.stats.collector import ForwardCollector
 from lightning_merge.stats.container import FeatureMoments
 from lightning_merge.stats.registry import register_statistic
 
@@ -178,7 +178,7 @@ def _attention_projections(mha: nn.Module, args: tuple, kwargs: dict) -> Tensor:
 
 
 @register_statistic
-class FeatureMomentsCollector(StatisticCollector):
+class FeatureMomentsCollector(ForwardCollector):
     """Collector ``"moments"``: :class:`SpaceMoments` for every space observed at a tap.
 
     A space observed at several taps pools the samples of all of them; a tap with several
@@ -239,11 +239,15 @@ class FeatureMomentsCollector(StatisticCollector):
         self._handles = []
         self._ws = None
 
-    def step(self, models: Sequence[nn.Module], inputs: Tensor) -> None:
-        with torch.no_grad():
-            for model in models:
-                model(inputs)
+    def end_batch(self) -> None:
         self._finish_batch()
+
+    def abort_batch(self) -> None:
+        for stashes in self._stash:
+            for stash in stashes:
+                stash.clear()
+        self._calls = [0] * len(self._calls)
+        self._sums = []
 
     def states(self) -> list[Tensor]:
         for metric in self.metrics.values():
