@@ -5,7 +5,9 @@
 Sources: the cached ResNet-20×1 test pair (``quick_pair("resnet20")``, tasks 0-4 / 5-9). The
 calibration images are loaded into memory once, so neither side pays for data loading. "forward" is
 every source over every calibration batch under ``torch.no_grad``; a method's "merge" is what a
-``MergeModule`` runs between loading and scoring: the statistics pass its ``requires`` name
+``MergeModule`` runs between loading and scoring: the sources' BatchNorm reset for the methods whose
+``reset_sources`` is on (ZipIt!'s and MuDSC's default, as in their official pipelines: one forward
+of every source over the calibration batches), the statistics pass its ``requires`` name
 (``collect_statistics``), the method's merge (match + apply, PLeaS' refit included) and the
 post-merge passes (``post_merge`` with ``repair=True``: BatchNorm reset). Runs interleave (forward,
 then every method, repeated), so all see the same machine load; the table reports the best run and
@@ -33,7 +35,7 @@ from perf import networks, perf_datamodule  # noqa: E402
 from lightning_merge.methods.base import MergeMethod  # noqa: E402
 from lightning_merge.models.training import quick_pair  # noqa: E402
 from lightning_merge.pipeline.merge import post_merge, run_method  # noqa: E402
-from lightning_merge.pipeline.prepare import PreparedSources  # noqa: E402
+from lightning_merge.pipeline.prepare import PreparedSources, reset_source_batchnorm  # noqa: E402
 from lightning_merge.stats.collect import collect_statistics  # noqa: E402
 from lightning_merge.stats.store import model_fingerprint  # noqa: E402
 
@@ -55,7 +57,10 @@ def prepared(models: Sequence[nn.Module], example: torch.Tensor) -> PreparedSour
 
 
 def whole_merge(method: MergeMethod, sources: PreparedSources, calib: Batches) -> None:
-    """Statistics pass + merge (match, apply, refit) + post-merge passes, as MergeModule runs them."""
+    """The sources' BatchNorm reset where the method asks for it (ZipIt!, MuDSC: ``reset_sources``),
+    statistics pass, merge (match, apply, refit) and post-merge passes, as MergeModule runs them."""
+    if getattr(method, "reset_sources", False):
+        sources = reset_source_batchnorm(sources, calib)
     stats = None
     if method.requires:
         stats = collect_statistics(
