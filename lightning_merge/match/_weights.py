@@ -67,11 +67,19 @@ def space_rows(
     space: Space,
     perms: Mapping[str, torch.Tensor],
     roles: tuple[str, ...] = ("out", "in"),
+    *,
+    known_only: bool = False,
 ) -> torch.Tensor:
-    """(n, D) float64: every member's slice per feature, other axes permuted by ``perms``."""
+    """(n, D) float64: every member's slice per feature, other axes permuted by ``perms``.
+
+    ``known_only``: leave out members with another axis in a merge point that has no entry in
+    ``perms`` yet (read unpermuted, their slices would be noise)."""
     parts = []
     for member in space.members:
         if member.role not in roles or member.param.endswith(SKIP_SUFFIXES):
+            continue
+        others = [o.name for o, ref in index[member.param] if ref.axis != member.axis]
+        if known_only and any(name not in perms for name in others):
             continue
         tensor = state_dict[member.param].detach().to(torch.float64)
         for other_space, other in index[member.param]:

@@ -45,6 +45,36 @@ def test_weight_matching_recovers_a_permuted_traced_resnet():
         assert torch.equal(result[space.name].unmerge_block(1).argmax(1), perms[space.name]), space.name
 
 
+def test_weight_matching_starts_right_on_a_squeeze_excitation_whose_second_linear_dominates():
+    """The SE's fc2 produces the block's channels but consumes the squeeze features, matched later:
+    read unpermuted, its slices are noise. Scaled up they outweighed the conv rows (EfficientNet-B3,
+    relative output error 1.0); the forward start leaves them out until the squeeze is matched."""
+    from torch import nn
+    from torchvision.ops import SqueezeExcitation
+
+    from lightning_merge.match.weight_matching import _forward_start
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        SqueezeExcitation(16, 4),
+        nn.Conv2d(16, 8, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).double()
+    with torch.no_grad():
+        model[3].fc2.weight.mul_(50.0)  # its slices now dominate the producer rows of the channels
+    model.eval()
+    graph = trace_graph(model, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    twin, perms = permuted_twin(model, graph, seed=4)
+    start = _forward_start(model.state_dict(), twin.state_dict(), graph)
+    for space in graph.spaces:  # model 0's feature k is the twin's feature j with perms[j] = k
+        assert torch.equal(start[space.name], torch.argsort(perms[space.name])), space.name
+
+
 def test_weight_matching_errors_name_the_culprit():
     base = mlp(0)
     graph = mlp_graph(base)
