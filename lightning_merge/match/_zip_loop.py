@@ -1,0 +1,189 @@
+"""ZipIt!'s greedy loop on CPU, compiled with Numba (the CPU path of :func:`~.zip.zipit_fusions`).
+
+Same rule, cache and tie order as the in-place torch loop in zip.py, but the matrix is never
+written: rewriting a fused feature's column touches one cache line per row, which at N·n = 8192
+was most of the time. The input ``sim`` is only read; fusion k appends the fused feature's row to
+``fused[k]`` (slot k), and entry (r, c) is right in the row of whichever of r, c was written last
+(``ver``: -1 for an input row, its latest slot, or DEAD). So row r is its own row (input or latest
+slot) at the columns not written since, plus the live slots newer than it, read at r from
+``fused_t`` (the slots transposed in blocks of ``flush``; the newest few straight from ``fused``).
+Dead features and spent β blocks are hidden on read. Every entry is the very float the in-place
+loop holds, so every max, first best column and tie is the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+NEG = -np.inf
+DEAD = np.iinfo(np.int64).max  # version of an absorbed feature: newer than every row
+
+
+@njit(cache=True, nogil=True)
+def _scan(src, ver, vr, start, stop, best, arg):
+    """First max of ``src[c]`` over c in [start, stop) not written after version ``vr``."""
+    for c in range(start, stop):
+        if ver[c] <= vr and src[c] > best:
+            best, arg = src[c], c
+    return best, arg
+
+
+@njit(cache=True, nogil=True)
+def _scan_hidden(src, work, touched, first, count, start, stop, best, arg):
+    """The same max over a copy of ``src`` with the few features written since hidden one by one."""
+    work[start:stop] = src[start:stop]
+    for i in range(first, 2 * count):
+        work[touched[i]] = NEG
+    for c in range(start, stop):
+        if work[c] > best:
+            best, arg = work[c], c
+    return best, arg
+
+
+@njit(cache=True, nogil=True)
+def _newer_value(r, k, fused, fused_t, flushed):
+    return fused_t[r, k] if k < flushed else fused[k, r]
+
+
+@njit(cache=True, nogil=True)
+def _row_best(r, st, n, count, flushed, scatter):
+    """Max and first best column of the current row ``r`` (-inf and -1 when all is hidden)."""
+    sim, fused, fused_t, ver, slot_feat, slot_live, spent, touched, work = st
+    total = sim.shape[0]
+    vr = ver[r]
+    b = r // n
+    skip_lo, skip_hi = (b * n, (b + 1) * n) if spent[b] else (r, r + 1)  # diagonal or spent block
+    best, arg = NEG, -1
+    changed = 2 * (count - vr - 1)
+    if vr >= 0 and scatter * changed < total:  # few columns written since: hide them one by one
+        best, arg = _scan_hidden(fused[vr], work, touched, 2 * vr + 2, count, 0, skip_lo, best, arg)
+        best, arg = _scan_hidden(fused[vr], work, touched, 2 * vr + 2, count, skip_hi, total, best, arg)
+    else:
+        src = sim[r] if vr < 0 else fused[vr]
+        best, arg = _scan(src, ver, vr, 0, skip_lo, best, arg)
+        best, arg = _scan(src, ver, vr, skip_hi, total, best, arg)
+    for k in range(vr + 1, count):  # slots are not in column order: ties go to the lower column
+        c = slot_feat[k]
+        if slot_live[k] and not (skip_lo <= c < skip_hi):
+            v = _newer_value(r, k, fused, fused_t, flushed)
+            if v > best or (v == best and c < arg):
+                best, arg = v, c
+    return best, arg
+
+
+@njit(cache=True, nogil=True)
+def _row(r, st, n, count, flushed, out):
+    """The current row ``r`` in full into ``out`` (hidden entries at -inf)."""
+    sim, fused, fused_t, ver, slot_feat, slot_live, spent, _, _ = st
+    vr = ver[r]
+    src = sim[r] if vr < 0 else fused[vr]
+    for c in range(sim.shape[0]):
+        out[c] = src[c] if ver[c] <= vr else NEG
+    for k in range(vr + 1, count):
+        if slot_live[k]:
+            out[slot_feat[k]] = _newer_value(r, k, fused, fused_t, flushed)
+    out[r] = NEG
+    b = r // n
+    if spent[b]:
+        out[b * n : (b + 1) * n] = NEG
+
+
+@njit(cache=True, nogil=True)
+def _fused_row(lo, hi, st, n, count, flushed, alpha, contains, a, new):
+    """The row of lo ∪ hi: the minimum of both rows, times α (α > 0) or with every partner that
+    shares a model with it hidden (α <= 0)."""
+    _row(lo, st, n, count, flushed, a)
+    _row(hi, st, n, count, flushed, new)
+    np.minimum(a, new, new)
+    if alpha > 0:
+        new *= alpha
+    else:
+        both = contains[lo] | contains[hi]
+        for c in range(len(new)):
+            if contains[c] & both:
+                new[c] = NEG
+        contains[lo] = both
+
+
+@njit(cache=True, nogil=True)
+def _mark_stale(rowmax, rowarg, new, lo, hi, stale):
+    """Rows to rescan: the fused one, those whose best partner was a part, and those whose new
+    entry reaches their cached best (ties go to the lowest column: a rescan decides)."""
+    rowmax[hi] = NEG
+    for r in range(len(rowmax)):
+        stale[r] = rowmax[r] > NEG and (rowarg[r] == lo or rowarg[r] == hi or new[r] >= rowmax[r])
+    stale[lo] = True
+
+
+@njit(cache=True, nogil=True)
+def _spend(lo, hi, n, budget, spent, rowmax, rowarg, stale):
+    """Count a same-model fusion; once its origin's budget is spent, mask that model's block and
+    rescan the block's rows whose best partner lies in it."""
+    origin = lo // n  # the model of a feature's lowest member
+    if origin != hi // n:
+        return
+    budget[origin] -= 1
+    if budget[origin] > 0:
+        return
+    spent[origin] = True
+    start, stop = origin * n, (origin + 1) * n
+    for r in range(start, stop):
+        if rowmax[r] > NEG and start <= rowarg[r] < stop:
+            stale[r] = True
+
+
+@njit(cache=True, nogil=True)
+def _transpose(fused, fused_t, first, count, chunk):
+    """Copy slots [first, count) into the columns of ``fused_t``, ``chunk`` rows at a time."""
+    total = fused.shape[1]
+    for r0 in range(0, total, chunk):
+        for r in range(r0, min(r0 + chunk, total)):
+            for k in range(first, count):
+                fused_t[r, k] = fused[k, r]
+
+
+@njit(cache=True, nogil=True)
+def greedy_fusions(sim, num_models, wanted, alpha, budget0, flush, chunk, scatter, out):
+    """Run the greedy loop for up to ``wanted`` fusions into ``out`` (wanted × 2: lo, hi); return
+    how many were made (fewer when no allowed pair is left)."""
+    total = sim.shape[0]
+    n = total // num_models
+    fused = np.empty((wanted, total))
+    fused_t = np.empty((total, wanted))
+    ver = np.full(total, -1, dtype=np.int64)
+    slot_feat = np.empty(wanted, dtype=np.int64)
+    slot_live = np.zeros(wanted, dtype=np.bool_)
+    budget = np.full(num_models, budget0, dtype=np.int64)
+    spent = budget <= 0
+    touched = np.empty(2 * wanted, dtype=np.int64)  # the fused and the absorbed feature of every step
+    work, a, new = np.empty(total), np.empty(total), np.empty(total)
+    st = (sim, fused, fused_t, ver, slot_feat, slot_live, spent, touched, work)
+    contains = np.ones(total, dtype=np.int64) << (np.arange(total) // n)
+    rowmax, rowarg = np.empty(total), np.empty(total, dtype=np.int64)
+    stale = np.zeros(total, dtype=np.bool_)
+    for r in range(total if wanted else 0):
+        rowmax[r], rowarg[r] = _row_best(r, st, n, 0, 0, scatter)
+    flushed = 0
+    for done in range(wanted):
+        lo = np.argmax(rowmax)  # first row holding the global max ...
+        if rowmax[lo] == NEG:
+            return done
+        hi = rowarg[lo]  # ... and its first best column (> lo by symmetry)
+        _fused_row(lo, hi, st, n, done, flushed, alpha, contains, a, new)
+        _mark_stale(rowmax, rowarg, new, lo, hi, stale)
+        _spend(lo, hi, n, budget, spent, rowmax, rowarg, stale)
+        for f in (lo, hi):
+            if ver[f] >= 0:
+                slot_live[ver[f]] = False
+        fused[done] = new
+        slot_feat[done], slot_live[done] = lo, True
+        ver[lo], ver[hi] = done, DEAD
+        touched[2 * done], touched[2 * done + 1] = lo, hi
+        out[done, 0], out[done, 1] = lo, hi
+        for r in np.flatnonzero(stale):
+            rowmax[r], rowarg[r] = _row_best(r, st, n, done + 1, flushed, scatter)
+        if done + 1 - flushed == flush:
+            _transpose(fused, fused_t, flushed, done + 1, chunk)
+            flushed = done + 1
+    return wanted
