@@ -22,67 +22,62 @@ DEAD = np.iinfo(np.int64).max  # version of an absorbed feature: newer than ever
 
 @njit(cache=True, nogil=True)
 def _scan(src, ver, vr, start, stop, best, arg):
-    """First max of ``src[c]`` over c in [start, stop) not written after version ``vr``."""
+    """First max of ``src[c]`` over c in [start, stop) not written after version ``vr``. The
+    version is only looked at for a candidate above the best so far: a rare, well-predicted
+    branch, so the loop runs at memory speed."""
     for c in range(start, stop):
-        if ver[c] <= vr and src[c] > best:
-            best, arg = src[c], c
+        v = src[c]
+        if v > best and ver[c] <= vr:
+            best, arg = v, c
     return best, arg
 
 
 @njit(cache=True, nogil=True)
-def _scan_hidden(src, work, touched, first, count, start, stop, best, arg):
-    """The same max over a copy of ``src`` with the few features written since hidden one by one."""
-    work[start:stop] = src[start:stop]
-    for i in range(first, 2 * count):
-        work[touched[i]] = NEG
-    for c in range(start, stop):
-        if work[c] > best:
-            best, arg = work[c], c
-    return best, arg
-
-
-@njit(cache=True, nogil=True)
-def _newer_value(r, k, fused, fused_t, flushed):
-    return fused_t[r, k] if k < flushed else fused[k, r]
-
-
-@njit(cache=True, nogil=True)
-def _row_best(r, st, n, count, flushed, scatter):
-    """Max and first best column of the current row ``r`` (-inf and -1 when all is hidden)."""
-    sim, fused, fused_t, ver, slot_feat, slot_live, spent, touched, work = st
-    total = sim.shape[0]
-    vr = ver[r]
-    b = r // n
-    skip_lo, skip_hi = (b * n, (b + 1) * n) if spent[b] else (r, r + 1)  # diagonal or spent block
-    best, arg = NEG, -1
-    changed = 2 * (count - vr - 1)
-    if vr >= 0 and scatter * changed < total:  # few columns written since: hide them one by one
-        best, arg = _scan_hidden(fused[vr], work, touched, 2 * vr + 2, count, 0, skip_lo, best, arg)
-        best, arg = _scan_hidden(fused[vr], work, touched, 2 * vr + 2, count, skip_hi, total, best, arg)
-    else:
-        src = sim[r] if vr < 0 else fused[vr]
-        best, arg = _scan(src, ver, vr, 0, skip_lo, best, arg)
-        best, arg = _scan(src, ver, vr, skip_hi, total, best, arg)
-    for k in range(vr + 1, count):  # slots are not in column order: ties go to the lower column
-        c = slot_feat[k]
-        if slot_live[k] and not (skip_lo <= c < skip_hi):
-            v = _newer_value(r, k, fused, fused_t, flushed)
-            if v > best or (v == best and c < arg):
+def _scan_newer(trow, first, stop, slot_feat, slot_live, skip_lo, skip_hi, best, arg):
+    """Fold slots [first, stop) of one row of the transposed store into (best, arg); slots are not
+    in column order, so a tie goes to the lower column."""
+    for k in range(first, stop):
+        v = trow[k]
+        if v >= best and slot_live[k]:
+            c = slot_feat[k]
+            if (v > best or c < arg) and not (skip_lo <= c < skip_hi):
                 best, arg = v, c
     return best, arg
 
 
 @njit(cache=True, nogil=True)
-def _row(r, st, n, count, flushed, out):
-    """The current row ``r`` in full into ``out`` (hidden entries at -inf)."""
-    sim, fused, fused_t, ver, slot_feat, slot_live, spent, _, _ = st
+def _row_best(r, st, n, count, flushed):
+    """Max and first best column of the current row ``r`` (-inf and -1 when all is hidden)."""
+    sim, fused, fused_t, ver, slot_feat, slot_live, spent, _ = st
+    total = sim.shape[0]
     vr = ver[r]
+    b = r // n
+    skip_lo, skip_hi = (b * n, (b + 1) * n) if spent[b] else (r, r + 1)  # diagonal or spent block
     src = sim[r] if vr < 0 else fused[vr]
-    for c in range(sim.shape[0]):
-        out[c] = src[c] if ver[c] <= vr else NEG
+    best, arg = _scan(src, ver, vr, 0, skip_lo, NEG, -1)
+    best, arg = _scan(src, ver, vr, skip_hi, total, best, arg)
+    first = vr + 1
+    best, arg = _scan_newer(fused_t[r], first, flushed, slot_feat, slot_live, skip_lo, skip_hi, best, arg)
+    return _scan_newer(fused[:, r], max(first, flushed), count, slot_feat, slot_live, skip_lo, skip_hi, best, arg)
+
+
+@njit(cache=True, nogil=True)
+def _row(r, st, n, count, flushed, scatter, out):
+    """The current row ``r`` in full into ``out`` (hidden entries at -inf). A slot row's columns
+    written since are hidden one by one when they are fewer than 1/``scatter`` of the width."""
+    sim, fused, fused_t, ver, slot_feat, slot_live, spent, touched = st
+    vr = ver[r]
+    if vr >= 0 and scatter * 2 * (count - vr - 1) < len(out):
+        out[:] = fused[vr]
+        for i in range(2 * vr + 2, 2 * count):
+            out[touched[i]] = NEG
+    else:
+        src = sim[r] if vr < 0 else fused[vr]
+        for c in range(len(out)):
+            out[c] = src[c] if ver[c] <= vr else NEG
     for k in range(vr + 1, count):
         if slot_live[k]:
-            out[slot_feat[k]] = _newer_value(r, k, fused, fused_t, flushed)
+            out[slot_feat[k]] = fused_t[r, k] if k < flushed else fused[k, r]
     out[r] = NEG
     b = r // n
     if spent[b]:
@@ -90,11 +85,11 @@ def _row(r, st, n, count, flushed, out):
 
 
 @njit(cache=True, nogil=True)
-def _fused_row(lo, hi, st, n, count, flushed, alpha, contains, a, new):
+def _fused_row(lo, hi, st, n, count, flushed, scatter, alpha, contains, a, new):
     """The row of lo ∪ hi: the minimum of both rows, times α (α > 0) or with every partner that
     shares a model with it hidden (α <= 0)."""
-    _row(lo, st, n, count, flushed, a)
-    _row(hi, st, n, count, flushed, new)
+    _row(lo, st, n, count, flushed, scatter, a)
+    _row(hi, st, n, count, flushed, scatter, new)
     np.minimum(a, new, new)
     if alpha > 0:
         new *= alpha
@@ -108,11 +103,22 @@ def _fused_row(lo, hi, st, n, count, flushed, alpha, contains, a, new):
 
 @njit(cache=True, nogil=True)
 def _mark_stale(rowmax, rowarg, new, lo, hi, stale):
-    """Rows to rescan: the fused one, those whose best partner was a part, and those whose new
-    entry reaches their cached best (ties go to the lowest column: a rescan decides)."""
+    """Update every row's cached best for the new entries at ``lo`` (``hi`` is gone) and mark the
+    rows that need a rescan: the fused one and those whose best partner was a part and is not
+    beaten by the new entry. A new entry above the cached best is the new best; one equal to it
+    moves the first best column to lo if lo is lower."""
     rowmax[hi] = NEG
     for r in range(len(rowmax)):
-        stale[r] = rowmax[r] > NEG and (rowarg[r] == lo or rowarg[r] == hi or new[r] >= rowmax[r])
+        top = rowmax[r]
+        stale[r] = False
+        if top == NEG:  # dead, or every partner hidden for good
+            continue
+        if new[r] > top:
+            rowmax[r], rowarg[r] = new[r], lo
+        elif rowarg[r] == lo or rowarg[r] == hi:
+            stale[r] = True
+        elif new[r] == top and lo < rowarg[r]:
+            rowarg[r] = lo
     stale[lo] = True
 
 
@@ -134,17 +140,17 @@ def _spend(lo, hi, n, budget, spent, rowmax, rowarg, stale):
 
 
 @njit(cache=True, nogil=True)
-def _transpose(fused, fused_t, first, count, chunk):
-    """Copy slots [first, count) into the columns of ``fused_t``, ``chunk`` rows at a time."""
-    total = fused.shape[1]
-    for r0 in range(0, total, chunk):
-        for r in range(r0, min(r0 + chunk, total)):
+def _transpose(fused, fused_t, ver, first, count):
+    """Copy slots [first, count) into the columns of ``fused_t`` at every live feature's row (a
+    dead feature's row is never read again)."""
+    for r in range(fused.shape[1]):
+        if ver[r] != DEAD:
             for k in range(first, count):
                 fused_t[r, k] = fused[k, r]
 
 
 @njit(cache=True, nogil=True)
-def greedy_fusions(sim, num_models, wanted, alpha, budget0, flush, chunk, scatter, out):
+def greedy_fusions(sim, num_models, wanted, alpha, budget0, flush, scatter, out):
     """Run the greedy loop for up to ``wanted`` fusions into ``out`` (wanted × 2: lo, hi); return
     how many were made (fewer when no allowed pair is left)."""
     total = sim.shape[0]
@@ -157,20 +163,20 @@ def greedy_fusions(sim, num_models, wanted, alpha, budget0, flush, chunk, scatte
     budget = np.full(num_models, budget0, dtype=np.int64)
     spent = budget <= 0
     touched = np.empty(2 * wanted, dtype=np.int64)  # the fused and the absorbed feature of every step
-    work, a, new = np.empty(total), np.empty(total), np.empty(total)
-    st = (sim, fused, fused_t, ver, slot_feat, slot_live, spent, touched, work)
+    a, new = np.empty(total), np.empty(total)
+    st = (sim, fused, fused_t, ver, slot_feat, slot_live, spent, touched)
     contains = np.ones(total, dtype=np.int64) << (np.arange(total) // n)
     rowmax, rowarg = np.empty(total), np.empty(total, dtype=np.int64)
     stale = np.zeros(total, dtype=np.bool_)
     for r in range(total if wanted else 0):
-        rowmax[r], rowarg[r] = _row_best(r, st, n, 0, 0, scatter)
+        rowmax[r], rowarg[r] = _row_best(r, st, n, 0, 0)
     flushed = 0
     for done in range(wanted):
         lo = np.argmax(rowmax)  # first row holding the global max ...
         if rowmax[lo] == NEG:
             return done
         hi = rowarg[lo]  # ... and its first best column (> lo by symmetry)
-        _fused_row(lo, hi, st, n, done, flushed, alpha, contains, a, new)
+        _fused_row(lo, hi, st, n, done, flushed, scatter, alpha, contains, a, new)
         _mark_stale(rowmax, rowarg, new, lo, hi, stale)
         _spend(lo, hi, n, budget, spent, rowmax, rowarg, stale)
         for f in (lo, hi):
@@ -182,8 +188,8 @@ def greedy_fusions(sim, num_models, wanted, alpha, budget0, flush, chunk, scatte
         touched[2 * done], touched[2 * done + 1] = lo, hi
         out[done, 0], out[done, 1] = lo, hi
         for r in np.flatnonzero(stale):
-            rowmax[r], rowarg[r] = _row_best(r, st, n, done + 1, flushed, scatter)
+            rowmax[r], rowarg[r] = _row_best(r, st, n, done + 1, flushed)
         if done + 1 - flushed == flush:
-            _transpose(fused, fused_t, flushed, done + 1, chunk)
+            _transpose(fused, fused_t, ver, flushed, done + 1)
             flushed = done + 1
     return wanted

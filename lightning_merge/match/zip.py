@@ -68,7 +68,6 @@ def _stuck(done: int, wanted: int, alpha: float, beta: float) -> ValueError:
 
 
 FLUSH = 16  # fused rows buffered before their transposed copy is written (see _zip_loop)
-CHUNK = 256  # rows per block of that transposed copy: stays in cache
 SCATTER = 16  # a slot row's changed columns are hidden one by one below 1/SCATTER of the width
 
 
@@ -113,7 +112,7 @@ def _compiled_fusions(
     wanted = total - target_width
     budget = zipit_budget(total, target_width, num_models, beta)
     out = np.empty((wanted, 2), dtype=np.int64)
-    args = (float(alpha), budget, FLUSH, CHUNK, SCATTER, out)
+    args = (float(alpha), budget, FLUSH, SCATTER, out)
     done = greedy_fusions(np.ascontiguousarray(sim), num_models, wanted, *args)
     if done < wanted:
         raise _stuck(done, wanted, alpha, beta)
