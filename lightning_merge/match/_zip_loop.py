@@ -56,9 +56,9 @@ def _row_best(r, st, n, count, flushed):
     src = sim[r] if vr < 0 else fused[vr]
     best, arg = _scan(src, ver, vr, 0, skip_lo, NEG, -1)
     best, arg = _scan(src, ver, vr, skip_hi, total, best, arg)
-    first = vr + 1
-    best, arg = _scan_newer(fused_t[r], first, flushed, slot_feat, slot_live, skip_lo, skip_hi, best, arg)
-    return _scan_newer(fused[:, r], max(first, flushed), count, slot_feat, slot_live, skip_lo, skip_hi, best, arg)
+    slots = (slot_feat, slot_live, skip_lo, skip_hi)
+    best, arg = _scan_newer(fused_t[r], vr + 1, flushed, *slots, best, arg)  # flushed: transposed
+    return _scan_newer(fused[:, r], max(vr + 1, flushed), count, *slots, best, arg)  # the newest
 
 
 @njit(cache=True, nogil=True)
