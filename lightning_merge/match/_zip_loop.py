@@ -150,13 +150,13 @@ def _transpose(fused, fused_t, ver, first, count):
 
 
 @njit(cache=True, nogil=True)
-def greedy_fusions(sim, num_models, wanted, alpha, budget0, flush, scatter, out):
-    """Run the greedy loop for up to ``wanted`` fusions into ``out`` (wanted × 2: lo, hi); return
-    how many were made (fewer when no allowed pair is left)."""
+def greedy_fusions(sim, num_models, alpha, budget0, flush, scatter, fused, fused_t, out):
+    """Run the greedy loop for up to ``wanted = len(out)`` fusions into ``out`` (lo, hi per row);
+    return how many were made (fewer when no allowed pair is left). ``fused`` (wanted × N·n) and
+    ``fused_t`` (N·n × wanted) are scratch, allocated by the caller (NumPy asks for huge pages)."""
     total = sim.shape[0]
     n = total // num_models
-    fused = np.empty((wanted, total))
-    fused_t = np.empty((total, wanted))
+    wanted = len(out)
     ver = np.full(total, -1, dtype=np.int64)
     slot_feat = np.empty(wanted, dtype=np.int64)
     slot_live = np.zeros(wanted, dtype=np.bool_)

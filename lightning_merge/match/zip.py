@@ -112,8 +112,10 @@ def _compiled_fusions(
     wanted = total - target_width
     budget = zipit_budget(total, target_width, num_models, beta)
     out = np.empty((wanted, 2), dtype=np.int64)
-    args = (float(alpha), budget, FLUSH, SCATTER, out)
-    done = greedy_fusions(np.ascontiguousarray(sim), num_models, wanted, *args)
+    scratch = np.empty((wanted, total)), np.empty((total, wanted))  # NumPy asks for huge pages
+    done = greedy_fusions(
+        np.ascontiguousarray(sim), num_models, float(alpha), budget, FLUSH, SCATTER, *scratch, out
+    )
     if done < wanted:
         raise _stuck(done, wanted, alpha, beta)
     return [(lo, hi) for lo, hi in out.tolist()]

@@ -68,7 +68,8 @@ def test_kernel_reports_how_far_it_got():
     corr = random_corr(6, 3, seed=4).numpy()
     out = np.full((12, 2), -1, dtype=np.int64)
     budget = zipit_budget(18, 6, 3, 0.0)
-    done = greedy_fusions(corr, 3, 12, 0.0, budget, zip_module.FLUSH, zip_module.SCATTER, out)
+    scratch = np.empty((12, 18)), np.empty((18, 12))
+    done = greedy_fusions(corr, 3, 0.0, budget, zip_module.FLUSH, zip_module.SCATTER, *scratch, out)
     assert 0 < done < 12
     assert (out[:done] >= 0).all() and (out[:done, 0] < out[:done, 1]).all()
     with pytest.raises(ValueError, match=rf"after {done} of 12 fusions"):
