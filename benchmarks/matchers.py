@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numba
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -169,8 +170,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"ZipIt! α = {args.alpha}, β = {args.beta} down to m = n, on {args.device}; {pick} wall and "
             f"{pick} process CPU seconds of {args.repeats} runs (each size's runs interleaved only with "
             'its own other columns); "load avg": the 1-minute load average when the row started. '
-            '"fast" is the CPU default (the column-write-free loop compiled with Numba; its first call '
-            f"in the process, compile or cache load, took {first_call_s:.2f} s and is not timed), "
+            f'"fast" is the CPU default (the column-write-free loop compiled with Numba {numba.__version__}; '
+            f"its first call in the process, compile or cache load, took {first_call_s:.2f} s and is not "
+            "timed; a first large call also pays for its scratch pages, see matchers_profile.md), "
             '"torch loop" the in-place loop in torch ops (the GPU path), which must make the same '
             "fusions; the reference is the literal greedy algorithm (tests/zipit_reference.py), run up "
             f'to n = {args.ref_max_n}; "same fusions" compares its fusions with the fast one\'s.'
