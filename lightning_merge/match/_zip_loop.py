@@ -18,10 +18,11 @@ from numba import njit
 
 NEG = -np.inf
 DEAD = np.iinfo(np.int64).max  # version of an absorbed feature: newer than every row
+Arr = np.ndarray  # the loop's arguments are NumPy arrays and scalars (Numba ignores the hints)
 
 
 @njit(cache=True, nogil=True)
-def _scan(src, ver, vr, start, stop, best, arg):
+def _scan(src: Arr, ver: Arr, vr: int, start: int, stop: int, best: float, arg: int) -> tuple[float, int]:
     """First max of ``src[c]`` over c in [start, stop) not written after version ``vr``. The
     version is only looked at for a candidate above the best so far: a rare, well-predicted
     branch, so the loop runs at memory speed."""
@@ -33,7 +34,17 @@ def _scan(src, ver, vr, start, stop, best, arg):
 
 
 @njit(cache=True, nogil=True)
-def _scan_newer(trow, first, stop, slot_feat, slot_live, skip_lo, skip_hi, best, arg):
+def _scan_newer(
+    trow: Arr,
+    first: int,
+    stop: int,
+    slot_feat: Arr,
+    slot_live: Arr,
+    skip_lo: int,
+    skip_hi: int,
+    best: float,
+    arg: int,
+) -> tuple[float, int]:
     """Fold slots [first, stop) of one row of the transposed store into (best, arg); slots are not
     in column order, so a tie goes to the lower column."""
     for k in range(first, stop):
@@ -46,7 +57,7 @@ def _scan_newer(trow, first, stop, slot_feat, slot_live, skip_lo, skip_hi, best,
 
 
 @njit(cache=True, nogil=True)
-def _row_best(r, st, n, count, flushed):
+def _row_best(r: int, st: tuple, n: int, count: int, flushed: int) -> tuple[float, int]:
     """Max and first best column of the current row ``r`` (-inf and -1 when all is hidden)."""
     sim, fused, fused_t, ver, slot_feat, slot_live, spent, _ = st
     total = sim.shape[0]
@@ -62,7 +73,7 @@ def _row_best(r, st, n, count, flushed):
 
 
 @njit(cache=True, nogil=True)
-def _row(r, st, n, count, flushed, scatter, out):
+def _row(r: int, st: tuple, n: int, count: int, flushed: int, scatter: int, out: Arr) -> None:
     """The current row ``r`` in full into ``out`` (hidden entries at -inf). A slot row's columns
     written since are hidden one by one when they are fewer than 1/``scatter`` of the width."""
     sim, fused, fused_t, ver, slot_feat, slot_live, spent, touched = st
@@ -85,7 +96,19 @@ def _row(r, st, n, count, flushed, scatter, out):
 
 
 @njit(cache=True, nogil=True)
-def _fused_row(lo, hi, st, n, count, flushed, scatter, alpha, contains, a, new):
+def _fused_row(
+    lo: int,
+    hi: int,
+    st: tuple,
+    n: int,
+    count: int,
+    flushed: int,
+    scatter: int,
+    alpha: float,
+    contains: Arr,
+    a: Arr,
+    new: Arr,
+) -> None:
     """The row of lo ∪ hi: the minimum of both rows, times α (α > 0) or with every partner that
     shares a model with it hidden (α <= 0)."""
     _row(lo, st, n, count, flushed, scatter, a)
@@ -102,7 +125,7 @@ def _fused_row(lo, hi, st, n, count, flushed, scatter, alpha, contains, a, new):
 
 
 @njit(cache=True, nogil=True)
-def _mark_stale(rowmax, rowarg, new, lo, hi, stale):
+def _mark_stale(rowmax: Arr, rowarg: Arr, new: Arr, lo: int, hi: int, stale: Arr) -> None:
     """Update every row's cached best for the new entries at ``lo`` (``hi`` is gone) and mark the
     rows that need a rescan: the fused one and those whose best partner was a part and is not
     beaten by the new entry. A new entry above the cached best is the new best; one equal to it
@@ -123,7 +146,7 @@ def _mark_stale(rowmax, rowarg, new, lo, hi, stale):
 
 
 @njit(cache=True, nogil=True)
-def _spend(lo, hi, n, budget, spent, rowmax, rowarg, stale):
+def _spend(lo: int, hi: int, n: int, budget: Arr, spent: Arr, rowmax: Arr, rowarg: Arr, stale: Arr) -> None:
     """Count a same-model fusion; once its origin's budget is spent, mask that model's block and
     rescan the block's rows whose best partner lies in it."""
     origin = lo // n  # the model of a feature's lowest member
@@ -140,7 +163,7 @@ def _spend(lo, hi, n, budget, spent, rowmax, rowarg, stale):
 
 
 @njit(cache=True, nogil=True)
-def _transpose(fused, fused_t, ver, first, count):
+def _transpose(fused: Arr, fused_t: Arr, ver: Arr, first: int, count: int) -> None:
     """Copy slots [first, count) into the columns of ``fused_t`` at every live feature's row (a
     dead feature's row is never read again)."""
     for r in range(fused.shape[1]):
@@ -150,7 +173,17 @@ def _transpose(fused, fused_t, ver, first, count):
 
 
 @njit(cache=True, nogil=True)
-def greedy_fusions(sim, num_models, alpha, budget0, flush, scatter, fused, fused_t, out):
+def greedy_fusions(
+    sim: Arr,
+    num_models: int,
+    alpha: float,
+    budget0: int,
+    flush: int,
+    scatter: int,
+    fused: Arr,
+    fused_t: Arr,
+    out: Arr,
+) -> int:
     """Run the greedy loop for up to ``wanted = len(out)`` fusions into ``out`` (lo, hi per row);
     return how many were made (fewer when no allowed pair is left). ``fused`` (wanted × N·n) and
     ``fused_t`` (N·n × wanted) are scratch, allocated by the caller (NumPy asks for huge pages)."""
