@@ -42,7 +42,6 @@ from lightning_merge.match._checks import (
     check_target_width,
     check_unit_interval,
 )
-from lightning_merge.match._zip_loop import greedy_fusions
 from lightning_merge.match.permute import match_groups
 from lightning_merge.match.transform import SpaceTransform, from_assignment
 
@@ -108,6 +107,8 @@ def _compiled_fusions(
     sim: np.ndarray, num_models: int, target_width: int, alpha: float, beta: float
 ) -> list[tuple[int, int]]:
     """The greedy loop on CPU, compiled (:mod:`._zip_loop`; ``sim`` is only read)."""
+    from lightning_merge.match._zip_loop import greedy_fusions  # Numba's import (~0.4 s) only when used
+
     total = sim.shape[0]
     wanted = total - target_width
     budget = zipit_budget(total, target_width, num_models, beta)
