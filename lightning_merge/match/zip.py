@@ -20,10 +20,11 @@ The published loop deletes a row and a column and rescans the whole matrix after
 fusion only the fused row and the rows whose best partner was one of the two parts (or was masked
 by a spent budget, or whose changed entry reaches their cached best) are rescanned. On a GPU
 (``backend="torch"``) the matrix is updated in place (dead features become -inf). On CPU writing a
-column costs a cache miss per row, which at N·n = 8192 was 60 % of the time, and a Python loop
-over the rescanned rows was most of the rest, so the CPU loop (:mod:`._zip_loop`, compiled with
-Numba) never writes one: the input is only read, fused rows are appended and transposed in blocks,
-and each row read hides what changed after it. Both make the same choices as the published rule;
+column costs a cache miss per row, which at N·n = 8192 was 60 % of the time, so the CPU loop
+(:mod:`._zip_loop`) never writes one: the input is only read, fused rows are appended and
+transposed in blocks, and each row read hides what changed after it. It is compiled with Numba
+because in NumPy its per-row calls were most of its time (5 s at n = 4096; 1.3 s compiled, see
+benchmarks/results/matchers_profile.md). Both make the same choices as the published rule;
 benchmarks/matchers.py times them.
 """
 
