@@ -20,10 +20,12 @@ The published loop deletes a row and a column and rescans the whole matrix after
 fusion only the fused row and the rows whose best partner was one of the two parts (or was masked
 by a spent budget, or whose changed entry reaches their cached best) are rescanned. On a GPU
 (``backend="torch"``) the matrix is updated in place (dead features become -inf). On CPU writing a
-column costs a cache miss per row, which at N·n = 8192 was 60 % of the time (8 s at n = 4096), so
-the CPU loop (:class:`_LazySim`) never writes one: the input is only read, fused rows are
-appended and transposed in blocks, and each row read hides what changed after it. Both make the
-same choices as the published rule; benchmarks/matchers.py times them.
+column costs a cache miss per row, which at N·n = 8192 was 60 % of the time, so the CPU loop
+(:mod:`._zip_loop`) never writes one: the input is only read, fused rows are appended and
+transposed in blocks, and each row read hides what changed after it. It is compiled with Numba
+because in NumPy its per-row calls were most of its time (5 s at n = 4096; 1.3 s compiled, see
+benchmarks/results/matchers_profile.md). Both make the same choices as the published rule;
+benchmarks/matchers.py times them.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ from lightning_merge.match.permute import match_groups
 from lightning_merge.match.transform import SpaceTransform, from_assignment
 
 NEG = float("-inf")
-DEAD = np.iinfo(np.int64).max  # version of an absorbed feature: changed after every row
 
 
 def zipit_budget(total: int, target_width: int, num_models: int, beta: float) -> int:
@@ -66,134 +67,8 @@ def _stuck(done: int, wanted: int, alpha: float, beta: float) -> ValueError:
     )
 
 
-FLUSH = 64  # fused rows buffered before their transposed copy is written (see _LazySim)
+FLUSH = 16  # fused rows buffered before their transposed copy is written (see _zip_loop)
 SCATTER = 16  # a slot row's changed columns are hidden one by one below 1/SCATTER of the width
-CHUNK = 512  # rows per batch of rescans and of the transposed copy: bounds temporaries and cache use
-
-
-class _LazySim:
-    """The loop's current similarity matrix on CPU, kept without writing a single column.
-
-    Writing a column touches one cache line per row (~80 ns each here): at N·n = 8192 the fused
-    and the absorbed feature's column writes were 60 % of the in-place loop's time. Here the input
-    stays read-only and every fusion appends the fused feature's row to ``fused`` (slot k = step
-    k). Entry (r, c) is right in the row of whichever of r, c was written last. So row r is read
-    in two parts: its own row (input or latest slot) with every column changed after it hidden,
-    and the live slots newer than r, read at r from ``fused_t`` (the slots transposed in blocks of
-    FLUSH; the newest few straight from ``fused``). Dead features and spent β blocks are hidden
-    on read. Every entry is the very float the in-place loop holds, so every max, argmax and tie
-    is the same; a row's first best column is the lower of its two parts' first best.
-    """
-
-    def __init__(self, sim: np.ndarray, num_models: int, slots: int, spent: np.ndarray) -> None:
-        total = sim.shape[0]
-        self.sim, self.n, self.spent = sim, total // num_models, spent
-        self.fused = np.empty((slots, total))  # pages are only mapped once written
-        self.fused_t = np.empty((total, slots))
-        self.slot_feature = np.empty(slots, dtype=np.int64)
-        self.version = np.full(total, -1, dtype=np.int64)  # -1: input row; latest slot; DEAD
-        self.touched = np.empty(2 * slots, dtype=np.int64)  # the fused and the absorbed feature per step
-        # Masks applied with np.minimum (+inf keeps a float bit for bit, -inf hides it): ``cap``
-        # hides the columns an input row must not read (fused or dead features); row o of
-        # ``slot_cap`` the slots a row of a spent origin o must not read (dead, or of origin o),
-        # its last row those any other row must not read (dead).
-        self.cap = np.full(total, np.inf)
-        self.slot_cap = np.full((num_models + 1, slots), NEG)
-        self.work = np.empty((min(CHUNK, total), total))  # reused: no page faults per read
-        self.count = 0  # slots written
-        self.flushed = 0  # slots copied into fused_t
-
-    def _own(self, idx: np.ndarray, ver: np.ndarray) -> np.ndarray:
-        """Rows ``idx`` as last written, every column changed after that (or masked) at -inf."""
-        out = self.work[: len(idx)]
-        n, total, spent = self.n, len(self.cap), self.spent.tolist()
-        for i, (r, v) in enumerate(zip(idx.tolist(), ver.tolist(), strict=True)):
-            row = out[i]
-            if v < 0:
-                np.minimum(self.sim[r], self.cap, out=row)  # read and mask in one pass
-            else:
-                row[:] = self.fused[v]
-                since = self.touched[2 * v + 2 : 2 * self.count]  # features changed after slot v
-                if SCATTER * len(since) < total:
-                    row[since] = NEG
-                else:
-                    np.copyto(row, NEG, where=self.version > v)
-            if spent[r // n]:
-                row[r // n * n : (r // n + 1) * n] = NEG
-            row[r] = NEG
-        return out
-
-    def _newer(self, idx: np.ndarray, ver: np.ndarray) -> np.ndarray:
-        """Entries of rows ``idx`` at every slot (column k: slot k), -inf unless the slot is live,
-        newer than the row and not in a spent β block with it."""
-        done, count = self.flushed, self.count
-        out = np.empty((len(idx), count))
-        out[:, :done] = self.fused_t[idx, :done]
-        out[:, done:] = self.fused[done:count, idx].T
-        origin = idx // self.n
-        which = np.where(self.spent[origin], origin, len(self.spent))
-        np.minimum(out, self.slot_cap[which, :count], out=out)
-        for i in np.flatnonzero(ver >= 0):
-            out[i, : ver[i] + 1] = NEG  # slots up to the row's own are read from the row
-        return out
-
-    def rows(self, idx: np.ndarray) -> np.ndarray:
-        """The current rows ``idx`` (live features) in full (a view of the reused workspace)."""
-        ver = self.version[idx]
-        out = self._own(idx, ver)
-        if self.count:
-            newer = self._newer(idx, ver)
-            for i in range(len(idx)):
-                shown = np.flatnonzero(newer[i] > NEG)
-                out[i, self.slot_feature[shown]] = newer[i, shown]
-        return out
-
-    def best(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Max and first best column of each row ``idx``, in chunks of CHUNK rows."""
-        top = np.empty(len(idx))
-        arg = np.empty(len(idx), dtype=np.int64)
-        for start in range(0, len(idx), CHUNK):
-            part = slice(start, start + CHUNK)
-            top[part], arg[part] = self._best(idx[part])
-        return top, arg
-
-    def _best(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ver = self.version[idx]
-        own = self._own(idx, ver)
-        arg = own.argmax(1)  # first best column
-        top = own[np.arange(len(idx)), arg]
-        if not self.count:
-            return top, arg
-        newer = self._newer(idx, ver)
-        slot = newer.argmax(1)
-        top_new = newer[np.arange(len(idx)), slot]
-        for i in np.flatnonzero((top_new >= top) & (top_new > NEG)):
-            ties = np.flatnonzero(newer[i] == top_new[i])  # slots are not in column order
-            first = int(self.slot_feature[ties].min())
-            if top_new[i] > top[i] or first < arg[i]:
-                top[i], arg[i] = top_new[i], first
-        return top, arg
-
-    def fuse(self, lo: int, hi: int, new: np.ndarray) -> None:
-        """``lo`` now has the row ``new``; ``hi`` is gone."""
-        for f in (lo, hi):
-            if self.version[f] >= 0:
-                self.slot_cap[:, self.version[f]] = NEG
-        slot = self.count
-        self.fused[slot] = new
-        self.slot_feature[slot] = lo
-        self.slot_cap[:, slot] = np.inf
-        self.slot_cap[lo // self.n, slot] = NEG
-        self.version[lo] = slot
-        self.version[hi] = DEAD
-        self.touched[2 * slot : 2 * slot + 2] = lo, hi
-        self.cap[[lo, hi]] = NEG
-        self.count += 1
-        if self.count - self.flushed == FLUSH:
-            for r in range(0, self.fused_t.shape[0], CHUNK):  # blocked transpose: stays in cache
-                block = self.fused[self.flushed : self.count, r : r + CHUNK]
-                self.fused_t[r : r + CHUNK, self.flushed : self.count] = block.T
-            self.flushed = self.count
 
 
 def _stale_rows(rowmax, rowarg, new, lo: int, hi: int):
@@ -229,40 +104,23 @@ def _absorb(new, contains, lo: int, hi: int, alpha: float) -> None:
         contains[lo] |= contains[hi]
 
 
-def _lazy_fusions(
+def _compiled_fusions(
     sim: np.ndarray, num_models: int, target_width: int, alpha: float, beta: float
 ) -> list[tuple[int, int]]:
-    """The greedy loop on CPU over a :class:`_LazySim` (``sim`` is only read)."""
+    """The greedy loop on CPU, compiled (:mod:`._zip_loop`; ``sim`` is only read)."""
+    from lightning_merge.match._zip_loop import greedy_fusions  # Numba's import (~0.4 s) only when used
+
     total = sim.shape[0]
-    n = total // num_models
     wanted = total - target_width
-    budget = [zipit_budget(total, target_width, num_models, beta)] * num_models
-    mat = _LazySim(sim, num_models, wanted, np.array([b <= 0 for b in budget]))
-    contains = np.ones(total, dtype=np.int64) << (np.arange(total) // n)
-    rowmax, rowarg = mat.best(np.arange(total)) if wanted else (None, None)
-    fusions: list[tuple[int, int]] = []
-    for done in range(wanted):
-        lo = int(rowmax.argmax())  # first row holding the global max ...
-        if float(rowmax[lo]) == NEG:
-            raise _stuck(done, wanted, alpha, beta)
-        hi = int(rowarg[lo])  # ... and its first best column (> lo by symmetry)
-        pair = mat.rows(np.array([lo, hi]))
-        new = np.minimum(pair[0], pair[1])  # new[lo] = new[hi] = -inf via the diagonal
-        _absorb(new, contains, lo, hi, alpha)
-        mat.fuse(lo, hi, new)
-        stale = _stale_rows(rowmax, rowarg, new, lo, hi)
-        block = _spend(budget, lo, hi, n, stale, rowmax, rowarg)
-        if block is not None:
-            mat.spent[lo // n] = True
-        if mat.spent[lo // n]:  # the fused row is current: only its β block may need hiding
-            new[lo // n * n : (lo // n + 1) * n] = NEG
-        stale[lo] = False
-        rowarg[lo] = new.argmax()
-        rowmax[lo] = new[rowarg[lo]]
-        rows = stale.nonzero()[0]
-        rowmax[rows], rowarg[rows] = mat.best(rows)
-        fusions.append((lo, hi))
-    return fusions
+    budget = zipit_budget(total, target_width, num_models, beta)
+    out = np.empty((wanted, 2), dtype=np.int64)
+    scratch = np.empty((wanted, total)), np.empty((total, wanted))  # NumPy asks for huge pages
+    done = greedy_fusions(
+        np.ascontiguousarray(sim), num_models, float(alpha), budget, FLUSH, SCATTER, *scratch, out
+    )
+    if done < wanted:
+        raise _stuck(done, wanted, alpha, beta)
+    return [(lo, hi) for lo, hi in out.tolist()]
 
 
 def _eager_fusions(
@@ -321,8 +179,8 @@ def zipit_fusions(
     """The greedy fusions ``(lo, hi)`` in order, each named by the parts' lowest member index.
 
     ``sim`` must be a validated symmetric float64 matrix; it is not modified. ``"numpy"`` (the
-    ``"auto"`` choice on CPU) runs the column-write-free loop on a NumPy view; ``"torch"`` the
-    in-place loop on ``sim``'s device. Both make the same choices.
+    ``"auto"`` choice on CPU) runs the compiled column-write-free loop on a NumPy view; ``"torch"``
+    the in-place loop on ``sim``'s device. Both make the same choices.
     """
     if backend not in ("auto", "torch", "numpy"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'numpy', got {backend!r}")
@@ -331,7 +189,7 @@ def zipit_fusions(
         raise ValueError(f"backend='numpy' needs a CPU matrix, got one on {sim.device}")
     if backend == "torch" or not on_cpu:
         return _eager_fusions(sim, num_models, target_width, alpha, beta)
-    return _lazy_fusions(sim.contiguous().numpy(), num_models, target_width, alpha, beta)
+    return _compiled_fusions(sim.contiguous().numpy(), num_models, target_width, alpha, beta)
 
 
 def assignment_from_fusions(fusions: list[tuple[int, int]], total: int, device: torch.device) -> torch.Tensor:

@@ -254,11 +254,10 @@ def structured_corr(n: int, num_models: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("num_models", [2, 3])
 @pytest.mark.parametrize("scatter", [0, 10**9])
 def test_lazy_loop_matches_in_place_loop_through_flushes(monkeypatch, alpha, beta, kind, num_models, scatter):
-    # Tiny FLUSH/CHUNK so the transposed slot store, its unflushed tail and chunked rescans are all
-    # read many times, and both ways of hiding a slot row's changed columns (one by one, or by
-    # version); the in-place torch loop (checked against the reference above) is the oracle.
+    # Tiny FLUSH so the transposed slot store and its unflushed tail are both read many times, and
+    # both ways of hiding a slot row's changed columns (one by one, or by version); the in-place
+    # torch loop (checked against the reference above) is the oracle.
     monkeypatch.setattr(zip_module, "FLUSH", 3)
-    monkeypatch.setattr(zip_module, "CHUNK", 5)
     monkeypatch.setattr(zip_module, "SCATTER", scatter)
     n = 30
     corr = structured_corr(n, num_models, seed=num_models) if kind == "structured" else None
