@@ -488,7 +488,10 @@ class ResultStore:
     ) -> None:
         self.stem, self.meta = stem, meta
         path = self.file(".json")
-        old = json.loads(path.read_text()) if path.is_file() and not fresh else {}
+        on_disk = json.loads(path.read_text()) if path.is_file() else {}
+        old = {} if fresh else on_disk
+        #: with ``fresh``, the rows on disk at the start are replaced, never taken back in on a save
+        self.replaced = {_row_key(r) for r in on_disk.get("rows", [])} if fresh else set()
         self.rows: list[MetricRow] = list(old.get("rows", []))
         self.commands: list[str] = [c for c in old.get("commands", []) if c != meta["command"]]
         self.commands.append(meta["command"])
@@ -533,7 +536,11 @@ class ResultStore:
     def _take_in_disk_rows(self) -> None:
         path = self.file(".json")
         disk = json.loads(path.read_text()) if path.is_file() else {}
-        theirs = [r for r in disk.get("rows", []) if (r["seeds"], r["method"]) not in self.mine]
+        theirs = [
+            r
+            for r in disk.get("rows", [])
+            if (r["seeds"], r["method"]) not in self.mine and _row_key(r) not in self.replaced
+        ]
         keys = {(r["seeds"], r["method"]) for r in theirs}
         self.rows = theirs + [r for r in self.rows if (r["seeds"], r["method"]) not in keys]
         commands = [c for c in disk.get("commands", []) if c not in self.commands]
@@ -542,6 +549,11 @@ class ResultStore:
 
     def file(self, suffix: str) -> Path:
         return stem_file(self.stem, suffix)
+
+
+def _row_key(row: MetricRow) -> str:
+    """A row's identity as stored (every field), to recognise rows that were on disk at the start."""
+    return json.dumps(row, sort_keys=True)
 
 
 def stem_file(stem: Path, suffix: str) -> Path:

@@ -330,6 +330,29 @@ def test_two_runs_on_one_table_keep_each_others_rows(mt: ModuleType, tmp_path: P
     assert len(rows) == 3
 
 
+def test_a_fresh_run_replaces_the_stored_rows_and_still_keeps_a_concurrent_runs(
+    mt: ModuleType, tmp_path: Path
+) -> None:
+    """--fresh: the rows on disk at its start never come back on a save (they came back once, and a
+    "fresh" table mixed old-code rows into its means); rows another run writes meanwhile are kept."""
+    meta = {"machine": "box", "tasks": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]}
+    old = mt.ResultStore(tmp_path / "t", {**meta, "command": "old"})
+    old.put([mt.failed_row("2:3", "zipit", ValueError("old"), None)])
+    old.save([], "T", 2)
+    fresh = mt.ResultStore(tmp_path / "t", {**meta, "command": "fresh"}, fresh=True)
+    other = mt.ResultStore(tmp_path / "t", {**meta, "command": "other"})
+    fresh.put([mt.failed_row("0:1", "zipit", ValueError("new"), None)])
+    fresh.save([], "T", 2)
+    other.put([mt.failed_row("4:5", "permute", ValueError("meanwhile"), None)])
+    other.save([], "T", 2)
+    fresh.save([], "T", 2)
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert sorted((r["seeds"], r["error"]) for r in rows) == [
+        ("0:1", "ValueError: new"),
+        ("4:5", "ValueError: meanwhile"),
+    ]
+
+
 def test_averaging_is_compared_on_joint_and_on_the_per_task_average(mt: ModuleType) -> None:
     """'collapsed' predicts one task only: higher joint than averaging, lower per-task average."""
 
