@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"ResNet-20×1 test pair (quick_pair), {args.calibration_size} calibration images in memory, "
             f"best of {args.runs} interleaved runs (methods starting with {args.slow!r}: "
             f"{args.slow_runs}). forward = both sources over the calibration batches (no_grad); a "
-            "method = statistics pass (its requires) + method.merge (match, apply, refit) + post_merge "
+            "method = the sources' BatchNorm reset where its reset_sources is on (zipit, mudsc rows) + "
+            "statistics pass (its requires) + method.merge (match, apply, refit) + post_merge "
             "(repair=True: BatchNorm reset). Ratio = method / forward. Load average after the runs: "
             + " / ".join(f"{v:.1f}" for v in os.getloadavg())
         )
