@@ -218,13 +218,8 @@ def _capture(model: nn.Module, name: str, x: torch.Tensor, *, output: bool) -> t
 
 
 def _out_space(graph: MergeGraph, name: str) -> str | None:
-    found = graph.producer_of(f"{name}.weight")
-    if found is None:
-        return None
-    space, ref = found
-    if ref.axis != 0 or ref.offset or ref.outer != 1 or ref.inner != 1:
-        raise ValueError(f"least squares expects {name}.weight axis 0 to be all of {space.name!r}")
-    return space.name
+    expects = f"least squares expects {name}.weight axis 0 to be all of"
+    return graph.whole_producer(f"{name}.weight", 1, expects)
 
 
 def _check_layer(name: str, layer: nn.Module) -> bool:

@@ -136,6 +136,18 @@ class MergeGraph:
                     return space, ref
         return None
 
+    def whole_producer(self, param: str, copies: int, expectation: str) -> str | None:
+        """The merge point whose features make up all of ``param``'s axis 0, ``copies`` times stacked
+        (3: q, k, v), or None when ``param`` produces none; any other layout raises ``ValueError``
+        with ``expectation`` (who needs which layout)."""
+        found = self.producer_of(param)
+        if found is None:
+            return None
+        space, ref = found
+        if ref.axis != 0 or ref.offset or ref.outer != copies or ref.inner != 1:
+            raise ValueError(f"{expectation} {space.name!r}")
+        return space.name
+
     def to_dict(self) -> dict:
         return {
             "spaces": [asdict(s) for s in self.spaces],

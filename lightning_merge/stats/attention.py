@@ -83,13 +83,8 @@ def attention_output(mha: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tenso
 
 def in_proj_space(graph: MergeGraph, name: str) -> str | None:
     """The merge point of ``name``'s q/k/v rows (all three stacked on one space), or None."""
-    found = graph.producer_of(f"{name}.in_proj_weight")
-    if found is None:
-        return None
-    space, ref = found
-    if ref.axis != 0 or ref.offset or ref.outer != 3 or ref.inner != 1:
-        raise ValueError(f"the refit expects {name}.in_proj_weight axis 0 to be q, k, v of {space.name!r}")
-    return space.name
+    expects = f"the refit expects {name}.in_proj_weight axis 0 to be q, k, v of"
+    return graph.whole_producer(f"{name}.in_proj_weight", 3, expects)
 
 
 def stacked_block(block: torch.Tensor, channels: int) -> torch.Tensor:
