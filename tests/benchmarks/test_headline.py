@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import importlib
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from benchmark_scripts import benchmark_script
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 TASKS = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
 
 
 @pytest.fixture(scope="module")
 def mt() -> ModuleType:
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    return importlib.import_module("merge_table")
+    return benchmark_script("merge_table")
 
 
 def row(mt: ModuleType, seeds: str, label: str, joint: float, flops: float, phs: float | None = None) -> dict:

@@ -3,29 +3,24 @@
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from benchmark_scripts import benchmark_script
 
 from lightning_merge.data import MergeDataModule, TaskSplitDataModule
 from lightning_merge.methods import AverageMerge, MaTS, PermuteMerge, ZipItMerge
 from lightning_merge.models import PlateauRule
 from lightning_merge.models.default_pair import DEFAULT_PAIR, SourceSpec, checkpoint_of
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def mt() -> ModuleType:
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    return importlib.import_module("merge_table")
+    return benchmark_script("merge_table")
 
 
 @pytest.fixture(scope="module")

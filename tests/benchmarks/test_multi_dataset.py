@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from benchmark_scripts import benchmark_script
 
 from lightning_merge.methods import AverageMerge, ZipItMerge
 from lightning_merge.models import SourceClassifier
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def md() -> ModuleType:
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    return importlib.import_module("multi_dataset")
+    return benchmark_script("multi_dataset")
 
 
 def test_every_merge_row_keeps_one_head_per_source(md: ModuleType) -> None:

@@ -5,20 +5,16 @@ from __future__ import annotations
 import importlib
 import json
 import statistics
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from benchmark_scripts import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def sb() -> ModuleType:
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    return importlib.import_module("same_base")
+    return benchmark_script("same_base")
 
 
 def _row(method: str, joint: float, seeds: str = "0:1:2", task0: float | None = 50.0) -> dict:

@@ -9,19 +9,16 @@ model's statistics come from 512 training images of its *own* task.
 
 from __future__ import annotations
 
-import importlib
 import statistics
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from benchmark_scripts import benchmark_script
 from trained import TEST_MODELS_DIR, shifted
 
 from lightning_merge.data import TaskSplitDataModule
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 # Joint accuracy (%) per LIGHTNING_MERGE_TEST_SEED (full test set), the numbers the thresholds face:
 #
 #   seed  fine-tuned 0 / 1   mean    weakest merge (which)    average   weakest data-driven  (which)
@@ -38,9 +35,7 @@ DATA_DRIVEN = ("Fisher", "RegMean α=0.9", "MaTS regmean α=0.9", "MaTS fisher",
 
 @pytest.fixture(scope="module")
 def same_base() -> ModuleType:
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    return importlib.import_module("same_base")
+    return benchmark_script("same_base")
 
 
 @pytest.fixture(scope="module")
