@@ -151,5 +151,6 @@ def correlation(stats: Statistics | None, space: str, eps: float = 1e-8) -> Any:
         )
     moments = stats.moments[space]
     corr = moments.correlation(eps)
-    log_std = moments.covariance.diagonal().clamp_min(eps * eps).log() / 2
+    variance = moments.outer.diagonal() / moments.count - moments.mean**2  # covariance's diagonal only
+    log_std = variance.clamp_min(eps * eps).log() / 2
     return corr - SCALE_TIE_BREAK * (log_std[:, None] - log_std[None, :]).abs()
