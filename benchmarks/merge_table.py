@@ -1076,13 +1076,17 @@ def table_title(arch: str, width: float, split: int) -> str:
     return f"Merging {arch}×{width:g} on Fashion-MNIST, {split} tasks"
 
 
-def render(stem: Path) -> list[MetricRow]:
-    """Rewrite ``stem``'s .csv and .md from its JSON alone (after a change to the summary's wording)."""
+def render(stem: Path, note: str | None = None) -> list[MetricRow]:
+    """Rewrite ``stem``'s .csv and .md from its JSON alone (after a change to the summary's wording);
+    a ``note`` replaces the table's note in the JSON too (no row changes)."""
     path = stem_file(stem, ".json")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run the table first")
     with _locked(stem.parent):
         meta = json.loads(path.read_text())
+        if note is not None:
+            meta["note"] = note
+            path.write_text(json.dumps(meta, indent=2))
         split = len(meta["tasks"])
         write_summaries(stem, meta, table_title(meta["arch"], meta["width"], split), split)
     return meta["rows"]
@@ -1120,7 +1124,7 @@ def main(argv: list[str] | None = None) -> list[MetricRow]:
     args = parse_args(argv)
     name = table_stem(args.arch, args.width, args.split) + args.training.suffix
     if args.render:
-        return render(Path(args.out_dir) / name)
+        return render(Path(args.out_dir) / name, args.note)
     logging.getLogger("lightning_merge").setLevel(logging.WARNING)
     data = datamodule_for(args)
     stats_dir, out_dir = Path(args.stats_dir), Path(args.out_dir)

@@ -2,12 +2,18 @@
 
 Merging averages running means/variances linearly, which is wrong for the merged features' true
 statistics; without a reset merged ResNets collapse. We run the model in train mode (each BatchNorm
-normalises with its batch statistics, exactly as ``momentum=None`` resets do) and, through forward
-pre-hooks, accumulate per channel count, Σx and Σx² in float64. The running statistics are then the
-*pooled* mean and unbiased variance over every sample the loader gave, so they do not depend on how
-the data was split into batches (unlike an average of per-batch variances). Across ranks the loader
-is sharded by whole batches and the sums added once (:mod:`lightning_merge.dataflow`), so every rank
-ends with the statistics of a single process that saw all the data.
+normalises with its batch statistics, exactly as ``momentum=None`` resets do). A train-mode BatchNorm
+already computes every batch's per-channel mean and unbiased variance; with ``momentum`` set to 1 for
+the pass it writes them into its running buffers, where a forward hook reads them, so the reset costs
+one train-mode forward and nothing more (an earlier version re-read every input in float64, which cost
+more than the forward itself). The per-batch moments are pooled in float64 with the parallel-variance
+formula (Chan et al.): the running statistics are the mean and unbiased variance over every sample the
+loader gave, independent of how the data was split into batches (unlike an average of per-batch
+variances). The batch moments are float32 as the BatchNorm keeps them: the pooled variance is within
+~1e-7 (relative) of a float64 computation for features whose mean is within 10 standard deviations
+of 0, 3e-5 at 1000 (tests/apply/test_batchnorm_reset.py). Across ranks the loader is sharded by
+whole batches and the pooling is exact: one sum of counts and sums gives the global mean, a second
+sums each rank's squared deviations about it (:mod:`lightning_merge.dataflow`).
 """
 
 from __future__ import annotations
@@ -22,36 +28,55 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_merge.dataflow import Ranks, all_reduce_sum_, check_max_batches, model_device, sharded_inputs
 
 
-class _Accumulator:
-    """Per-channel count, Σx, Σx² of one BatchNorm's inputs, in float64.
+class _BatchMoments:
+    """Every batch's (count, mean, unbiased variance) per channel, as the BatchNorm computed them."""
 
-    The input is converted to float64 inside one workspace shared by every BatchNorm of the pass and
-    squared in place: a fresh float64 copy of each input plus its square (two mapped and zero-filled
-    allocations per BatchNorm and batch) cost more than the forward itself. The additions are the same
-    as before, so the statistics are bitwise unchanged.
-    """
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self.moments: list[torch.Tensor] = []  # (2, C) float64 per batch: mean, variance
 
-    def __init__(self, bn: _BatchNorm, workspace: list[torch.Tensor]) -> None:
-        c, dev = bn.num_features, bn.running_mean.device
-        self.sums = torch.zeros(2 * c + 1, dtype=torch.float64, device=dev)  # [Σx, Σx², count]
-        self.channels = c
-        self.workspace = workspace  # [flat float64 buffer], grown on demand
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: Any) -> None:
+        bn: _BatchNorm = module  # type: ignore[assignment]
+        self.counts.append(args[0].numel() // bn.num_features)
+        self.moments.append(torch.stack([bn.running_mean, bn.running_var]).to(torch.float64))
 
-    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0].detach().transpose(0, 1)  # (C, batch, ...): a view
-        c = self.channels
-        flat = self._buffer(x.numel(), x.device)[: x.numel()].view(x.shape)
-        flat.copy_(x)
-        flat = flat.view(c, -1)
-        self.sums[:c] += flat.sum(1)
-        self.sums[c : 2 * c] += flat.mul_(flat).sum(1)
-        self.sums[-1] += flat.shape[1]
+    def stacked(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(counts (B,), means (B, C), variances (B, C)) in float64; None if the layer never ran."""
+        if not self.counts:
+            return None
+        m = torch.stack(self.moments).to(device)
+        return torch.tensor(self.counts, dtype=torch.float64, device=device), m[:, 0], m[:, 1]
 
-    def _buffer(self, numel: int, device: torch.device) -> torch.Tensor:
-        ws = self.workspace
-        if not ws or ws[0].numel() < numel or ws[0].device != device:
-            ws[:] = [torch.empty(numel, dtype=torch.float64, device=device)]
-        return ws[0]
+
+def _pool(
+    hooks: list[_BatchMoments], channels: list[int], device: torch.device, ranks: Ranks | None
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per BatchNorm (count, mean, unbiased variance) over every rank's batches, in float64."""
+    total = sum(channels)
+    counts = torch.zeros(len(hooks), dtype=torch.float64, device=device)
+    sums = torch.zeros(total, dtype=torch.float64, device=device)
+    within = torch.zeros(total, dtype=torch.float64, device=device)
+    parts = [hook.stacked(device) for hook in hooks]
+    for i, (part, sl) in enumerate(zip(parts, _slices(channels), strict=True)):
+        if part is not None:
+            n, mean, var = part
+            counts[i], sums[sl], within[sl] = n.sum(), n @ mean, (n - 1) @ var
+    all_reduce_sum_([counts, sums], ranks)  # first: the global mean
+    per_channel = torch.repeat_interleave(counts, torch.tensor(channels, device=device))
+    global_mean = sums / per_channel.clamp_min(1)
+    for part, sl in zip(parts, _slices(channels), strict=True):
+        if part is not None:  # the between-batch part, about the global mean
+            within[sl] += part[0] @ (part[1] - global_mean[sl]).square()
+    all_reduce_sum_([within], ranks)  # then: squared deviations about it
+    var = within / (per_channel - 1).clamp_min(1)
+    return [(counts[i], global_mean[sl], var[sl]) for i, sl in enumerate(_slices(channels))]
+
+
+def _slices(channels: list[int]) -> list[slice]:
+    starts = [0]
+    for c in channels:
+        starts.append(starts[-1] + c)
+    return [slice(a, b) for a, b in zip(starts, starts[1:], strict=False)]
 
 
 def reset_batchnorm(
@@ -60,17 +85,47 @@ def reset_batchnorm(
     """Set every tracking BatchNorm's running mean/variance to its pooled statistics over ``data``.
 
     Returns ``model`` (modified in place) with its training flag restored. A model without BatchNorm
-    is returned unchanged; an empty loader is an error.
+    is returned unchanged; an empty loader is an error, and a pass that raises leaves the model's
+    statistics as they were; a BatchNorm that no batch reached keeps its statistics.
     """
     check_max_batches(max_batches)
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
         return model
-    workspace: list[torch.Tensor] = []
-    accs = [_Accumulator(bn, workspace) for bn in bns]
-    handles = [bn.register_forward_pre_hook(acc) for bn, acc in zip(bns, accs, strict=True)]
+    saved = [(bn.momentum, bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
+    tracked = [None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone() for bn in bns]
+    try:
+        hooks, seen = _train_pass(model, bns, data, max_batches, ranks)
+        all_reduce_sum_([seen], ranks)
+        if seen.item() == 0:
+            raise ValueError("reset_batchnorm got no batches: the data loader is empty")
+    except BaseException:
+        _write_statistics(bns, [(None, m, v) for _, m, v in saved], None)
+        for bn, count in zip(bns, tracked, strict=True):
+            if count is not None:
+                bn.num_batches_tracked.copy_(count)
+        raise
+    finally:
+        for bn, (momentum, _, _) in zip(bns, saved, strict=True):
+            bn.momentum = momentum
+    pooled = _pool(hooks, [bn.num_features for bn in bns], model_device(model), ranks)
+    reached = [p if p[0] > 0 else (None, s[1], s[2]) for p, s in zip(pooled, saved, strict=True)]
+    _write_statistics(bns, reached, int(seen.item()))
+    return model
+
+
+def _train_pass(
+    model: nn.Module, bns: list[_BatchNorm], data: Iterable[Any], max_batches: int | None, ranks: Ranks | None
+) -> tuple[list[_BatchMoments], torch.Tensor]:
+    """One train-mode forward over this rank's batches with every BatchNorm's moments recorded."""
+    hooks = [_BatchMoments() for _ in bns]
+    handles = [bn.register_forward_hook(h) for bn, h in zip(bns, hooks, strict=True)]
     was_training, device = model.training, model_device(model)
     seen = torch.zeros((), dtype=torch.float64, device=device)
+    for bn in bns:  # running = 1·batch + 0·old: the old buffers must be finite
+        bn.momentum = 1.0
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0)
     try:
         model.train()
         with torch.no_grad():
@@ -81,21 +136,16 @@ def reset_batchnorm(
         for h in handles:
             h.remove()
         model.train(was_training)
-    flat = torch.cat([a.sums for a in accs])
-    all_reduce_sum_([flat, seen], ranks)  # one sum over ranks
-    if seen.item() == 0:
-        raise ValueError("reset_batchnorm got no batches: the data loader is empty")
-    _write_statistics(bns, flat.split([a.sums.numel() for a in accs]), int(seen.item()))
-    return model
+    return hooks, seen
 
 
-def _write_statistics(bns: list[_BatchNorm], sums: Iterable[torch.Tensor], num_batches: int) -> None:
-    for bn, s in zip(bns, sums, strict=True):
-        c = bn.num_features
-        count = s[-1]
-        mean = s[:c] / count
-        var = (s[c : 2 * c] - count * mean * mean).clamp_min(0) / (count - 1).clamp_min(1)
+Pooled = tuple["torch.Tensor | None", torch.Tensor, torch.Tensor]
+
+
+def _write_statistics(bns: list[_BatchNorm], pooled: Iterable[Pooled], num_batches: int | None) -> None:
+    """(count, mean, variance) into each BatchNorm's buffers; ``num_batches`` None leaves the count."""
+    for bn, (count, mean, var) in zip(bns, pooled, strict=True):
         bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
         bn.running_var.copy_(var.to(bn.running_var.dtype))
-        if bn.num_batches_tracked is not None:
+        if bn.num_batches_tracked is not None and num_batches is not None and count is not None:
             bn.num_batches_tracked.fill_(num_batches)

@@ -383,6 +383,9 @@ def test_render_rewrites_the_summary_from_the_json_alone(mt: ModuleType, tmp_pat
     assert [r["method"] for r in rows] == ["zipit"]
     text = md.read_text()
     assert text.startswith("# Merging resnet20×1 on Fashion-MNIST, 2 tasks") and "| zipit | 50.00 |" in text
+    mt.main(["--render", "--out-dir", str(tmp_path), "--note", "Rows of an older method."])
+    assert "\nRows of an older method.\n" in md.read_text()
+    assert json.loads((tmp_path / f"{stem.name}.json").read_text())["rows"][0]["method"] == "zipit"
     with pytest.raises(FileNotFoundError, match="merge_table_resnet20x4_split2.json"):
         mt.main(["--render", "--out-dir", str(tmp_path), "--width", "4"])
 
