@@ -92,6 +92,7 @@ def reset_batchnorm(
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
         return model
+    _check_unsynced(model, ranks)
     saved = [(bn.momentum, bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
     tracked = [None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone() for bn in bns]
     try:
@@ -112,6 +113,20 @@ def reset_batchnorm(
     reached = [p if p[0] > 0 else (None, s[1], s[2]) for p, s in zip(pooled, saved, strict=True)]
     _write_statistics(bns, reached, int(seen.item()))
     return model
+
+
+def _check_unsynced(model: nn.Module, ranks: Ranks | None) -> None:
+    """A SyncBatchNorm pools its batch moments over the ranks in train mode, so the per-rank pooling
+    here would count every sample once per rank: refuse rather than write wrong statistics."""
+    if (Ranks.current() if ranks is None else ranks).world == 1:
+        return
+    synced = [name for name, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+    if synced:
+        raise ValueError(
+            f"reset_batchnorm on several ranks cannot reset SyncBatchNorm layers ({', '.join(synced)}): "
+            "their train-mode forward synchronises batch statistics across ranks; load the sources with "
+            "plain BatchNorm layers (the state dict is the same)"
+        )
 
 
 def _train_pass(

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_merge.apply.batchnorm_reset import reset_batchnorm
+from lightning_merge.dataflow import Ranks
 
 
 def _net() -> nn.Sequential:
@@ -79,3 +80,9 @@ def test_reset_is_independent_of_the_batching_and_of_prior_non_finite_buffers() 
     torch.testing.assert_close(a[1].running_mean, b[1].running_mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(a[1].running_var, b[1].running_var, rtol=1e-6, atol=1e-7)
     assert torch.isfinite(b[4].running_mean).all() and torch.isfinite(b[4].running_var).all()
+
+
+def test_sync_batchnorm_on_several_ranks_is_refused_by_name() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.SyncBatchNorm(4))
+    with pytest.raises(ValueError, match=r"SyncBatchNorm layers \(1\)"):
+        reset_batchnorm(net, [torch.randn(8, 3)], ranks=Ranks(0, 2, reduce_sum=lambda t: t))
