@@ -61,14 +61,23 @@ def axis_maps(
     return out
 
 
-def _patch_map(layer: nn.Module, maps: torch.Tensor) -> torch.Tensor:
-    """Channel maps (N, C', C) → maps of unfolded conv patches (index c·K + p, as weight.flatten(1))."""
-    if not isinstance(layer, nn.Conv2d):
-        return maps
-    k = layer.weight[0, 0].numel()
-    eye = torch.eye(k, dtype=maps.dtype)
-    n, c_new, c_old = maps.shape
-    return torch.einsum("nab,pq->napbq", maps, eye).reshape(n, c_new * k, c_old * k)
+def _kernel_size(layer: nn.Module) -> int:
+    """Input positions per channel in a weight row: a conv's kernel (rows c·K + p), 1 for a Linear."""
+    return layer.weight[0, 0].numel() if isinstance(layer, nn.Conv2d) else 1
+
+
+def _map_rows(maps: torch.Tensor, k: int, z: torch.Tensor) -> torch.Tensor:
+    """Σ_i (M_i ⊗ I_k) z_i for z = [z_1; …; z_N] stacked by model (rows c·k + p in each): the merged
+    layer's rows (C'·k, m). A merge matrix has a few entries per row, so adding the rows they weight
+    replaces a dense (C'·k × N·C·k) map, whose product with an N·C·k-wide Gram cost ~C'·k/2 times
+    more flops (3.8× the time of the whole system at 256 channels, 3×3; more when wider)."""
+    num, c_new, c_old = maps.shape
+    zs = z.reshape(num, c_old, -1)
+    out = z.new_zeros(c_new, zs.shape[2])
+    for i in range(num):  # a merge matrix has a few entries per row: add the rows it weights
+        rows, cols = maps[i].nonzero(as_tuple=True)
+        out.index_add_(0, rows, zs[i, cols] * maps[i, rows, cols][:, None])
+    return out.reshape(c_new * k, -1)
 
 
 @dataclass(frozen=True)
@@ -89,38 +98,36 @@ def layer_system(
     out_maps: torch.Tensor,
 ) -> LayerSystem:
     """Normal equations of merged layer ``name`` from the joint input moments of its sources' ``layers``."""
-    num, dev = len(layers), moments.outer.device
-    p = _patch_map(layers[0], in_maps).to(dev)  # (N, d', d)
-    q = out_maps.to(dev)  # (N, o', o)
-    d_new, d = p.shape[1], p.shape[2]
+    num, dev, k = len(layers), moments.outer.device, _kernel_size(layers[0])
+    p, q = in_maps.to(dev), out_maps.to(dev)  # (N, C', C), (N, o', o)
+    d = p.shape[2] * k
     if moments.outer.shape[0] != num * d:
         raise ValueError(
             f"joint input moments of {name!r} have width {moments.outer.shape[0]}, expected "
             f"{num} models × {d} inputs: gathered for other models"
         )
     weights = [m.weight.detach().to(dev, torch.float64).reshape(m.weight.shape[0], -1) for m in layers]
-    bias = layers[0].bias is not None
-    pmap = p.permute(1, 0, 2).reshape(d_new, num * d)  # X = pmap · z
     ymap = torch.cat([q[i] @ weights[i] for i in range(num)], 1)  # Y = ymap · z (+ c)
-    gram = moments.outer
-    if bias:
+    pg = _map_rows(p, k, moments.outer)  # P G: (d', N·d)
+    xx, yx = _map_rows(p, k, pg.T.contiguous()), ymap @ pg.T  # P G Pᵀ, Ỹ G Pᵀ
+    bias = layers[0].bias is not None
+    if bias:  # augment by the constant-1 input: [[P G Pᵀ, P t], [(P t)ᵀ, n]]
         c = sum(q[i] @ m.bias.detach().to(dev, torch.float64) for i, m in enumerate(layers))
-        last = torch.cat([moments.total, moments.count[None]])[None]
-        gram = torch.cat([torch.cat([gram, moments.total[:, None]], 1), last])
-        pmap = torch.block_diag(pmap, torch.ones(1, 1, dtype=torch.float64, device=dev))
-        ymap = torch.cat([ymap, c[:, None]], 1)
-    xg = pmap @ gram
-    owners_in = p.abs().sum(-1) > 0  # (N, d')
+        pt, n = _map_rows(p, k, moments.total[:, None]), moments.count.reshape(1, 1)
+        xx = torch.cat([torch.cat([xx, pt], 1), torch.cat([pt.T, n], 1)])
+        yx = torch.cat([yx + c[:, None] * pt.T, (ymap @ moments.total + c * moments.count)[:, None]], 1)
+    owners_in = (p.abs().sum(-1) > 0).repeat_interleave(k, dim=1)  # (N, d')
     owners_out = q.abs().sum(-1) > 0  # (N, o')
     allowed = (owners_out[:, :, None] & owners_in[:, None, :]).any(0)
-    return LayerSystem(xx=xg @ pmap.T, yx=ymap @ xg.T, allowed=allowed, bias=bias)
+    return LayerSystem(xx=xx, yx=yx, allowed=allowed, bias=bias)
 
 
 def _ridge_solve(xx: torch.Tensor, rhs: torch.Tensor, reg: float) -> torch.Tensor:
     """(xx + reg·I)⁻¹ rhs; with reg = 0 the pseudo-inverse (exact on the data's span when xx is singular)."""
-    if reg > 0:
-        eye = torch.eye(xx.shape[0], dtype=xx.dtype, device=xx.device)
-        return torch.linalg.solve(xx + reg * eye, rhs)
+    if reg > 0:  # xx + reg·I is positive definite: Cholesky (half LU's work), LU if rounding says not
+        a = xx + reg * torch.eye(xx.shape[0], dtype=xx.dtype, device=xx.device)
+        chol, info = torch.linalg.cholesky_ex(a)
+        return torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(a, rhs)
     vals, vecs = torch.linalg.eigh(xx)
     keep = vals > vals.abs().max().clamp_min(1e-300) * 1e-12
     inv = torch.where(keep, 1.0 / torch.where(keep, vals, torch.ones_like(vals)), torch.zeros_like(vals))
