@@ -76,7 +76,7 @@ def _map_rows(maps: torch.Tensor, k: int, z: torch.Tensor) -> torch.Tensor:
     out = z.new_zeros(c_new, zs.shape[2])
     for i in range(num):  # a merge matrix has a few entries per row: add the rows it weights
         rows, cols = maps[i].nonzero(as_tuple=True)
-        out.index_add_(0, rows, zs[i, cols] * maps[i, rows, cols][:, None])
+        out.index_add_(0, rows, zs[i].index_select(0, cols).mul_(maps[i, rows, cols][:, None]))
     return out.reshape(c_new * k, -1)
 
 
@@ -125,7 +125,8 @@ def layer_system(
 def _ridge_solve(xx: torch.Tensor, rhs: torch.Tensor, reg: float) -> torch.Tensor:
     """(xx + reg·I)⁻¹ rhs; with reg = 0 the pseudo-inverse (exact on the data's span when xx is singular)."""
     if reg > 0:  # xx + reg·I is positive definite: Cholesky (half LU's work), LU if rounding says not
-        a = xx + reg * torch.eye(xx.shape[0], dtype=xx.dtype, device=xx.device)
+        a = xx.clone()
+        a.diagonal().add_(reg)
         chol, info = torch.linalg.cholesky_ex(a)
         return torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(a, rhs)
     vals, vecs = torch.linalg.eigh(xx)
@@ -147,7 +148,8 @@ def solve_blocks(system: LayerSystem, ridge: float) -> torch.Tensor:
     for g, cols in enumerate(patterns):
         rows = torch.nonzero(group == g).flatten()
         idx = torch.nonzero(cols).flatten()
-        block = _ridge_solve(xx[idx][:, idx], yx[rows][:, idx].T, reg)  # (|A|, |R|)
+        sub = xx if len(idx) == len(xx) else xx[idx[:, None], idx[None, :]]
+        block = _ridge_solve(sub, yx[rows][:, idx].T, reg)  # (|A|, |R|)
         sol[rows[:, None], idx[None, :]] = block.T
     return sol
 
