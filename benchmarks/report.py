@@ -57,9 +57,9 @@ TABLES: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "ViT (patch 7, 4×128), 2 models (5+5 classes)",
-        "merge_table_vitx1_split2",
-        f"{TABLE_CMD} --arch vit --width 1 --split 2 --seeds 0:1 --pleas-widths 1"
-        " --rows average =permute =zipit =mudsc pleas",
+        "merge_table_vitx1_split2_e3",
+        f"{TABLE_CMD} --arch vit --width 1 --split 2 --seeds 0:1 2:3 4:5 --max-epochs 3 --pleas-widths 1"
+        " --rows average =permute =zipit =mudsc '=pleas w=1'",
     ),
     (
         "ResNet-20×1, 2 models (5+5 classes), converged sources",
