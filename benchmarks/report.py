@@ -5,7 +5,7 @@
 Reads the merge tables (``merge_table_*.{json,md}``), the sweeps (``sweep_*.{json,md,png}``), the
 MNIST + Fashion-MNIST table (``multi_dataset*.md``), the same-base merges (``same_base*.md``), the
 REPAIR comparison (``repair*.md``) and the performance notes other scripts leave there (``perf*.md``,
-``matchers*.md``, ``stats_pass*.md``, ``patch_gram*.md``).
+``matchers*.md``, ``stats_pass*.md``, ``whole_merge*.md``, ``reset_cost*.md``, ``patch_gram*.md``).
 The intro lists, per table, the command that regenerates it (from its JSON), the machine, the
 headline (the best merge at ≤ 1× and ≤ 2× a source's FLOPs as a fraction of the equally treated
 ensemble's joint accuracy, ``merge_table.headline``) and which merges beat weight averaging (on joint
@@ -80,7 +80,17 @@ SWEEPS: tuple[tuple[str, str, str], ...] = (
     ),
 )
 #: Other scripts' notes, included in this order (files of one prefix sorted by name).
-EXTRA_PREFIXES = ("multi_dataset", "same_base", "repair", "perf", "matchers", "stats_pass", "patch_gram")
+EXTRA_PREFIXES = (
+    "multi_dataset",
+    "same_base",
+    "repair",
+    "perf",
+    "matchers",
+    "stats_pass",
+    "whole_merge",
+    "reset_cost",
+    "patch_gram",
+)
 
 
 def demote(markdown: str, levels: int = 2) -> str:
