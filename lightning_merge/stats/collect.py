@@ -77,7 +77,7 @@ def collect_statistics(
             raise TypeError(f"{type(c).__name__} does not implement the Collector protocol")
     device = torch.device(device) if device is not None else model_device(models[0])
     loader = shard(dataloader, ranks, max_batches=max_batches)
-    _log_memory(collectors, len(models), ranks)
+    _check_memory(collectors, models, device, ranks)
     modes = [m.training for m in models]
     try:
         for m in models:
@@ -111,11 +111,43 @@ def _check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
     return models
 
 
-def _log_memory(collectors: Sequence[Collector], num_models: int, ranks: Ranks) -> None:
+def _check_memory(
+    collectors: Sequence[Collector], models: list[nn.Module], device: torch.device, ranks: Ranks
+) -> None:
+    """Log each statistic's accumulator size and refuse, before any data pass, statistics whose
+    accumulators alone exceed the memory free on ``device`` (else the pass ends in an OOM kill)."""
+    sizes = {}
     for c in collectors:
         size = getattr(c, "memory_bytes", None)
-        if callable(size) and ranks.is_zero:
-            log.info("statistics %r: %.1f MiB of accumulators per rank", c.name, size(num_models) / 2**20)
+        if callable(size):
+            sizes[c.name] = size(models)
+            if ranks.is_zero:
+                log.info("statistics %r: %.1f MiB of accumulators per rank", c.name, sizes[c.name] / 2**20)
+    free = available_memory_bytes(device)
+    if free is not None and sum(sizes.values()) > free:
+        parts = ", ".join(f"{name!r} {b / 2**30:.2f} GiB" for name, b in sizes.items())
+        raise MemoryError(
+            f"the statistics need {sum(sizes.values()) / 2**30:.2f} GiB of float64 accumulators ({parts}), "
+            f"more than the {free / 2**30:.2f} GiB free on {device}: merge on a device with more memory, "
+            "or ask for fewer statistics (e.g. PLeaS' joint_inputs grow with (N·channels·kernel)² per layer)"
+        )
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory free for new allocations on ``device``: CUDA's free memory, Linux's MemAvailable for the
+    CPU; None where it cannot be read (no check then)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _run(

@@ -89,6 +89,10 @@ class JointInputsCollector(ForwardCollector):
         self.parked: list[dict[str, list[torch.Tensor]]] = []
         self.num_models = 0
 
+    def memory_bytes(self, models: Sequence[nn.Module]) -> int:
+        """Bytes of the accumulators for these sources (checked against free memory up front)."""
+        return joint_inputs_memory_bytes(models[0], len(models))
+
     def attach(self, models: Sequence[nn.Module]) -> None:
         self.detach()
         self.num_models = len(models)

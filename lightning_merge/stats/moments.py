@@ -213,8 +213,9 @@ class FeatureMomentsCollector(ForwardCollector):
         self._sums: list[tuple[Tap, str, Tensor]] = []  # column sums, for the finiteness check
         self._ws: Tensor | None = None  # reused per-tap block (see _accumulate_space)
 
-    def memory_bytes(self, num_models: int) -> int:
-        return moments_memory_bytes(self.graph, num_models)
+    def memory_bytes(self, models: Sequence[nn.Module]) -> int:
+        """Bytes of the accumulators for these sources (checked against free memory up front)."""
+        return moments_memory_bytes(self.graph, len(models))
 
     def attach(self, models: Sequence[nn.Module]) -> None:
         check_models_match_graph(models, self.graph)
