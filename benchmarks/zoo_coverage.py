@@ -15,6 +15,9 @@ at 32×32 it sees 1×1 maps, one sample per image, and the twin is not identifia
 swap them, 4e-4 in float32 *and* float64; regnet_x_400mf: PLeaS' refit of 400-input layers from
 32 rows, 2.8e-5), which is the calibration set's fault, not the merge's.
 
+Each method gathers its own statistics and frees them after its merge (so the peak memory is one
+method's, not all five's: densenet161, efficientnet_b5 and convnext_small were OOM-killed on a 23 GB
+host when the statistics of every method were held at once); a method's time includes its statistics.
 Each architecture runs in its own subprocess (memory is returned, a time limit applies); rows are
 merged into the existing JSON, architectures already there are skipped unless ``--rerun``, and the
 table is rewritten after each one. Models over ``--max-params`` get a "skipped (size)" row:
@@ -139,15 +142,20 @@ def twin_recovery(
     info["trace_s"] = round(time.perf_counter() - t, 1)
     twin = permute_model(copy.deepcopy(model), graph, random_permutations(graph, seed))
     data = DataLoader(TensorDataset(x), batch_size=batch or len(x))
-    requires = sorted(set().union(*(_method(name).requires for name in methods)))
-    stats = collect_statistics([model, twin], graph, data, requires=requires, progress=False)
     with torch.no_grad():
         ref = model(x)
     out: dict[str, str] = {}
-    for name in methods:
+    for name in methods:  # each method's own statistics, freed after it: the peak is one method's
         t = time.perf_counter()
         try:
+            requires = sorted(_method(name).requires)
+            stats = (
+                collect_statistics([model, twin], graph, data, requires=requires, progress=False)
+                if requires
+                else None
+            )
             merged = merge_with(name, [model, twin], graph, stats, data).eval()
+            del stats
             with torch.no_grad():
                 err = relative_error(merged(x), ref)
             out[name] = "ok" if err < TOL else f"error {err:.1e}"
