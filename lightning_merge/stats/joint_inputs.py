@@ -171,12 +171,14 @@ class JointInputsCollector(ForwardCollector):
         return [*self.outer.values(), *self.total.values(), *self.count.values()]
 
     def result(self) -> dict[str, FeatureMoments]:
-        return {
-            name: FeatureMoments(
-                self.count[name].clone(), self.total[name].clone(), self.outer[name].clone(), self.num_models
-            )
+        """The accumulators, handed over without a copy (the largest statistic, GBs for wide convs:
+        a copy doubled the pass's peak memory) and dropped here, so one copy of them remains."""
+        out = {
+            name: FeatureMoments(self.count[name], self.total[name], self.outer[name], self.num_models)
             for name in self.outer
         }
+        self.outer, self.total, self.count = {}, {}, {}
+        return out
 
     @classmethod
     def to_tensors(cls, value: dict[str, FeatureMoments]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
