@@ -48,28 +48,40 @@ class _BatchMoments:
         return torch.tensor(self.counts, dtype=torch.float64, device=device), m[:, 0], m[:, 1]
 
 
+class _Saved:
+    """A BatchNorm's momentum and buffers before the pass, to put back where the pass gives nothing."""
+
+    def __init__(self, bn: _BatchNorm) -> None:
+        self.bn, self.momentum = bn, bn.momentum
+        self.buffers = {k: v.clone() for k, v in bn.named_buffers(recurse=False) if v is not None}
+
+    def restore(self) -> None:
+        for k, v in self.buffers.items():
+            getattr(self.bn, k).copy_(v)
+
+
 def _pool(
     hooks: list[_BatchMoments], channels: list[int], device: torch.device, ranks: Ranks | None
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per BatchNorm (count, mean, unbiased variance) over every rank's batches, in float64."""
-    total = sum(channels)
+    slices = _slices(channels)
     counts = torch.zeros(len(hooks), dtype=torch.float64, device=device)
-    sums = torch.zeros(total, dtype=torch.float64, device=device)
-    within = torch.zeros(total, dtype=torch.float64, device=device)
+    sums = torch.zeros(sum(channels), dtype=torch.float64, device=device)
+    within = torch.zeros_like(sums)
     parts = [hook.stacked(device) for hook in hooks]
-    for i, (part, sl) in enumerate(zip(parts, _slices(channels), strict=True)):
+    for i, (part, sl) in enumerate(zip(parts, slices, strict=True)):
         if part is not None:
             n, mean, var = part
             counts[i], sums[sl], within[sl] = n.sum(), n @ mean, (n - 1) @ var
     all_reduce_sum_([counts, sums], ranks)  # first: the global mean
     per_channel = torch.repeat_interleave(counts, torch.tensor(channels, device=device))
     global_mean = sums / per_channel.clamp_min(1)
-    for part, sl in zip(parts, _slices(channels), strict=True):
+    for part, sl in zip(parts, slices, strict=True):
         if part is not None:  # the between-batch part, about the global mean
             within[sl] += part[0] @ (part[1] - global_mean[sl]).square()
     all_reduce_sum_([within], ranks)  # then: squared deviations about it
     var = within / (per_channel - 1).clamp_min(1)
-    return [(counts[i], global_mean[sl], var[sl]) for i, sl in enumerate(_slices(channels))]
+    return [(counts[i], global_mean[sl], var[sl]) for i, sl in enumerate(slices)]
 
 
 def _slices(channels: list[int]) -> list[slice]:
@@ -93,25 +105,25 @@ def reset_batchnorm(
     if not bns:
         return model
     _check_unsynced(model, ranks)
-    saved = [(bn.momentum, bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
-    tracked = [None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone() for bn in bns]
+    saved = [_Saved(bn) for bn in bns]
     try:
         hooks, seen = _train_pass(model, bns, data, max_batches, ranks)
         all_reduce_sum_([seen], ranks)
         if seen.item() == 0:
             raise ValueError("reset_batchnorm got no batches: the data loader is empty")
     except BaseException:
-        _write_statistics(bns, [(None, m, v) for _, m, v in saved], None)
-        for bn, count in zip(bns, tracked, strict=True):
-            if count is not None:
-                bn.num_batches_tracked.copy_(count)
+        for s in saved:
+            s.restore()
         raise
     finally:
-        for bn, (momentum, _, _) in zip(bns, saved, strict=True):
-            bn.momentum = momentum
+        for s in saved:
+            s.bn.momentum = s.momentum
     pooled = _pool(hooks, [bn.num_features for bn in bns], model_device(model), ranks)
-    reached = [p if p[0] > 0 else (None, s[1], s[2]) for p, s in zip(pooled, saved, strict=True)]
-    _write_statistics(bns, reached, int(seen.item()))
+    for s, (count, mean, var) in zip(saved, pooled, strict=True):
+        if count > 0:
+            _write_statistics(s.bn, mean, var, int(seen.item()))
+        else:
+            s.restore()
     return model
 
 
@@ -154,13 +166,8 @@ def _train_pass(
     return hooks, seen
 
 
-Pooled = tuple["torch.Tensor | None", torch.Tensor, torch.Tensor]
-
-
-def _write_statistics(bns: list[_BatchNorm], pooled: Iterable[Pooled], num_batches: int | None) -> None:
-    """(count, mean, variance) into each BatchNorm's buffers; ``num_batches`` None leaves the count."""
-    for bn, (count, mean, var) in zip(bns, pooled, strict=True):
-        bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
-        bn.running_var.copy_(var.to(bn.running_var.dtype))
-        if bn.num_batches_tracked is not None and num_batches is not None and count is not None:
-            bn.num_batches_tracked.fill_(num_batches)
+def _write_statistics(bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor, num_batches: int) -> None:
+    bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+    bn.running_var.copy_(var.to(bn.running_var.dtype))
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.fill_(num_batches)
