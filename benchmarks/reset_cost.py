@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_io import Column, command_line, machine_description, markdown_table, write_results  # noqa: E402
 from perf import networks, perf_datamodule  # noqa: E402
-from whole_merge import prepared, timed  # noqa: E402
+from whole_merge import best_of, plain_forward, prepared, timed  # noqa: E402
 
 from lightning_merge.apply.batchnorm_reset import reset_batchnorm  # noqa: E402
 from lightning_merge.methods.zipit import ZipItMerge  # noqa: E402
@@ -33,13 +33,6 @@ from lightning_merge.pipeline.merge import run_method  # noqa: E402
 from lightning_merge.stats.collect import collect_statistics  # noqa: E402
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def forward(model: nn.Module, calib: Batches) -> None:
-    model.eval()
-    with torch.no_grad():
-        for x, _ in calib:
-            model(x)
 
 
 def merged_models(calib: Batches) -> dict[str, nn.Module]:
@@ -60,7 +53,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     models = merged_models(calib)
     fns = {}
     for label, model in models.items():
-        fns[(label, "forward")] = lambda m=model: forward(m, calib)
+        fns[(label, "forward")] = lambda m=model: plain_forward([m.eval()], calib)
         fns[(label, "reset")] = lambda m=model: reset_batchnorm(m, calib)
     for fn in fns.values():
         fn()  # warm-up
@@ -70,8 +63,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             times[key].append(timed(fn))
     rows = []
     for label in models:
-        fwd = min(t[0] for t in times[label, "forward"]), min(t[1] for t in times[label, "forward"])
-        rst = min(t[0] for t in times[label, "reset"]), min(t[1] for t in times[label, "reset"])
+        fwd, rst = best_of(times[label, "forward"]), best_of(times[label, "reset"])
         rows.append(
             {"model": label, "forward_s": fwd[0], "reset_s": rst[0], "ratio_wall": rst[0] / fwd[0]}
             | {"ratio_cpu": rst[1] / fwd[1]}

@@ -84,6 +84,11 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def best_of(runs: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """The fastest (wall, CPU) seconds over interleaved runs, each taken separately."""
+    return min(t[0] for t in runs), min(t[1] for t in runs)
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Interleaved runs; one row per method with its best wall/CPU seconds and ratios."""
     sources = quick_pair("resnet20", width=1)
@@ -107,7 +112,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 continue
             times[label].append(timed(fn))
             print(f"run {r} {label}: {times[label][-1][0]:.2f} s", flush=True)
-    best = {k: (min(t[0] for t in v), min(t[1] for t in v), len(v)) for k, v in times.items()}
+    best = {k: (*best_of(v), len(v)) for k, v in times.items()}
     fwd = best["forward"]
     return [
         {
