@@ -66,7 +66,9 @@ from lightning_merge.methods import (
     method_config,
 )
 from lightning_merge.models import PlateauRule, SourceClassifier, source_record
+from lightning_merge.models.classifier import SCHEDULES
 from lightning_merge.models.default_pair import (
+    ARCH_TRAINING,
     DEFAULT_CACHE_DIR,
     DEFAULT_PAIR,
     SourceSpec,
@@ -95,6 +97,8 @@ class SourceTraining:
 
     max_epochs: int = 1
     plateau: PlateauRule | None = None
+    #: SourceClassifier's learning-rate schedule (None: the architecture's own, one-cycle for SGD)
+    schedule: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:
@@ -111,12 +115,16 @@ class SourceTraining:
 
     def as_dict(self) -> dict[str, Any]:
         plateau = None if self.plateau is None else self.plateau.as_dict()
-        return {"max_epochs": self.max_epochs, "plateau": plateau}
+        out = {"max_epochs": self.max_epochs, "plateau": plateau}
+        return out if self.schedule is None else out | {"schedule": self.schedule}
 
 
-#: ``--converged``: the cap, and the first epoch the rule may stop at. The sources' one-cycle schedule
-#: spans the cap, so a flat curve before two thirds of it is a high learning rate, not convergence.
+#: ``--converged``: the cap, and the schedule: the rate drops ×0.1 on each validation stall, twice,
+#: and the plateau rule may stop training only once it is at that floor (so a flat curve is never a
+#: high rate's stall). ``--plateau`` alone keeps the one-cycle schedule over the cap, and its rule may
+#: stop from two thirds of the cap.
 CONVERGED_MAX_EPOCHS = 30
+CONVERGED_SCHEDULE = "plateau"
 
 
 def converged_min_epochs(max_epochs: int) -> int:
@@ -266,6 +274,9 @@ def group_specs(
     if len(seeds) != len(tasks):
         raise ValueError(f"seed group {seeds_label(seeds)} has {len(seeds)} seeds for {len(tasks)} tasks")
     epochs = {} if training is None else {"max_epochs": training.max_epochs, "plateau": training.plateau}
+    if training is not None and training.schedule is not None:
+        model_kwargs = ARCH_TRAINING.get(arch, {}).get("model_kwargs", DEFAULT_PAIR[0].model_kwargs)
+        epochs["model_kwargs"] = {**model_kwargs, "schedule": training.schedule}
     return [
         arch_spec(tuple(task), seed, arch, source_width(width), precision=precision, **epochs)
         for task, seed in zip(tasks, seeds, strict=True)
@@ -899,6 +910,11 @@ def sources_lines(meta: dict[str, Any]) -> list[str]:
         if rule
         else f"for {cap} epoch{'s' * (cap != 1)} (no plateau rule)"
     )
+    if training.get("schedule") == "plateau":
+        how += (
+            "; learning rate ×0.1 on each validation stall (3 epochs without a gain), twice, and the "
+            "rule applied only at that floor rate"
+        )
     lines = [f"Sources trained {how}."]
     for group, records in meta.get("sources", {}).items():
         parts = []
@@ -1008,6 +1024,12 @@ def parser() -> argparse.ArgumentParser:
         help=f"converged sources: --plateau with --max-epochs {CONVERGED_MAX_EPOCHS} unless given",
     )
     p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=None,
+        help=f"sources' LR schedule (default: the arch's; {CONVERGED_SCHEDULE!r} with --converged)",
+    )
+    p.add_argument(
         "--train-precision",
         default=None,
         help="Lightning precision for training missing sources (e.g. bf16-mixed); part of their cache key",
@@ -1045,10 +1067,12 @@ def source_training(args: argparse.Namespace) -> SourceTraining:
     max_epochs = args.max_epochs if args.max_epochs is not None else default
     if args.min_epochs is not None and not plateau:
         raise ValueError("--min-epochs is the plateau rule's: give --plateau or --converged with it")
+    schedule = args.schedule or (CONVERGED_SCHEDULE if args.converged else None)
     if not plateau:
-        return SourceTraining(max_epochs)
-    min_epochs = args.min_epochs if args.min_epochs is not None else converged_min_epochs(max_epochs)
-    return SourceTraining(max_epochs, PlateauRule(min_epochs=min_epochs))
+        return SourceTraining(max_epochs, schedule=schedule)
+    default_min = PlateauRule().min_epochs if schedule == "plateau" else converged_min_epochs(max_epochs)
+    min_epochs = args.min_epochs if args.min_epochs is not None else default_min
+    return SourceTraining(max_epochs, PlateauRule(min_epochs=min_epochs), schedule)
 
 
 def datamodule_for(args: argparse.Namespace) -> TaskSplitDataModule:

@@ -18,6 +18,25 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_merge.models.heads import joint_predict, scatter_to_global
 from lightning_merge.models.registry import build_model
 
+SCHEDULES = ("onecycle", "cosine", "constant", "plateau")
+#: ``schedule="plateau"``: the learning rate drops ×``PLATEAU_FACTOR`` when ``val_acc`` has not risen
+#: for ``PLATEAU_PATIENCE`` + 1 epochs, down to ``PLATEAU_FLOOR`` × the initial rate (two drops).
+PLATEAU_FACTOR, PLATEAU_PATIENCE, PLATEAU_FLOOR = 0.1, 2, 1e-2
+
+
+def plateau_scheduler(optimizer: torch.optim.Optimizer, lr: float) -> dict:
+    """Lightning's scheduler config for step decay on a validation plateau (a schedule with no fixed
+    length, so training to convergence is decided by the curve, not by a cap: see
+    :class:`~lightning_merge.models.plateau.PlateauStopping`)."""
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer,
+        mode="max",
+        factor=PLATEAU_FACTOR,
+        patience=PLATEAU_PATIENCE,
+        min_lr=lr * PLATEAU_FLOOR,
+    )
+    return {"scheduler": scheduler, "monitor": "val_acc", "interval": "epoch", "strict": True}
+
 
 class SourceClassifier(pl.LightningModule):
     """A classifier trained with cross-entropy over its own ``classes`` only.
@@ -27,7 +46,9 @@ class SourceClassifier(pl.LightningModule):
     linear head the head has exactly ``len(classes)`` outputs. Optimiser: SGD + Nesterov momentum with
     a one-cycle (or cosine) learning-rate schedule, which reaches > 90 % task accuracy in 1–2 epochs;
     ``optimizer="adamw"`` (``momentum``/``nesterov`` unused) for the ViT, whose one-cycle schedule is
-    the usual linear warmup + cosine decay with AdamW's betas left fixed.
+    the usual linear warmup + cosine decay with AdamW's betas left fixed. ``schedule="plateau"``
+    (converged sources) decays the rate in steps when the validation accuracy stalls; it needs a
+    validation set.
     """
 
     def __init__(
@@ -44,7 +65,7 @@ class SourceClassifier(pl.LightningModule):
         weight_decay: float = 5e-4,
         momentum: float = 0.9,
         nesterov: bool = True,
-        schedule: Literal["onecycle", "cosine", "constant"] = "onecycle",
+        schedule: Literal["onecycle", "cosine", "constant", "plateau"] = "onecycle",
         warmup_fraction: float = 0.2,
         label_smoothing: float = 0.0,
         optimizer: Literal["sgd", "adamw"] = "sgd",
@@ -64,6 +85,8 @@ class SourceClassifier(pl.LightningModule):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
         if not 0 < warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in (0, 1), got {warmup_fraction}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.save_hyperparameters()
         self.classes = classes
         self.num_classes = num_classes
@@ -155,6 +178,8 @@ class SourceClassifier(pl.LightningModule):
             )
         if hp.schedule == "constant":
             return optimizer
+        if hp.schedule == "plateau":
+            return {"optimizer": optimizer, "lr_scheduler": plateau_scheduler(optimizer, hp.lr)}
         total = int(self.trainer.estimated_stepping_batches)
         if hp.schedule == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning.pytorch as pl
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class PlateauStopping(pl.Callback):
             raise TypeError(f"rule must be a PlateauRule, got {type(rule).__name__}")
         self.monitor = monitor
         self.curve: list[float] = []
+        self.lr_curve: list[float] = []
         self.stopped_at: int | None = None
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -78,7 +80,9 @@ class PlateauStopping(pl.Callback):
                 f"PlateauStopping monitors {self.monitor!r}, which was not logged (logged: {logged})"
             )
         self.curve.append(float(value))
-        if self.stopped_at is None and self.rule.plateaued(self.curve):
+        self.lr_curve.append(max(g["lr"] for g in trainer.optimizers[0].param_groups))
+        settled = decay_finished(trainer)
+        if self.stopped_at is None and settled and self.rule.plateaued(self.curve):
             self.stopped_at = len(self.curve)
             trainer.should_stop = True
 
@@ -91,13 +95,28 @@ class PlateauStopping(pl.Callback):
             "last_window_gain_points": self.rule.gain(self.curve) if len(self.curve) >= 2 else None,
             "plateau_met": self.rule.plateaued(self.curve),
             "stopped_by": "plateau" if self.stopped_at is not None else "max_epochs",
+            "lr_curve": list(self.lr_curve),
             "plateau_rule": self.rule.as_dict(),
             "monitor": self.monitor,
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"curve": list(self.curve), "stopped_at": self.stopped_at}
+        return {"curve": list(self.curve), "lr_curve": list(self.lr_curve), "stopped_at": self.stopped_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.curve = [float(v) for v in state_dict.get("curve", [])]
+        self.lr_curve = [float(v) for v in state_dict.get("lr_curve", [])]
         self.stopped_at = state_dict.get("stopped_at")
+
+
+def decay_finished(trainer: pl.Trainer) -> bool:
+    """Whether every plateau-decay scheduler (``ReduceLROnPlateau``) has reached its floor rate: a
+    flat curve at a rate that would still drop is a stall of that rate, not convergence. True when
+    there is no such scheduler (fixed-length schedules: the rule alone decides)."""
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        if isinstance(scheduler, ReduceLROnPlateau):
+            lrs = [g["lr"] for g in scheduler.optimizer.param_groups]
+            if any(lr > floor * (1 + 1e-6) for lr, floor in zip(lrs, scheduler.min_lrs, strict=True)):
+                return False
+    return True

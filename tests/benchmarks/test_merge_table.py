@@ -403,9 +403,11 @@ def test_the_second_rule_is_scored_like_the_module_scores_the_first(mt: ModuleTy
 
 def test_converged_sources_flags_specs_and_stems(mt: ModuleType, capsys: pytest.CaptureFixture) -> None:
     args = mt.parse_args(["--converged"])
-    assert args.training == mt.SourceTraining(30, PlateauRule(min_epochs=20))
+    assert args.training == mt.SourceTraining(30, PlateauRule(min_epochs=8), "plateau")
     assert args.training.suffix == "_converged" and mt.parse_args([]).training == mt.SourceTraining(1)
     assert mt.parse_args(["--plateau", "--max-epochs", "12"]).training.plateau.min_epochs == 8
+    one_cycle = mt.parse_args(["--plateau", "--max-epochs", "30"]).training  # rule from 2/3 of the cap
+    assert one_cycle == mt.SourceTraining(30, PlateauRule(min_epochs=20))
     assert mt.parse_args(["--max-epochs", "5"]).training.suffix == "_e5"
     assert mt.parse_args(["--converged", "--min-epochs", "4"]).training.plateau.min_epochs == 4
     for argv, message in [
@@ -417,7 +419,11 @@ def test_converged_sources_flags_specs_and_stems(mt: ModuleType, capsys: pytest.
             mt.parse_args(argv)
         assert message in capsys.readouterr().err, argv
     specs = mt.group_specs((0, 1), mt.SPLITS[2], "resnet20", 1, training=args.training)
-    assert all(s.max_epochs == 30 and s.plateau == PlateauRule(min_epochs=20) for s in specs)
+    assert all(s.max_epochs == 30 and s.plateau == PlateauRule(min_epochs=8) for s in specs)
+    assert all(s.model_kwargs == {"head": "embedding", "lr": 0.1, "schedule": "plateau"} for s in specs)
+    assert (
+        args.training.as_dict()["schedule"] == "plateau" and "schedule" not in mt.SourceTraining(1).as_dict()
+    )
     # converged sources have their own cache keys: never the one-epoch checkpoints
     assert {checkpoint_of(s) for s in specs}.isdisjoint(checkpoint_of(s) for s in DEFAULT_PAIR)
 

@@ -14,15 +14,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from trained import quiet_trainer
 
 from lightning_merge.models import PlateauRule, PlateauStopping, source_record, train_source
+from lightning_merge.models.classifier import SourceClassifier, plateau_scheduler
 from lightning_merge.models.training import cache_path, source_key
 
 
 class ScriptedAccuracy(pl.LightningModule):
     """A tiny model that trains on noise and logs ``curve[epoch]`` as its validation accuracy."""
 
-    def __init__(self, curve: Sequence[float]) -> None:
+    def __init__(self, curve: Sequence[float], decay: bool = False) -> None:
         super().__init__()
-        self.curve, self.layer = list(curve), nn.Linear(2, 1)
+        self.curve, self.layer, self.decay = list(curve), nn.Linear(2, 1), decay
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.layer(batch[0]).pow(2).mean()
@@ -30,15 +31,18 @@ class ScriptedAccuracy(pl.LightningModule):
     def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
         self.log("val_acc", self.curve[self.current_epoch], on_epoch=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.01)
+        if not self.decay:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": plateau_scheduler(optimizer, 0.01)}
 
 
-def _fit(curve: Sequence[float], rule: PlateauRule, max_epochs: int) -> PlateauStopping:
+def _fit(curve: Sequence[float], rule: PlateauRule, max_epochs: int, decay: bool = False) -> PlateauStopping:
     loader = DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2)
     stopper = PlateauStopping(rule)
     trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[stopper], num_sanity_val_steps=0)
-    trainer.fit(ScriptedAccuracy(curve), train_dataloaders=loader, val_dataloaders=loader)
+    trainer.fit(ScriptedAccuracy(curve, decay), train_dataloaders=loader, val_dataloaders=loader)
     assert trainer.current_epoch == len(stopper.curve)  # epochs actually run
     return stopper
 
@@ -53,6 +57,21 @@ def test_stops_at_the_first_epoch_the_rule_holds() -> None:
     assert record["final_val_acc"] == pytest.approx(0.862)
     assert record["last_window_gain_points"] == pytest.approx(0.2, abs=1e-4)  # logged as float32
     assert record["plateau_rule"] == {"min_epochs": 4, "min_gain": 0.3, "window": 0.25}
+
+
+def test_plateau_decay_stops_only_once_the_rate_is_at_its_floor() -> None:
+    # flat curve: the rule holds from epoch 2, but the rate drops ×0.1 after every 3 epochs without
+    # a gain (patience 2) until its floor 1e-2 × the initial rate; only then may training stop
+    stopper = _fit([0.9] * 20, PlateauRule(min_epochs=2), max_epochs=20, decay=True)
+    assert len(stopper.curve) == 8 and stopper.record()["stopped_by"] == "plateau"
+    assert stopper.record()["lr_curve"] == pytest.approx([0.01] * 4 + [0.001] * 3 + [0.0001])
+    # without the decay scheduler the same rule stops at once
+    assert len(_fit([0.9] * 20, PlateauRule(min_epochs=2), max_epochs=20).curve) == 2
+
+
+def test_plateau_schedule_is_validated_by_name() -> None:
+    with pytest.raises(ValueError, match="schedule must be one of .*'plateau'.*got 'step'"):
+        SourceClassifier(arch="mlp", width=0.25, schedule="step")
 
 
 def test_min_epochs_holds_a_flat_curve_and_max_epochs_caps_a_rising_one() -> None:
