@@ -127,8 +127,9 @@ class MergeModule(pl.LightningModule):
         self.merged = stages.post_merge(self.result, prepared, data, self.repair, ranks)
         stages.agree_across_ranks(self.merged, self.trainer.strategy)
         untreated = replace(prepared, models=list(self.sources))  # references start from the user's models
+        reset = prepared.models if self.method.reset_sources else None  # the same reset, done once
         scores, treated = self.references.of(
-            untreated, self.merged, self.data.tasks, data, self.repair, ranks
+            untreated, self.merged, self.data.tasks, data, self.repair, ranks, already_reset=reset
         )
         self.scores, self.treated = scores.to(self.trainer.strategy.root_device), nn.ModuleList(treated)
 

@@ -209,16 +209,26 @@ class ReferenceOptions:
         calibration: Iterable[Any],
         repair: Repair,
         ranks: Ranks | None = None,
+        already_reset: Sequence[nn.Module] | None = None,
     ) -> tuple[MergeScores, list[nn.Module]]:
         """The metrics, and the treated copies of the sources they need (none when ``repair`` is false:
-        the merge got no treatment, so the treated references would be the untreated ones)."""
+        the merge got no treatment, so the treated references would be the untreated ones).
+
+        ``already_reset``: the sources with their BatchNorm statistics reset on ``calibration`` (what
+        a method with ``reset_sources`` read); that is exactly the treatment, so they are used as the
+        treated references instead of resetting fresh copies a second time."""
         check_scoring_models(self.scoring, merged, sources.models, sources.heads)
         treat = self.treat if repair else "none"
         scores = MergeScores.of_options(
             sources.heads, tasks, self.sources, self.ensemble, treat=treat, scoring=self.scoring
         )
-        treated = treat_references(sources.models, calibration, repair, ranks) if scores.needs_treated else []
-        return scores, treated
+        if not scores.needs_treated:
+            return scores, []
+        if already_reset is not None:
+            if len(already_reset) != len(sources.models):
+                raise ValueError(f"{len(already_reset)} reset sources for {len(sources.models)} sources")
+            return scores, list(already_reset)
+        return scores, treat_references(sources.models, calibration, repair, ranks)
 
 
 def agree_across_ranks(merged: nn.Module, strategy: Any) -> bool:

@@ -65,13 +65,28 @@ def test_statistics_are_gathered_on_the_reset_sources(resnet_pair: list, reset: 
         assert all(torch.equal(v, bn_buffers(want)[k]) for k, v in bn_buffers(got).items())
 
 
-def test_the_untreated_ensemble_is_the_users_models_when_the_sources_are_reset(resnet_pair: list) -> None:
+def test_the_untreated_ensemble_is_the_users_models_when_the_sources_are_reset(
+    resnet_pair: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With reset_sources the merge reads reset copies, but the untreated references stay untreated:
-    the ensemble is scored from the loaded models, the treated one from their reset copies."""
+    the ensemble is scored from the loaded models, the treated one from their reset copies, which are
+    the very copies the merge read (one reset per source, not a second identical one)."""
+    calls: list[int] = []
+
+    def counted(model: torch.nn.Module, *args: object, **kwargs: object) -> torch.nn.Module:
+        calls.append(id(model))
+        return reset_batchnorm(model, *args, **kwargs)
+
+    monkeypatch.setattr("lightning_merge.pipeline.prepare.reset_batchnorm", counted)
+    monkeypatch.setattr("lightning_merge.pipeline.merge.reset_batchnorm", counted)
     dm = TaskSplitDataModule(calibration_size=96, eval_batch_size=500)
     module = MergeModule(sources=resnet_pair, method=ZipItMerge(reset_sources=True), heatmaps=0)
     trainer().validate(module, datamodule=MergeDataModule(dm), verbose=False)
-    for got, want in zip(module.treated, module.prepared.models, strict=True):  # treated = reset copies
+    assert all(a is b for a, b in zip(module.treated, module.prepared.models, strict=True))
+    assert len(calls) == 3  # each source once, the merge once
+    loader = dm.calibration_dataloader()
+    for got, p in zip(module.treated, resnet_pair, strict=True):  # equal to a fresh copy's reset
+        want = reset_batchnorm(copy.deepcopy(p.model), loader)
         assert all(torch.equal(v, bn_buffers(want)[k]) for k, v in bn_buffers(got).items())
     for t, pair in enumerate(resnet_pair):
         batch = next(iter(dm.task_test_dataloader(t)))
