@@ -471,3 +471,14 @@ def test_rows_with_equals_sign_match_one_label(mt: ModuleType) -> None:
     ]
     with pytest.raises(ValueError, match=r"--rows \['=zip'\] match no row"):
         mt.select_rows(mt.method_rows(2), ["=zip"])
+
+
+def test_sources_lines_name_the_plateau_schedule(mt: ModuleType) -> None:
+    rule = PlateauRule(min_epochs=8).as_dict()
+    record = {"epochs": 15, "final_val_acc": 0.9501, "plateau_met": True}
+    meta = {"source_training": {"max_epochs": 30, "plateau": rule, "schedule": "plateau"}}
+    lines = mt.sources_lines(meta | {"sources": {"0:1": [record, record | {"plateau_met": False}]}})
+    assert "(from epoch 8, at most 30); learning rate ×0.1 on each validation stall" in lines[0]
+    assert lines[1] == "- seeds 0:1: 15 ep, val 95.01%, plateau met; 15 ep, val 95.01%, plateau NOT met"
+    one_cycle = mt.sources_lines({"source_training": {"max_epochs": 30, "plateau": rule}})
+    assert "learning rate" not in one_cycle[0]
