@@ -64,7 +64,9 @@ TABLES: tuple[tuple[str, str, str], ...] = (
     (
         "ResNet-20×1, 2 models (5+5 classes), converged sources",
         "merge_table_resnet20x1_split2_converged",
-        f"{TABLE_CMD} --arch resnet20 --width 1 --split 2 --seeds 0:1 2:3 4:5 --converged",
+        f"{TABLE_CMD} --arch resnet20 --width 1 --split 2 --seeds 0:1 2:3 4:5 --converged"
+        " --rows average =weight_matching =permute =zipit '=zipit partial@0.3' =mudsc '=pleas w=1'"
+        " '=pleas w=1.5' '=pleas w=1.75'",
     ),
     (
         "VGG-11 (BN, width ×0.5), 2 models (5+5 classes), converged sources",
