@@ -30,7 +30,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +66,8 @@ from lightning_merge.methods import (
     method_config,
 )
 from lightning_merge.models import PlateauRule, SourceClassifier, source_record
-from lightning_merge.models.classifier import SCHEDULES
+from lightning_merge.models.classifier import PLATEAU_FACTOR, PLATEAU_FLOOR, PLATEAU_PATIENCE, SCHEDULES
 from lightning_merge.models.default_pair import (
-    ARCH_TRAINING,
     DEFAULT_CACHE_DIR,
     DEFAULT_PAIR,
     SourceSpec,
@@ -274,13 +273,13 @@ def group_specs(
     if len(seeds) != len(tasks):
         raise ValueError(f"seed group {seeds_label(seeds)} has {len(seeds)} seeds for {len(tasks)} tasks")
     epochs = {} if training is None else {"max_epochs": training.max_epochs, "plateau": training.plateau}
-    if training is not None and training.schedule is not None:
-        model_kwargs = ARCH_TRAINING.get(arch, {}).get("model_kwargs", DEFAULT_PAIR[0].model_kwargs)
-        epochs["model_kwargs"] = {**model_kwargs, "schedule": training.schedule}
-    return [
+    specs = [
         arch_spec(tuple(task), seed, arch, source_width(width), precision=precision, **epochs)
         for task, seed in zip(tasks, seeds, strict=True)
     ]
+    if training is None or training.schedule is None:
+        return specs
+    return [replace(s, model_kwargs={**s.model_kwargs, "schedule": training.schedule}) for s in specs]
 
 
 def group_sources(
@@ -911,9 +910,10 @@ def sources_lines(meta: dict[str, Any]) -> list[str]:
         else f"for {cap} epoch{'s' * (cap != 1)} (no plateau rule)"
     )
     if training.get("schedule") == "plateau":
+        drops = round(math.log(PLATEAU_FLOOR) / math.log(PLATEAU_FACTOR))
         how += (
-            "; learning rate ×0.1 on each validation stall (3 epochs without a gain), twice, and the "
-            "rule applied only at that floor rate"
+            f"; learning rate ×{PLATEAU_FACTOR:g} on each validation stall ({PLATEAU_PATIENCE + 1} epochs "
+            f"without a gain), {drops} times, and the rule applied only at that floor rate"
         )
     lines = [f"Sources trained {how}."]
     for group, records in meta.get("sources", {}).items():

@@ -68,6 +68,8 @@ class PlateauStopping(pl.Callback):
         self.monitor = monitor
         self.curve: list[float] = []
         self.lr_curve: list[float] = []
+        #: whether the last epoch's rate was final (every plateau-decay scheduler at its floor)
+        self.settled = True
         self.stopped_at: int | None = None
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -81,10 +83,14 @@ class PlateauStopping(pl.Callback):
             )
         self.curve.append(float(value))
         self.lr_curve.append(max(g["lr"] for g in trainer.optimizers[0].param_groups))
-        settled = decay_finished(trainer)
-        if self.stopped_at is None and settled and self.rule.plateaued(self.curve):
+        self.settled = decay_finished(trainer)
+        if self.stopped_at is None and self.converged():
             self.stopped_at = len(self.curve)
             trainer.should_stop = True
+
+    def converged(self) -> bool:
+        """The stop criterion: the rule holds on the curve and the rate has no drop left."""
+        return self.settled and self.rule.plateaued(self.curve)
 
     def record(self) -> dict[str, Any]:
         """Epochs run, the curve, the final accuracy, whether (and why) training stopped."""
@@ -93,7 +99,7 @@ class PlateauStopping(pl.Callback):
             "val_acc_curve": list(self.curve),
             "final_val_acc": self.curve[-1] if self.curve else None,
             "last_window_gain_points": self.rule.gain(self.curve) if len(self.curve) >= 2 else None,
-            "plateau_met": self.rule.plateaued(self.curve),
+            "plateau_met": self.converged(),
             "stopped_by": "plateau" if self.stopped_at is not None else "max_epochs",
             "lr_curve": list(self.lr_curve),
             "plateau_rule": self.rule.as_dict(),
@@ -101,11 +107,13 @@ class PlateauStopping(pl.Callback):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"curve": list(self.curve), "lr_curve": list(self.lr_curve), "stopped_at": self.stopped_at}
+        state = {"curve": list(self.curve), "lr_curve": list(self.lr_curve), "settled": self.settled}
+        return state | {"stopped_at": self.stopped_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.curve = [float(v) for v in state_dict.get("curve", [])]
         self.lr_curve = [float(v) for v in state_dict.get("lr_curve", [])]
+        self.settled = bool(state_dict.get("settled", True))
         self.stopped_at = state_dict.get("stopped_at")
 
 

@@ -65,6 +65,9 @@ def test_plateau_decay_stops_only_once_the_rate_is_at_its_floor() -> None:
     stopper = _fit([0.9] * 20, PlateauRule(min_epochs=2), max_epochs=20, decay=True)
     assert len(stopper.curve) == 8 and stopper.record()["stopped_by"] == "plateau"
     assert stopper.record()["lr_curve"] == pytest.approx([0.01] * 4 + [0.001] * 3 + [0.0001])
+    # capped before the floor: the flat curve alone is not convergence, and the record says so
+    capped = _fit([0.9] * 20, PlateauRule(min_epochs=2), max_epochs=6, decay=True).record()
+    assert capped["stopped_by"] == "max_epochs" and not capped["plateau_met"]
     # without the decay scheduler the same rule stops at once
     assert len(_fit([0.9] * 20, PlateauRule(min_epochs=2), max_epochs=20).curve) == 2
 
