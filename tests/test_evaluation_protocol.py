@@ -32,6 +32,7 @@ from lightning_merge.models import SourceClassifier
 from lightning_merge.models.heads import EmbeddingHead
 from lightning_merge.module import MergeModule
 from lightning_merge.pipeline.merge import ReferenceOptions, treat_references
+from lightning_merge.pipeline.prepare import PreparedSources
 
 HEADS = [SourceHead("linear", (0, 1, 2), 6), SourceHead("linear", (3, 4, 5), 6)]
 
@@ -144,6 +145,19 @@ def test_treat_references_resets_copies_and_leaves_the_sources_alone() -> None:
     assert all(torch.equal(v, before[0][k]) for k, v in untouched[0].state_dict().items())
     with pytest.raises(ValueError, match="repair must be"):
         treat_references(sources, data, "bn")  # type: ignore[arg-type]
+
+
+def test_references_reuse_already_reset_sources_and_name_a_count_mismatch() -> None:
+    torch.manual_seed(3)
+    sources = [_bn_net().eval(), _bn_net().eval()]
+    prepared = PreparedSources(sources, ["a", "b"], HEADS, [], None, None)
+    data = [(torch.randn(8, 1, 8, 8), torch.zeros(8))]
+    options, tasks = ReferenceOptions(), [[0, 1, 2], [3, 4, 5]]
+    reset = [reset_batchnorm(copy.deepcopy(s), data) for s in sources]
+    _, treated = options.of(prepared, sources[0], tasks, data, True, already_reset=reset)
+    assert all(a is b for a, b in zip(treated, reset, strict=True))  # used as given, no second reset
+    with pytest.raises(ValueError, match="1 reset sources for 2 sources"):
+        options.of(prepared, sources[0], tasks, data, True, already_reset=reset[:1])
 
 
 def _validate(module: MergeModule, dm: TaskSplitDataModule) -> MergeModule:
