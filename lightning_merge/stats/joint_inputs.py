@@ -50,14 +50,6 @@ from lightning_merge.stats.registry import register_statistic
 MIN_PRODUCTS = torch.float64
 
 
-def joint_rows(layer: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The N models' inputs to ``layer`` side by side along the channel (conv) / feature (Linear) axis."""
-    shapes = {tuple(x.shape) for x in inputs}
-    if len(shapes) != 1:
-        raise ValueError(f"the sources' inputs to one layer differ in shape: {sorted(shapes)}")
-    return torch.cat(list(inputs), dim=1 if isinstance(layer, nn.Conv2d) else -1)
-
-
 def joint_inputs_memory_bytes(model: nn.Module, num_models: int) -> int:
     """float64 bytes of the accumulators for ``num_models`` copies of ``model``: (N·d)² + N·d + 1 per layer.
 
@@ -129,8 +121,12 @@ class JointInputsCollector(ForwardCollector):
             self.parked[i][name].append(x)
             return
         xs = [p[name].pop(0) for p in self.parked] + [x]
+        if len({tuple(z.shape) for z in xs}) != 1:
+            raise ValueError(
+                f"the sources' inputs to layer {name!r} differ in shape: {[tuple(z.shape) for z in xs]}"
+            )
         products = torch.promote_types(x.dtype, MIN_PRODUCTS)
-        xx, xs_sum, rows = input_gram(layer, joint_rows(layer, xs), products)
+        xx, xs_sum, rows = input_gram(layer, xs, products)
         self.outer[name].add_(xx)
         self.total[name].add_(xs_sum)
         self.count[name] += rows

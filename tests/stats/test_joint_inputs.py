@@ -63,3 +63,12 @@ def test_sym_gram_slabs_add_up_in_float64(monkeypatch: pytest.MonkeyPatch) -> No
 def test_other_product_precisions_are_refused() -> None:
     with pytest.raises(ValueError, match="must be torch.float32 or torch.float64.*float16"):
         pg.input_gram(torch.nn.Linear(3, 2), torch.randn(4, 3), torch.float16)
+
+
+def test_sources_whose_inputs_differ_in_shape_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same layer names, other shapes (model 1's conv1 strides by 2): the first layer whose inputs
+    differ is named, not a shape error from deep inside a product."""
+    models = make_models(ConvNet)
+    models[1].conv1.stride = (2, 2)
+    with pytest.raises(ValueError, match=r"inputs to layer 'conv2' differ in shape"):
+        joint(models, data(torch.float32), torch.float64, monkeypatch)

@@ -70,7 +70,7 @@ def test_small_inputs_take_the_rows_path(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(pg, "SHIFT_MIN_ROWS", 100)  # 25 output positions per image
     calls: list[int] = []
     monkeypatch.setattr(
-        pg, "_shift_sums", lambda conv, x, y, *_: calls.append(x.shape[0]) or (None, None, None)
+        pg, "_shift_sums", lambda conv, parts, y, *_: calls.append(parts[0].shape[0]) or (None, None, None)
     )
     conv = nn.Conv2d(3, 2, 3, padding=1)
     x = torch.randn(3, 3, 5, 5)
@@ -79,6 +79,36 @@ def test_small_inputs_take_the_rows_path(monkeypatch: pytest.MonkeyPatch) -> Non
     torch.testing.assert_close(xx, _reference(conv, x)[0])
     pg.input_gram(conv, torch.randn(4, 3, 5, 5))
     assert calls == [4]
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv2d(6, 2, 3, padding=1),
+        nn.Conv2d(6, 2, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(6, 2, 3, stride=2),
+        nn.Linear(3, 2),
+    ],
+    ids=["conv-zeros", "conv-reflect", "conv-stride2", "linear"],
+)
+def test_several_inputs_equal_their_concatenation(layer: nn.Module) -> None:
+    """The N models' inputs given apart (the joint statistic's case, never joined on the shifted path)
+    give the Gram of their channel / feature concatenation."""
+    torch.manual_seed(5)
+    shape = (3, 4, 3) if isinstance(layer, nn.Linear) else (3, 3, 7, 6)
+    parts = [torch.randn(shape) for _ in range(2)]
+    xx, xs, n = pg.input_gram(layer, parts)
+    ref_xx, ref_xs, ref_n = _reference(layer, torch.cat(parts, 1 if isinstance(layer, nn.Conv2d) else -1))
+    assert n == ref_n
+    torch.testing.assert_close(xx, ref_xx, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(xs, ref_xs, rtol=1e-12, atol=1e-10)
+
+
+def test_inputs_of_other_shapes_are_named() -> None:
+    with pytest.raises(
+        ValueError, match=r"inputs to one Conv2d differ in shape: \[\(2, 3, 5, 5\), \(2, 3, 5, 4\)\]"
+    ):
+        pg.input_gram(nn.Conv2d(6, 2, 3), [torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 4)])
 
 
 def test_linear_gram_over_every_leading_position() -> None:
