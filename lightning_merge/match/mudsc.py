@@ -323,7 +323,12 @@ def neighbours(graph: MergeGraph, index: dict) -> dict[str, set[str]]:
 
 
 def same_transform(a: SpaceTransform, b: SpaceTransform) -> bool:
-    return a is b or (torch.equal(a.unmerge, b.unmerge) and torch.equal(a.merge, b.merge))
+    """Equal M and U (compared through the assignments when both have one: no dense M or U formed)."""
+    if a is b:
+        return True
+    if a.assignment is not None and b.assignment is not None:
+        return a.width == b.width and a.num_models == b.num_models and torch.equal(a.assignment, b.assignment)
+    return torch.equal(a.unmerge, b.unmerge) and torch.equal(a.merge, b.merge)
 
 
 class _Descent:

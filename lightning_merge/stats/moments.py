@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
-from torchmetrics import Metric
 
 from lightning_merge.graph.spec import MergeGraph, Tap
-from lightning_merge.stats.collector import ForwardCollector
+from lightning_merge.stats.collector import ForwardCollector, SumMetric
 from lightning_merge.stats.container import FeatureMoments
 from lightning_merge.stats.registry import register_statistic
 
@@ -29,31 +28,20 @@ _F64 = torch.float64
 _PARTS = ("count", "total", "outer")
 
 
-class SpaceMoments(Metric):
-    """count, Σf, Σffᵀ of one space as torchmetrics states (``dist_reduce_fx="sum"``).
-
-    Synchronisation is left to the statistics pass (one in-place all-reduce per state), so
-    ``sync_on_compute=False``; the registered defaults are zero-stride views, so the only
-    (dim × dim) allocation is the state itself.
-    """
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
+class SpaceMoments(SumMetric):
+    """count, Σf, Σffᵀ of one space as torchmetrics sum states (:class:`SumMetric`: the only
+    (dim × dim) allocation is the state itself)."""
 
     count: Tensor
     total: Tensor
     outer: Tensor
 
     def __init__(self, dim: int, num_models: int, device: torch.device | str | None = None) -> None:
-        super().__init__(sync_on_compute=False, dist_sync_on_step=False, compute_with_cache=False)
+        super().__init__()
         self.num_models = num_models
-        zero = torch.zeros((), dtype=_F64, device=device)
-        self.add_state("count", zero.clone(), dist_reduce_fx="sum")
-        self.add_state("total", zero.expand(dim), dist_reduce_fx="sum")
-        self.add_state("outer", zero.expand(dim, dim), dist_reduce_fx="sum")
-        self.total = torch.zeros(dim, dtype=_F64, device=device)
-        self.outer = torch.zeros(dim, dim, dtype=_F64, device=device)
+        self.add_sum_state("count", (), device)
+        self.add_sum_state("total", (dim,), device)
+        self.add_sum_state("outer", (dim, dim), device)
 
     def update(self, features: Tensor, column_sum: Tensor | None = None) -> None:
         """Add a batch given samples-as-columns: ``features`` is (dim × samples).

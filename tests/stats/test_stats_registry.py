@@ -239,3 +239,22 @@ def test_builtin_states_are_torchmetrics_sum_states(name: str) -> None:
     assert {id(t) for t in collector.states()} == states  # every state is summed by the pass
     assert all(m._reductions[s] is dim_zero_sum for m in metrics for s in m._defaults)
     assert all(t.dtype == torch.float64 for t in collector.states())
+
+
+@pytest.mark.parametrize("name", ["moments", "grams", "fisher", "kfac"])
+def test_sum_states_keep_no_default_copy_and_reset_to_their_shapes(name: str) -> None:
+    """torchmetrics keeps a contiguous copy of every registered default: a (d × d) default doubled
+    the memory of the sums. The registered defaults are 0-d; reset() gives zeros at each state's shape."""
+    models = [m.eval() for m in make_models(MLP, n=2)]
+    collector = statistic_collector(name).from_graph(mlp_graph(models[0]))
+    collector.attach(models)
+    collector.step(models, torch.randn(4, 8))
+    collector.detach()
+    for metric in metrics_of(collector):
+        assert all(d.numel() == 1 for d in metric._defaults.values())
+        shapes = {s: getattr(metric, s).shape for s in metric._defaults}
+        assert any(getattr(metric, s).abs().sum() > 0 for s in shapes)
+        metric.reset()
+        for s, shape in shapes.items():
+            state = getattr(metric, s)
+            assert state.shape == shape and state.dtype == torch.float64 and not state.any(), s
