@@ -36,9 +36,8 @@ class SpaceTransform:
         if assignment is not None:
             if merge is not None or unmerge is not None or width is None:
                 raise ValueError("give either dense merge and unmerge, or an assignment and its width")
-            self._width = width
-            self._scale = 1.0 / torch.bincount(assignment, minlength=width).to(torch.float64)
-            total = assignment.numel()
+            self._width, total = width, assignment.numel()
+            self._scale = 1.0 / _counts(assignment, width).to(torch.float64)
         elif merge is None or unmerge is None:
             raise ValueError("give either dense merge and unmerge, or an assignment and its width")
         else:
@@ -114,6 +113,15 @@ def from_assignment(assign: torch.Tensor, width: int, num_models: int) -> SpaceT
     M averages the source features sharing a merged feature; U copies the merged feature back. Only
     the assignment is kept (see the module docstring); M and U are float64 on ``assign``'s device."""
     assign = torch.as_tensor(assign, dtype=torch.long)
+    return SpaceTransform(num_models=num_models, assignment=assign, width=width)
+
+
+def _counts(assign: torch.Tensor, width: int) -> torch.Tensor:
+    """Source features per merged feature; every merged feature must receive one."""
+    if assign.dtype != torch.long or assign.dim() != 1:
+        raise ValueError(
+            f"an assignment is a 1-d long tensor, got {assign.dtype} of shape {tuple(assign.shape)}"
+        )
     if assign.numel() and (int(assign.min()) < 0 or int(assign.max()) >= width):
         raise ValueError(
             f"assignment values must lie in [0, {width}), got {int(assign.min())}..{int(assign.max())}"
@@ -122,4 +130,4 @@ def from_assignment(assign: torch.Tensor, width: int, num_models: int) -> SpaceT
     if bool((counts == 0).any()):
         empty = torch.nonzero(counts == 0).flatten().tolist()
         raise ValueError(f"merged features {empty[:8]} receive no source feature")
-    return SpaceTransform(num_models=num_models, assignment=assign, width=width)
+    return counts
