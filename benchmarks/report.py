@@ -71,7 +71,9 @@ TABLES: tuple[tuple[str, str, str], ...] = (
     (
         "VGG-11 (BN, width ×0.5), 2 models (5+5 classes), converged sources",
         "merge_table_vgg11_bnx0.5_split2_converged",
-        f"{TABLE_CMD} --arch vgg11_bn --width 0.5 --split 2 --seeds 0:1 2:3 4:5 --converged",
+        f"{TABLE_CMD} --arch vgg11_bn --width 0.5 --split 2 --seeds 0:1 2:3 4:5 --converged"
+        " --rows average =weight_matching =permute =zipit '=zipit partial@0.3' =mudsc '=pleas w=1'"
+        " '=pleas w=1.5' '=pleas w=1.75'",
     ),
 )
 SWEEPS: tuple[tuple[str, str, str], ...] = (

@@ -210,12 +210,18 @@ def _zip_scored(
     per_group = width // groups
     scores = []
     for g in range(groups):
-        members = t.unmerge[:, g * per_group : (g + 1) * per_group].sum(1) > 0
+        members = _fed_into(t, g * per_group, (g + 1) * per_group)
         idx = torch.nonzero(members).flatten()
         sub = sim[idx][:, idx]
         scores.append(fusion_scores(sub, zipit_fusions(sub, num_models, per_group, alpha, beta), alpha))
     flat = np.concatenate(scores)
     return t, float(flat.mean()) if flat.size else 0.0
+
+
+def _fed_into(t: SpaceTransform, lo: int, hi: int) -> torch.Tensor:
+    """Which source features go to merged features [lo, hi) (read from the assignment when there is one)."""
+    a = t.assignment
+    return (a >= lo) & (a < hi) if a is not None else t.unmerge[:, lo:hi].sum(1) > 0
 
 
 def _permute_score(sim: torch.Tensor, t: SpaceTransform) -> float:
