@@ -121,12 +121,8 @@ class JointInputsCollector(ForwardCollector):
             self.parked[i][name].append(x)
             return
         xs = [p[name].pop(0) for p in self.parked] + [x]
-        if len({tuple(z.shape) for z in xs}) != 1:
-            raise ValueError(
-                f"the sources' inputs to layer {name!r} differ in shape: {[tuple(z.shape) for z in xs]}"
-            )
         products = torch.promote_types(x.dtype, MIN_PRODUCTS)
-        xx, xs_sum, rows = input_gram(layer, xs, products)
+        xx, xs_sum, rows = input_gram(layer, xs, products, where=f"layer {name!r}")
         self.outer[name].add_(xx)
         self.total[name].add_(xs_sum)
         self.count[name] += rows

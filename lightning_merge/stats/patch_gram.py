@@ -252,18 +252,22 @@ def normal_sums(
 
 
 def input_gram(
-    layer: nn.Module, x: torch.Tensor | Sequence[torch.Tensor], products: torch.dtype = torch.float64
+    layer: nn.Module,
+    x: torch.Tensor | Sequence[torch.Tensor],
+    products: torch.dtype = torch.float64,
+    where: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(XᵀX, Σx, number of rows) of ``layer``'s input rows, float64 (no bias column); the products
     of XᵀX in ``products`` precision (see the module docstring). ``x`` may be several inputs of one
     shape, taken side by side along the channel (conv) / feature (Linear) axis: the N models' joint
-    input, which the shifted path then never joins into one tensor."""
+    input, which the shifted path then never joins into one tensor. ``where`` names the layer in the
+    error about inputs of other shapes."""
     if products not in (torch.float32, torch.float64):
         raise ValueError(f"products must be torch.float32 or torch.float64, got {products}")
     parts = [x] if isinstance(x, torch.Tensor) else list(x)
     shapes = [tuple(p.shape) for p in parts]
     if len(set(shapes)) != 1:
-        raise ValueError(f"the inputs to one {type(layer).__name__} differ in shape: {shapes}")
+        raise ValueError(f"the inputs to {where or 'one ' + type(layer).__name__} differ in shape: {shapes}")
     if isinstance(layer, nn.Conv2d):
         if layer.groups != 1:
             raise ValueError(f"input_gram needs an ungrouped Conv2d, got groups={layer.groups}")
