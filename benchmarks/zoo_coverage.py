@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
 import os
 import platform
@@ -236,11 +237,48 @@ def run_isolated(arch: str, methods: list[str], images: int, timeout: float) -> 
     return json.loads(lines[-1])
 
 
+def run_split(arch: str, methods: list[str], images: int, timeout: float) -> dict[str, Any]:
+    """One worker per method (large models): each method's peak memory alone, and a worker killed
+    for memory costs one cell, not the row. Trace and graph check repeat in every worker."""
+    parts = [run_isolated(arch, [m], images, timeout) for m in methods]
+    done = [p for p in parts if "methods" in p]
+    if not done:  # refused or crashed the same way before any method: one row-level outcome
+        return parts[0]
+    row = {k: v for p in done for k, v in p.items() if k not in ("methods", "status", "total_s")}
+    row["methods"] = {}
+    for m, p in zip(methods, parts, strict=True):
+        row["methods"][m] = p["methods"][m] if "methods" in p else f"{p['status']}: {p.get('error', '')}"
+    status = row_status(row["methods"])
+    row["status"] = status if status != "failed" or all("methods" in p for p in parts) else "crashed"
+    row["total_s"] = round(sum(p["total_s"] for p in parts), 1)
+    return row
+
+
 def machine() -> str:
     return (
         f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
         f"torchvision {torchvision.__version__}"
     )
+
+
+def load_rows() -> dict[str, dict]:
+    path = RESULTS / "zoo_coverage.json"
+    return json.loads(path.read_text())["rows"] if path.exists() else {}
+
+
+def save_row(arch: str, row: dict[str, Any]) -> dict[str, dict]:
+    """Re-read the JSON under a lock and replace one row: drivers running side by side (one per
+    core) each add their own rows without dropping the others'."""
+    RESULTS.mkdir(exist_ok=True)
+    fd = os.open(RESULTS, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        rows = load_rows()
+        rows[arch] = row
+        write(rows)
+    finally:
+        os.close(fd)  # closing releases the lock
+    return rows
 
 
 def write(rows: dict[str, dict]) -> None:
@@ -328,14 +366,16 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> N
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per architecture")
     parser.add_argument("--images", type=int, default=IMAGES)
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument(
+        "--split-above", type=float, default=40.0, help="one worker per method above this many M params"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.worker:  # one architecture, its row as the last line of stdout
         print(json.dumps(run_arch(args.worker, args.methods, args.images)))
         return
-    path = RESULTS / "zoo_coverage.json"
-    rows = json.loads(path.read_text())["rows"] if path.exists() else {}
+    rows = load_rows()
     archs = torchvision.models.list_models(module=torchvision.models) if args.all else args.only
     sizes = {arch: params_millions(arch) for arch in archs}
     limit = float("inf") if args.max_params is None else args.max_params
@@ -346,18 +386,13 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> N
         size = sizes[arch]
         if size > limit:
             why = f"{size} M params > --max-params {args.max_params:g}"
-            rows[arch] = {
-                "arch": arch,
-                "params_M": size,
-                "status": "skipped (size)",
-                "error": why,
-                "total_s": 0,
-            }
+            row = {"arch": arch, "params_M": size, "status": "skipped (size)", "error": why, "total_s": 0}
         else:
-            rows[arch] = run_isolated(arch, args.methods, args.images, args.timeout)
-        log(f"{arch}: {rows[arch]['status']} {rows[arch].get('methods', rows[arch].get('error'))}")
-        write(rows)
-    write(rows)  # no architecture given: the table is redrawn from the JSON
+            run = run_split if size > args.split_above else run_isolated
+            row = run(arch, args.methods, args.images, args.timeout)
+        log(f"{arch}: {row['status']} {row.get('methods', row.get('error'))}")
+        rows = save_row(arch, row)
+    write(load_rows())  # no architecture given: the table is redrawn from the JSON
 
 
 if __name__ == "__main__":

@@ -79,6 +79,24 @@ def all_reduce_sum_(tensors: Sequence[torch.Tensor], ranks: Ranks | None = None)
             tensor.copy_(total)
 
 
+def all_gather_rows(rows: torch.Tensor, ranks: Ranks | None = None) -> torch.Tensor:
+    """Every rank's (n_r, d) rows stacked in rank order, on every rank, by two sum-reductions: the
+    row counts, then each rank's rows in its own slot of a zero tensor (adding zeros is exact, and
+    a strategy's sum is all it takes; ranks may hold different row counts)."""
+    ranks = Ranks.current() if ranks is None else ranks
+    if ranks.world == 1:
+        return rows
+    counts = torch.zeros(ranks.world, dtype=torch.float64, device=rows.device)
+    counts[ranks.rank] = rows.shape[0]
+    all_reduce_sum_([counts], ranks)
+    sizes = [int(c) for c in counts.tolist()]
+    out = rows.new_zeros(sum(sizes), *rows.shape[1:])
+    start = sum(sizes[: ranks.rank])
+    out[start : start + rows.shape[0]] = rows
+    all_reduce_sum_([out], ranks)
+    return out
+
+
 class ShardSampler(DistributedSampler):
     """Indices of the whole batches ``rank, rank + W, rank + 2W, ...`` of the first ``length`` samples.
 

@@ -13,12 +13,16 @@ from trained import quiet_trainer
 TESTS = Path(__file__).resolve().parent
 
 
-def run_ddp_script(name: str, out: Path, timeout: float) -> subprocess.CompletedProcess:
-    """Run ``tests/<name>`` writing into ``out``; Lightning launches the second rank itself.
+def run_ddp_script(
+    name: str, out: Path, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``tests/<name>`` writing into ``out``; Lightning launches the second rank itself (with
+    the same environment, so ``env`` reaches both ranks).
 
     ``LOCAL_RANK`` is dropped so a test run that is itself under DDP does not make the script a worker."""
     script = TESTS / name
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, **(env or {}), "PYTHONPATH": path}
     env.pop("LOCAL_RANK", None)
     return subprocess.run(
         [sys.executable, str(script), str(out)], env=env, capture_output=True, text=True, timeout=timeout

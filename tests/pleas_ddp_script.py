@@ -3,11 +3,13 @@
 Usage: python pleas_ddp_script.py OUT_DIR. The MergeStatistics callback gathers the feature moments
 and the joint layer-input moments inside ``trainer.validate`` (whole batches sharded over 2 gloo
 ranks, summed once); rank 0 merges with PLeaS (published objective, w = 1.5) and saves the merged
-weights to OUT_DIR/pleas_ddp.safetensors.
+weights to OUT_DIR/pleas_ddp.safetensors. With $PLEAS_DDP_ROWS_ABOVE set, that is the joint width
+above which a Linear keeps its rows (400: the flattened fc's 2·216), so the ranks' rows are stacked.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_merge.callbacks.statistics import MergeStatistics, StatisticsInputs
 from lightning_merge.graph import trace_graph
 from lightning_merge.methods import PLeaSMerge
+from lightning_merge.stats import joint_inputs
+from lightning_merge.stats.container import JointRows
 
 NUM_SAMPLES = 301  # odd: two ranks cannot split it evenly
 BATCH_SIZE = 32
@@ -57,10 +61,15 @@ class PLeaSSources(pl.LightningModule):
 
 
 def main(out: Path) -> None:
+    if "PLEAS_DDP_ROWS_ABOVE" in os.environ:
+        joint_inputs.ROWS_ABOVE = int(os.environ["PLEAS_DDP_ROWS_ABOVE"])
     module = PLeaSSources()
     trainer = ddp_trainer(MergeStatistics(requires=sorted(METHOD.requires), progress=False))
     trainer.validate(module)
     assert dist.is_initialized() and dist.get_world_size() == 2
+    kept = module.statistics.joint_inputs["fc"]
+    assert isinstance(kept, JointRows) == ("PLEAS_DDP_ROWS_ABOVE" in os.environ), type(kept)
+    assert float(kept.count) == NUM_SAMPLES  # every rank's rows (or sums), once
     if trainer.is_global_zero:
         save_file(module.merged_state(), str(out / "pleas_ddp.safetensors"))
     trainer.strategy.barrier()

@@ -25,59 +25,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_merge.apply.weights import _Member, plan_axis
+from lightning_merge.apply.axis_map import AxisMap, axis_map
 from lightning_merge.graph.spec import MergeGraph
 from lightning_merge.match.transform import SpaceTransform
 from lightning_merge.stats.attention import in_proj_view
-from lightning_merge.stats.container import FeatureMoments
-
-
-def axis_maps(
-    graph: MergeGraph,
-    param: str,
-    axis: int,
-    length: int,
-    transforms: Mapping[str, SpaceTransform],
-    num_models: int,
-) -> torch.Tensor:
-    """(N, L', L) float64: merged axis positions as linear maps of each source's L positions.
-
-    A merge point's segment gets M_i (matched features averaged, unmatched kept); positions in no
-    merge point are averaged over the models (1/N each), as the merged weights average them."""
-    refs = [(s.name, r) for s in graph.spaces for r in s.members if r.param == param and r.axis == axis]
-    members = [_Member(n, r, transforms[n].source_width, transforms[n].width) for n, r in refs]
-    plan = plan_axis(length, members, where=f"{param!r} axis {axis}")
-    out = torch.zeros(num_models, plan.new_length, length, dtype=torch.float64)
-    out[:, plan.fixed_new.long(), plan.fixed_old.long()] = 1.0 / num_models
-    for mem, new_ref in zip(plan.members, plan.new_refs, strict=True):
-        blocks = torch.stack([transforms[mem.space].merge_block(i) for i in range(num_models)])
-        old = mem.ref.positions(mem.n)  # (n, K)
-        new = new_ref.positions(mem.m)  # (m, K)
-        k = old.shape[1]
-        rows = new[:, None, :].expand(mem.m, mem.n, k)
-        cols = old[None, :, :].expand(mem.m, mem.n, k)
-        vals = blocks.detach().to("cpu", torch.float64)[..., None].expand(-1, -1, -1, k)
-        out[:, rows, cols] = vals
-    return out
+from lightning_merge.stats.container import FeatureMoments, JointRows
 
 
 def _kernel_size(layer: nn.Module) -> int:
     """Input positions per channel in a weight row: a conv's kernel (rows c·K + p), 1 for a Linear."""
     return layer.weight[0, 0].numel() if isinstance(layer, nn.Conv2d) else 1
-
-
-def _map_rows(maps: torch.Tensor, k: int, z: torch.Tensor) -> torch.Tensor:
-    """Σ_i (M_i ⊗ I_k) z_i for z = [z_1; …; z_N] stacked by model (rows c·k + p in each): the merged
-    layer's rows (C'·k, m). A merge matrix has a few entries per row, so adding the rows they weight
-    replaces a dense (C'·k × N·C·k) map, whose product with an N·C·k-wide Gram cost ~C'·k/2 times
-    more flops (3.8× the time of the whole system at 256 channels, 3×3; more when wider)."""
-    num, c_new, c_old = maps.shape
-    zs = z.reshape(num, c_old, -1)
-    out = z.new_zeros(c_new, zs.shape[2])
-    for i in range(num):  # a merge matrix has a few entries per row: add the rows it weights
-        rows, cols = maps[i].nonzero(as_tuple=True)
-        out.index_add_(0, rows, zs[i].index_select(0, cols).mul_(maps[i, rows, cols][:, None]))
-    return out.reshape(c_new * k, -1)
 
 
 @dataclass(frozen=True)
@@ -89,37 +46,106 @@ class LayerSystem:
     allowed: torch.Tensor  # (o', d') bool: weight entries outside the structural zero blocks
     bias: bool
 
+    def mean_diagonal(self) -> float:
+        return float(self.xx.diagonal().mean())
+
+    def solve(self, rows: torch.Tensor, cols: torch.Tensor, reg: float) -> torch.Tensor:
+        """(|rows|, |cols|): output rows ``rows`` fitted on input columns ``cols`` only."""
+        sub = self.xx if len(cols) == len(self.xx) else self.xx[cols[:, None], cols[None, :]]
+        return _ridge_solve(sub, self.yx[rows][:, cols].T, reg).T
+
+
+@dataclass(frozen=True)
+class RowSystem:
+    """The same system as its n sample rows, for a wide Linear (:class:`JointRows`): XᵀX = F Fᵀ and
+    YXᵀ = T Fᵀ, solved in sample space by the push-through identity
+    (F Fᵀ + λI)⁻¹ F Tᵀ = F (FᵀF + λI)⁻¹ Tᵀ, so the (d' × d') Gram is never formed."""
+
+    f: torch.Tensor  # (d' [+1], n): the merged layer's inputs, one column per row (bias: a row of 1s)
+    t: torch.Tensor  # (o', n): its targets
+    allowed: torch.Tensor
+    bias: bool
+
+    def mean_diagonal(self) -> float:
+        return float(self.f.square().sum() / self.f.shape[0])
+
+    def solve(self, rows: torch.Tensor, cols: torch.Tensor, reg: float) -> torch.Tensor:
+        fs = self.f if len(cols) == len(self.f) else self.f[cols]
+        w = _ridge_solve(fs.T @ fs, self.t[rows].T, reg)  # (n, |rows|)
+        return w.T @ fs.T
+
+
+def _check_width(name: str, width: int, num: int, d: int) -> None:
+    if width != num * d:
+        raise ValueError(
+            f"joint input moments of {name!r} have width {width}, expected "
+            f"{num} models × {d} inputs: gathered for other models"
+        )
+
 
 def layer_system(
     name: str,
     layers: Sequence[nn.Module],
-    moments: FeatureMoments,
-    in_maps: torch.Tensor,
-    out_maps: torch.Tensor,
-) -> LayerSystem:
+    moments: FeatureMoments | JointRows,
+    in_maps: AxisMap,
+    out_maps: AxisMap,
+) -> LayerSystem | RowSystem:
     """Normal equations of merged layer ``name`` from the joint input moments of its sources' ``layers``."""
+    if isinstance(moments, JointRows):
+        return row_system(name, layers, moments, in_maps, out_maps)
     num, dev, k = len(layers), moments.outer.device, _kernel_size(layers[0])
-    p, q = in_maps.to(dev), out_maps.to(dev)  # (N, C', C), (N, o', o)
-    d = p.shape[2] * k
-    if moments.outer.shape[0] != num * d:
-        raise ValueError(
-            f"joint input moments of {name!r} have width {moments.outer.shape[0]}, expected "
-            f"{num} models × {d} inputs: gathered for other models"
-        )
-    weights = [m.weight.detach().to(dev, torch.float64).reshape(m.weight.shape[0], -1) for m in layers]
-    ymap = torch.cat([q[i] @ weights[i] for i in range(num)], 1)  # Y = ymap · z (+ c)
-    pg = _map_rows(p, k, moments.outer)  # P G: (d', N·d)
-    xx, yx = _map_rows(p, k, pg.T.contiguous()), ymap @ pg.T  # P G Pᵀ, Ỹ G Pᵀ
+    p, q = in_maps.to(dev), out_maps.to(dev)  # C → C' per model, o → o' per model
+    _check_width(name, moments.outer.shape[0], num, p.length * k)
+    ymap = _target_map(layers, q)  # Y = ymap · z (+ c)
+    pg = p.apply_joint(moments.outer, k)  # P G: (d', N·d)
+    xx, yx = p.apply_joint(pg.T.contiguous(), k), ymap @ pg.T  # P G Pᵀ, Ỹ G Pᵀ
     bias = layers[0].bias is not None
     if bias:  # augment by the constant-1 input: [[P G Pᵀ, P t], [(P t)ᵀ, n]]
-        c = sum(q[i] @ m.bias.detach().to(dev, torch.float64) for i, m in enumerate(layers))
-        pt, n = _map_rows(p, k, moments.total[:, None]), moments.count.reshape(1, 1)
+        c = _bias_target(layers, q)
+        pt, n = p.apply_joint(moments.total[:, None], k), moments.count.reshape(1, 1)
         xx = torch.cat([torch.cat([xx, pt], 1), torch.cat([pt.T, n], 1)])
         yx = torch.cat([yx + c[:, None] * pt.T, (ymap @ moments.total + c * moments.count)[:, None]], 1)
-    owners_in = (p.abs().sum(-1) > 0).repeat_interleave(k, dim=1)  # (N, d')
-    owners_out = q.abs().sum(-1) > 0  # (N, o')
-    allowed = (owners_out[:, :, None] & owners_in[:, None, :]).any(0)
-    return LayerSystem(xx=xx, yx=yx, allowed=allowed, bias=bias)
+    return LayerSystem(xx=xx, yx=yx, allowed=_allowed(p, q, k), bias=bias)
+
+
+def row_system(
+    name: str,
+    layers: Sequence[nn.Module],
+    joint: JointRows,
+    in_maps: AxisMap,
+    out_maps: AxisMap,
+) -> RowSystem:
+    """:func:`layer_system` from the joint rows Z (n, N·d) of a Linear: F = P Zᵀ, T = Ỹ Zᵀ + c."""
+    num, dev = len(layers), joint.rows.device
+    p, q = in_maps.to(dev), out_maps.to(dev)
+    _check_width(name, joint.rows.shape[1], num, p.length)
+    zt = joint.rows.T.contiguous()  # (N·d, n)
+    f, t = p.apply_joint(zt), _target_map(layers, q) @ zt
+    bias = layers[0].bias is not None
+    if bias:
+        t += _bias_target(layers, q)[:, None]
+        f = torch.cat([f, f.new_ones(1, f.shape[1])])
+    return RowSystem(f=f, t=t, allowed=_allowed(p, q, 1), bias=bias)
+
+
+def _target_map(layers: Sequence[nn.Module], q: AxisMap) -> torch.Tensor:
+    """Ỹ = [Q_1 W_1, …, Q_N W_N]: the merged targets as a map of the joint input z."""
+    dev = q.vals[0].device
+    weights = [m.weight.detach().to(dev, torch.float64).reshape(m.weight.shape[0], -1) for m in layers]
+    return torch.cat([q.apply(i, w) for i, w in enumerate(weights)], 1)
+
+
+def _bias_target(layers: Sequence[nn.Module], q: AxisMap) -> torch.Tensor:
+    """c = Σ_i Q_i b_i: the targets' constant part."""
+    dev = q.vals[0].device
+    return sum(q.apply(i, m.bias.detach().to(dev, torch.float64)) for i, m in enumerate(layers))
+
+
+def _allowed(p: AxisMap, q: AxisMap, k: int) -> torch.Tensor:
+    """(o', d') bool: weight (o, j) may be non-zero when o's and j's owning models intersect."""
+    owners_in = p.owners().repeat_interleave(k, dim=1)  # (N, d')
+    owners_out = q.owners()  # (N, o')
+    return (owners_out[:, :, None] & owners_in[:, None, :]).any(0)
 
 
 def _ridge_solve(xx: torch.Tensor, rhs: torch.Tensor, reg: float) -> torch.Tensor:
@@ -135,22 +161,19 @@ def _ridge_solve(xx: torch.Tensor, rhs: torch.Tensor, reg: float) -> torch.Tenso
     return vecs @ (inv[:, None] * (vecs.T @ rhs))
 
 
-def solve_blocks(system: LayerSystem, ridge: float) -> torch.Tensor:
+def solve_blocks(system: LayerSystem | RowSystem, ridge: float) -> torch.Tensor:
     """(o', d' [+1]) solution with the structural zeros held: one solve per group of output rows
     with the same allowed inputs; ridge relative to the mean diagonal of the augmented Gram."""
-    xx, yx = system.xx, system.yx
     allowed = system.allowed
     if system.bias:
         allowed = torch.cat([allowed, allowed.new_ones(allowed.shape[0], 1)], 1)
-    reg = ridge * float(xx.diagonal().mean().clamp_min(1e-12))
-    sol = torch.zeros_like(yx)
+    reg = ridge * max(system.mean_diagonal(), 1e-12)
+    sol = torch.zeros(allowed.shape, dtype=torch.float64, device=allowed.device)
     patterns, group = torch.unique(allowed, dim=0, return_inverse=True)
     for g, cols in enumerate(patterns):
         rows = torch.nonzero(group == g).flatten()
         idx = torch.nonzero(cols).flatten()
-        sub = xx if len(idx) == len(xx) else xx[idx[:, None], idx[None, :]]
-        block = _ridge_solve(sub, yx[rows][:, idx].T, reg)  # (|A|, |R|)
-        sol[rows[:, None], idx[None, :]] = block.T
+        sol[rows[:, None], idx[None, :]] = system.solve(rows, idx, reg)
     return sol
 
 
@@ -159,7 +182,7 @@ def refit_from_statistics(
     sources: Sequence[nn.Module],
     graph: MergeGraph,
     transforms: Mapping[str, SpaceTransform],
-    joint_inputs: Mapping[str, FeatureMoments],
+    joint_inputs: Mapping[str, FeatureMoments | JointRows],
     *,
     ridge: float = 1e-4,
 ) -> dict[str, tuple[int, int, float]]:
@@ -179,8 +202,8 @@ def refit_from_statistics(
         if float(moments.count) == 0:
             continue
         src = sources[0].get_submodule(name)
-        in_maps = axis_maps(graph, f"{name}.weight", 1, src.weight.shape[1], transforms, num)
-        out_maps = axis_maps(graph, f"{name}.weight", 0, src.weight.shape[0], transforms, num)
+        in_maps = axis_map(graph, f"{name}.weight", 1, src.weight.shape[1], transforms, num)
+        out_maps = axis_map(graph, f"{name}.weight", 0, src.weight.shape[0], transforms, num)
         system = layer_system(name, [s.get_submodule(name) for s in sources], moments, in_maps, out_maps)
         sol = solve_blocks(system, ridge)
         _write(layer, name, sol, system.bias)
@@ -197,7 +220,7 @@ def _refit_in_proj(
     sources: Sequence[nn.Module],
     graph: MergeGraph,
     transforms: Mapping[str, SpaceTransform],
-    joint_inputs: Mapping[str, FeatureMoments],
+    joint_inputs: Mapping[str, FeatureMoments | JointRows],
     ridge: float,
 ) -> dict[str, tuple[int, int, float]]:
     """The packed q/k/v projection of a self-attention, fitted like a Linear(E, 3E) (its out_proj is
@@ -207,8 +230,8 @@ def _refit_in_proj(
         return {}
     views = [in_proj_view(s.get_submodule(name)) for s in sources]
     e, num = mha.embed_dim, len(sources)
-    in_maps = axis_maps(graph, f"{name}.in_proj_weight", 1, e, transforms, num)
-    out_maps = axis_maps(graph, f"{name}.in_proj_weight", 0, 3 * e, transforms, num)
+    in_maps = axis_map(graph, f"{name}.in_proj_weight", 1, e, transforms, num)
+    out_maps = axis_map(graph, f"{name}.in_proj_weight", 0, 3 * e, transforms, num)
     system = layer_system(key, views, moments, in_maps, out_maps)
     _write(in_proj_view(mha), key, solve_blocks(system, ridge), system.bias)
     return {key: (int(system.allowed.sum()), views[0].weight.numel(), float(moments.count))}

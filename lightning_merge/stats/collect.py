@@ -173,6 +173,9 @@ def _run(
     finally:
         collector.detach()
     all_reduce_sum_([*collector.states(), samples], ranks)
+    gather = getattr(collector, "gather", None)  # states kept as rows (not sums) are stacked instead
+    if callable(gather):
+        gather(ranks)
     if samples.item() == 0:
         raise ValueError(f"the calibration dataloader {original!r} yielded no samples")
 

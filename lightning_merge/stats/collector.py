@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 if TYPE_CHECKING:
+    from lightning_merge.dataflow import Ranks
     from lightning_merge.graph.spec import MergeGraph
     from lightning_merge.stats.container import Statistics
 
@@ -128,6 +129,10 @@ class ForwardCollector(StatisticCollector):
     def step(self, models: Sequence[nn.Module], inputs: Tensor) -> None:
         SharedForward([self]).step(models, inputs)
 
+    def gather(self, ranks: Ranks) -> None:
+        """After the cross-rank sum of :meth:`states`: stack whatever is kept as rows instead of
+        sums (every rank's, :func:`~lightning_merge.dataflow.all_gather_rows`). Sums only: nothing."""
+
 
 class SharedForward:
     """Several :class:`ForwardCollector` as one :class:`Collector`: each batch goes through every
@@ -161,6 +166,11 @@ class SharedForward:
 
     def states(self) -> list[Tensor]:
         return [t for c in self.parts for t in c.states()]
+
+    def gather(self, ranks: Ranks) -> None:
+        """After the sums: the parts that keep rows stack every rank's (``ForwardCollector.gather``)."""
+        for c in self.parts:
+            c.gather(ranks)
 
     def fill(self, stats: Statistics) -> None:
         for c in self.parts:

@@ -45,6 +45,25 @@ class FeatureMoments:
 
 
 @dataclass
+class JointRows:
+    """The joint input rows z = [x_1; …; x_N] themselves, (rows, N·d) float64: a wide Linear's
+    statistic when rows are fewer than its joint width (VGG-16's first classifier layer sees 2·25088
+    joint inputs: a 20 GB Gram, 0.8 GB of rows for 2000 images). Same sums as :class:`FeatureMoments`
+    (Σ z zᵀ = ZᵀZ), which it never forms: the refit solves in sample space instead."""
+
+    rows: torch.Tensor  # (n, N·d) float64
+    num_models: int
+
+    @property
+    def count(self) -> torch.Tensor:
+        return torch.tensor(float(self.rows.shape[0]), dtype=torch.float64, device=self.rows.device)
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.rows.sum(0)
+
+
+@dataclass
 class GramStatistics:
     """``sums[i][layer]``: model i's Σ x xᵀ of the layer's augmented input rows; ``counts``: rows summed."""
 
@@ -136,12 +155,13 @@ class Statistics:
         self.values["moments"] = value
 
     @property
-    def joint_inputs(self) -> dict[str, FeatureMoments]:
-        """Per layer, moments of the N sources' inputs side by side (PLeaS' published refit)."""
+    def joint_inputs(self) -> dict[str, FeatureMoments | JointRows]:
+        """Per layer, moments (or, for a wide Linear, the rows) of the N sources' inputs side by side
+        (PLeaS' published refit)."""
         return self._value("joint_inputs", dict)
 
     @joint_inputs.setter
-    def joint_inputs(self, value: dict[str, FeatureMoments]) -> None:
+    def joint_inputs(self, value: dict[str, FeatureMoments | JointRows]) -> None:
         self.values["joint_inputs"] = value
 
     @property

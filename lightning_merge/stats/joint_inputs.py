@@ -28,6 +28,11 @@ torchvision ResNet's twin. Setting :data:`MIN_PRODUCTS` to ``torch.float32`` mak
 
 Cost: the (N·d)² products are 2× those of the per-model ``grams`` statistic and dominate the pass
 (``benchmarks/results/pleas_time.md``).
+
+Wide Linear layers: a Linear whose joint width N·d exceeds :data:`ROWS_ABOVE` keeps the rows z
+themselves (:class:`~lightning_merge.stats.container.JointRows`, n × N·d) instead of the (N·d)² sums:
+a VGG's first classifier layer sees 2·25088 joint inputs, a 20 GB Gram, while a calibration set of
+2000 images gives 2000 rows (0.8 GB). Under DDP the ranks' rows are stacked, not summed.
 """
 
 from __future__ import annotations
@@ -39,22 +44,32 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_merge.dataflow import Ranks, all_gather_rows
 from lightning_merge.stats.attention import check_attention, check_self_attention_call, context
 from lightning_merge.stats.collector import ForwardCollector
-from lightning_merge.stats.container import FeatureMoments
+from lightning_merge.stats.container import FeatureMoments, JointRows
 from lightning_merge.stats.gram import supported_layers
 from lightning_merge.stats.patch_gram import input_gram
 from lightning_merge.stats.registry import register_statistic
 
 #: Lowest precision of the products (the sums are float64 regardless); float32 is the faster opt-in.
 MIN_PRODUCTS = torch.float64
+#: A Linear whose joint input width N·d is above this keeps its rows, not its (N·d)² sums (2 GiB here).
+ROWS_ABOVE = 16384
+
+
+def keeps_rows(layer: nn.Module, joint_width: int) -> bool:
+    """Whether a layer's joint inputs are kept as rows: a Linear wider than :data:`ROWS_ABOVE`."""
+    return isinstance(layer, nn.Linear) and joint_width > ROWS_ABOVE
 
 
 def joint_inputs_memory_bytes(model: nn.Module, num_models: int) -> int:
-    """float64 bytes of the accumulators for ``num_models`` copies of ``model``: (N·d)² + N·d + 1 per layer.
+    """float64 bytes of the accumulators for ``num_models`` copies of ``model``: (N·d)² + N·d + 1 per
+    layer; a layer kept as rows (:func:`keeps_rows`) adds N·d per row as the pass goes, not counted.
 
     Quadratic in N·d: a 3×3 conv with 256 input channels holds (2·2304)² values (170 MB) for N = 2."""
     dims = [num_models * m.weight[0].numel() for _, m in supported_layers(model)]
+    dims = [d for d, (_, m) in zip(dims, supported_layers(model), strict=True) if not keeps_rows(m, d)]
     dims += [num_models * m.embed_dim for _, m in attention_modules(model)]  # the packed in_proj
     return 8 * sum(d * d + d + 1 for d in dims)
 
@@ -79,6 +94,7 @@ class JointInputsCollector(ForwardCollector):
         self.total: dict[str, torch.Tensor] = {}
         self.count: dict[str, torch.Tensor] = {}
         self.parked: list[dict[str, list[torch.Tensor]]] = []
+        self.rows: dict[str, list[torch.Tensor]] = {}
         self.num_models = 0
 
     def memory_bytes(self, models: Sequence[nn.Module]) -> int:
@@ -100,9 +116,12 @@ class JointInputsCollector(ForwardCollector):
             check_attention(mha, name)
             widths[f"{name}.in_proj"] = widths[f"{name}.out_proj"] = mha.embed_dim
         dev = next(iter(layers[0].values())).weight.device if layers[0] else torch.device("cpu")
-        self.outer, self.total, self.count = {}, {}, {}
+        self.outer, self.total, self.count, self.rows = {}, {}, {}, {}
         for name, width in widths.items():
             d = self.num_models * width
+            if name in layers[0] and keeps_rows(layers[0][name], d):
+                self.rows[name] = [torch.zeros(0, d, dtype=torch.float64, device=dev)]  # none yet
+                continue
             self.outer[name] = torch.zeros(d, d, dtype=torch.float64, device=dev)
             self.total[name] = torch.zeros(d, dtype=torch.float64, device=dev)
             self.count[name] = torch.zeros((), dtype=torch.float64, device=dev)
@@ -121,6 +140,9 @@ class JointInputsCollector(ForwardCollector):
             self.parked[i][name].append(x)
             return
         xs = [p[name].pop(0) for p in self.parked] + [x]
+        if name in self.rows:
+            self.rows[name].append(_joint_rows(xs, name))
+            return
         products = torch.promote_types(x.dtype, MIN_PRODUCTS)
         xx, xs_sum, rows = input_gram(layer, xs, products, where=f"layer {name!r}")
         self.outer[name].add_(xx)
@@ -162,35 +184,61 @@ class JointInputsCollector(ForwardCollector):
     def states(self) -> list[torch.Tensor]:
         return [*self.outer.values(), *self.total.values(), *self.count.values()]
 
-    def result(self) -> dict[str, FeatureMoments]:
+    def gather(self, ranks: Ranks) -> None:
+        """Each rows layer's chunks as one (n, N·d) tensor, holding every rank's rows."""
+        for name, chunks in self.rows.items():
+            self.rows[name] = [all_gather_rows(_stacked(chunks), ranks)]
+
+    def result(self) -> dict[str, FeatureMoments | JointRows]:
         """The accumulators, handed over without a copy (the largest statistic, GBs for wide convs:
         a copy doubled the pass's peak memory) and dropped here, so one copy of them remains."""
-        out = {
+        out: dict[str, FeatureMoments | JointRows] = {
             name: FeatureMoments(self.count[name], self.total[name], self.outer[name], self.num_models)
             for name in self.outer
         }
-        self.outer, self.total, self.count = {}, {}, {}
+        for name, chunks in self.rows.items():
+            out[name] = JointRows(_stacked(chunks), self.num_models)
+        self.outer, self.total, self.count, self.rows = {}, {}, {}, {}
         return out
 
     @classmethod
-    def to_tensors(cls, value: dict[str, FeatureMoments]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {f"{layer}/{f}": getattr(m, f) for layer, m in value.items() for f in _FIELDS}
-        return tensors, {"layers": list(value)}
+    def to_tensors(
+        cls, value: dict[str, FeatureMoments | JointRows]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, rows = {}, []
+        for layer, m in value.items():
+            if isinstance(m, JointRows):
+                tensors[f"{layer}/rows"] = m.rows
+                rows.append(layer)
+            else:
+                tensors.update({f"{layer}/{f}": getattr(m, f) for f in _FIELDS})
+        return tensors, {"layers": list(value), "rows": rows}
 
     @classmethod
     def from_tensors(
         cls, tensors: Mapping[str, torch.Tensor], meta: Any, num_models: int
-    ) -> dict[str, FeatureMoments]:
+    ) -> dict[str, FeatureMoments | JointRows]:
+        rows = set(meta.get("rows", []))
         return {
-            layer: FeatureMoments(*(tensors[f"{layer}/{f}"] for f in _FIELDS), num_models)
+            layer: JointRows(tensors[f"{layer}/rows"], num_models)
+            if layer in rows
+            else FeatureMoments(*(tensors[f"{layer}/{f}"] for f in _FIELDS), num_models)
             for layer in meta["layers"]
         }
 
     @classmethod
     def check(cls, value: Any, num_models: int) -> None:
-        if not isinstance(value, dict) or not all(isinstance(m, FeatureMoments) for m in value.values()):
-            raise ValueError("statistics 'joint_inputs' must map layer names to FeatureMoments")
+        kinds = (FeatureMoments, JointRows)
+        if not isinstance(value, dict) or not all(isinstance(m, kinds) for m in value.values()):
+            raise ValueError("statistics 'joint_inputs' must map layer names to FeatureMoments or JointRows")
         for layer, m in value.items():
+            if isinstance(m, JointRows):
+                if m.num_models != num_models or m.rows.dim() != 2 or m.rows.shape[1] % num_models:
+                    raise ValueError(
+                        f"statistics 'joint_inputs' of layer {layer!r}: {m.num_models} models, rows of shape "
+                        f"{tuple(m.rows.shape)}; expected {num_models} models, (n, {num_models}·d)"
+                    )
+                continue
             if m.num_models != num_models or m.outer.shape != (m.total.numel(), m.total.numel()):
                 raise ValueError(
                     f"statistics 'joint_inputs' of layer {layer!r}: {m.num_models} models, sums of shapes "
@@ -199,3 +247,17 @@ class JointInputsCollector(ForwardCollector):
 
 
 _FIELDS = ("count", "total", "outer")
+
+
+def _joint_rows(xs: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+    """The N models' Linear inputs as (rows, N·d) float64, model by model along the features."""
+    shapes = [tuple(x.shape) for x in xs]
+    if len(set(shapes)) != 1:
+        raise ValueError(f"the inputs to layer {name!r} differ in shape: {shapes}")
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs], 1).to(torch.float64)
+
+
+def _stacked(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """One (n, N·d) tensor (the first chunk is the empty one from ``attach``: the width is known
+    even for a layer the pass never called)."""
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)

@@ -58,3 +58,31 @@ def test_summary_counts_float32_and_float64_merges_apart(zoo: ModuleType) -> Non
     assert lines[0] == "Architectures: 4; failed 1, not run 1, ok 1, ok (float64) 1"
     assert f"{methods[0]} 2/4" in lines[2] and f"{methods[-1]} 2/4" in lines[2]
     assert f"{methods[0]} 2/4" in lines[4] and f"{methods[-1]} 3/4" in lines[4]
+
+
+def test_a_large_model_runs_one_worker_per_method_and_a_killed_worker_costs_one_cell(
+    zoo: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[list[str]] = []
+
+    def fake(arch: str, methods: list[str], images: int, timeout: float) -> dict:
+        calls.append(methods)
+        if methods == ["pleas"]:
+            return {"arch": arch, "status": "crashed", "error": "worker died: exit code -9", "total_s": 5.0}
+        return {"arch": arch, "params_M": 50.0, "status": "ok", "methods": {methods[0]: "ok"}, "total_s": 2.0}
+
+    monkeypatch.setattr(zoo, "run_isolated", fake)
+    monkeypatch.setattr(zoo, "params_millions", lambda arch: 50.0)
+    zoo.main(["--only", "alexnet", "--split-above", "40"], log=lambda _: None)
+    assert calls == [[m] for m in zoo.METHODS]
+    row = zoo.load_rows()["alexnet"]
+    assert row["methods"]["pleas"] == "crashed: worker died: exit code -9"
+    assert all(row["methods"][m] == "ok" for m in zoo.METHODS if m != "pleas")
+    assert row["status"] == "crashed" and row["total_s"] == 2.0 * (len(zoo.METHODS) - 1) + 5.0
+    assert row["params_M"] == 50.0
+
+
+def test_drivers_side_by_side_keep_each_others_rows(zoo: ModuleType) -> None:
+    zoo.save_row("a", {"arch": "a", "status": "ok", "total_s": 1})
+    zoo.save_row("b", {"arch": "b", "status": "ok", "total_s": 1})
+    assert set(zoo.load_rows()) == {"a", "b"}

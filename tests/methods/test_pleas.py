@@ -258,8 +258,11 @@ def test_statistics_of_other_models_are_refused() -> None:
 
 # ------------------------------------------------------------------ DDP and the statistics store
 @pytest.mark.ddp
-def test_two_ddp_processes_give_the_single_process_weights(tmp_path) -> None:
-    run = run_ddp_script("pleas_ddp_script.py", tmp_path, timeout=300)
+@pytest.mark.parametrize("rows_above", [None, "400"], ids=["sums", "fc-rows"])
+def test_two_ddp_processes_give_the_single_process_weights(tmp_path, rows_above: str | None) -> None:
+    """Sums, and the flattened fc kept as rows (stacked across the ranks), against the sums of one process."""
+    env = {} if rows_above is None else {"PLEAS_DDP_ROWS_ABOVE": rows_above}
+    run = run_ddp_script("pleas_ddp_script.py", tmp_path, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-4000:]
     module = PLeaSSources()  # same seeds → same sources and data
     module.statistics = collect_statistics(

@@ -1,0 +1,155 @@
+"""Wide Linear layers keep their joint input rows (``JointRows``), not the (N·d)² sums.
+
+* The rows give PLeaS the same weights as the sums (to 1e-9 relative), with and without ridge, at
+  widths 1 and 1.5 (structural zero blocks), because F Fᵀ = P G Pᵀ exactly.
+* A permuted twin merges back exactly from rows.
+* The rows survive the statistics store bitwise; the memory estimate leaves them out.
+* ``all_gather_rows`` stacks two ranks' rows (unequal counts, one rank empty) in rank order.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_merge.dataflow import Ranks, all_gather_rows
+from lightning_merge.graph import trace_graph
+from lightning_merge.graph.equivalence import permute_model, random_permutations
+from lightning_merge.methods import PLeaSMerge
+from lightning_merge.stats import joint_inputs as joint
+from lightning_merge.stats.collect import collect_statistics
+from lightning_merge.stats.container import FeatureMoments, JointRows
+from lightning_merge.stats.store import load_statistics, save_statistics
+from tests.stats_nets import MLP
+
+BOTH = ("moments", "joint_inputs")
+
+
+def pair() -> list[nn.Module]:
+    out = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        out.append(MLP().double().eval())
+    return out
+
+
+def data(count: int = 2, rows: int = 40) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(rows, 8, generator=gen, dtype=torch.float64), torch.zeros(rows)) for _ in range(count)
+    ]
+
+
+def gather(models: list[nn.Module], rows_above: int, monkeypatch: pytest.MonkeyPatch, batches=None):  # noqa: ANN001, ANN201
+    monkeypatch.setattr(joint, "ROWS_ABOVE", rows_above)
+    graph = trace_graph(models[0], torch.zeros(2, 8, dtype=torch.float64))
+    stats = collect_statistics(models, graph, batches or data(), requires=BOTH, progress=False)
+    return graph, stats
+
+
+def test_a_linear_wider_than_the_limit_keeps_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    models = pair()
+    _, sums = gather(models, 10**9, monkeypatch)
+    _, rows = gather(models, 20, monkeypatch)  # joint widths 16, 32, 24: fc2 and fc3 keep rows
+    assert isinstance(rows.joint_inputs["fc1"], FeatureMoments)
+    for name in ("fc2", "fc3"):
+        kept = rows.joint_inputs[name]
+        assert isinstance(kept, JointRows) and kept.rows.shape[0] == 80
+        assert float(kept.count) == float(sums.joint_inputs[name].count) == 80
+        torch.testing.assert_close(kept.rows.T @ kept.rows, sums.joint_inputs[name].outer, rtol=1e-12, atol=0)
+        torch.testing.assert_close(kept.total, sums.joint_inputs[name].total, rtol=1e-12, atol=1e-12)
+    sizes = joint.joint_inputs_memory_bytes(models[0], 2)
+    assert sizes == 8 * (16 * 16 + 16 + 1)  # only fc1's sums are allocated up front
+
+
+@pytest.mark.parametrize(("width", "ridge"), [(1.0, 1e-4), (1.5, 1e-4), (1.5, 0.0), (2.0, 1e-6)])
+def test_rows_give_the_weights_the_sums_give(
+    width: float, ridge: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = pair()
+    graph, sums = gather(models, 10**9, monkeypatch)
+    _, rows = gather(models, 0, monkeypatch)
+    assert all(isinstance(v, JointRows) for v in rows.joint_inputs.values())
+    method = PLeaSMerge(width=width, ridge=ridge)
+    want = method.merge(models, graph=graph, stats=sums).model.state_dict()
+    got = method.merge(models, graph=graph, stats=rows).model.state_dict()
+    for key, w in want.items():
+        scale = w.abs().max().clamp_min(1e-12)
+        assert (got[key] - w).abs().max() <= 1e-9 * scale, key
+
+
+def test_a_permuted_twin_merges_back_from_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = pair()[0]
+    graph = trace_graph(model, torch.zeros(2, 8, dtype=torch.float64))
+    twin = permute_model(copy.deepcopy(model), graph, random_permutations(graph, 3))
+    _, stats = gather([model, twin], 0, monkeypatch, data(count=3))
+    merged = PLeaSMerge(width=1.0, ridge=1e-10).merge([model, twin], graph=graph, stats=stats).model
+    x = data(1, 64)[0][0]
+    with torch.no_grad():
+        ref = model(x)
+        err = (merged(x) - ref).norm() / ref.norm()
+    assert err < 1e-8
+
+
+def test_rows_survive_the_statistics_store(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    graph, stats = gather(pair(), 20, monkeypatch)
+    back = load_statistics(save_statistics(stats, tmp_path / "s.safetensors"), graph=graph)
+    assert isinstance(back.joint_inputs["fc1"], FeatureMoments)
+    for name in ("fc2", "fc3"):
+        assert isinstance(back.joint_inputs[name], JointRows)
+        assert torch.equal(back.joint_inputs[name].rows, stats.joint_inputs[name].rows)
+
+
+def test_rows_of_the_wrong_width_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    models = pair()
+    graph, stats = gather(models, 0, monkeypatch)
+    stats.joint_inputs["fc2"] = stats.joint_inputs["fc3"]
+    with pytest.raises(ValueError, match="'fc2'.*width 24.*2 models × 16"):
+        PLeaSMerge().merge(models, graph=graph, stats=stats)
+    with pytest.raises(ValueError, match="'fc3'.*rows of shape"):
+        joint.JointInputsCollector.check({"fc3": JointRows(torch.zeros(5, 7, dtype=torch.float64), 2)}, 2)
+
+
+def test_inputs_of_other_shapes_name_the_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(joint, "ROWS_ABOVE", 0)
+    with pytest.raises(ValueError, match="layer 'fc2' differ in shape"):
+        joint._joint_rows([torch.zeros(3, 16), torch.zeros(4, 16)], "fc2")
+
+
+def _two_rank_gather(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """all_gather_rows on two threads whose reduce_sum adds both ranks' tensors (a fake collective)."""
+    slots: list[torch.Tensor | None] = [None, None]
+    barrier = threading.Barrier(2)
+    out: list[torch.Tensor | None] = [None, None]
+
+    def reduce_sum(rank: int):  # noqa: ANN202
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+
+        return fn
+
+    def run(rank: int) -> None:
+        out[rank] = all_gather_rows(parts[rank], Ranks(rank, 2, reduce_sum(rank)))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("counts", [(3, 5), (0, 4), (2, 0)])
+def test_two_ranks_rows_are_stacked_in_rank_order(counts: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(1)
+    parts = [torch.randn(n, 6, generator=gen, dtype=torch.float64) for n in counts]
+    for got in _two_rank_gather(parts):
+        assert torch.equal(got, torch.cat(parts))
