@@ -31,6 +31,7 @@ table is rewritten after each one. Models over ``--max-params`` get a "skipped (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import fcntl
 import json
@@ -39,7 +40,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -237,10 +238,31 @@ def run_isolated(arch: str, methods: list[str], images: int, timeout: float) -> 
     return json.loads(lines[-1])
 
 
-def run_split(arch: str, methods: list[str], images: int, timeout: float) -> dict[str, Any]:
+#: methods whose workers hold the most memory (PLeaS' joint inputs, MuDSC's weight similarities)
+HEAVY = ("pleas", "mudsc")
+
+
+@contextlib.contextmanager
+def heavy_slot(method: str, lock: str | None) -> Iterator[None]:
+    """With ``lock`` (a file shared by drivers running side by side), one heavy worker at a time:
+    two PLeaS workers of large models together exceed 24 GB and the kernel kills one."""
+    if lock is None or method not in HEAVY:
+        yield
+        return
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def run_split(
+    arch: str, methods: list[str], images: int, timeout: float, lock: str | None = None
+) -> dict[str, Any]:
     """One worker per method (large models): each method's peak memory alone, and a worker killed
     for memory costs one cell, not the row. Trace and graph check repeat in every worker."""
-    parts = [run_isolated(arch, [m], images, timeout) for m in methods]
+    parts = []
+    for m in methods:
+        with heavy_slot(m, lock):
+            parts.append(run_isolated(arch, [m], images, timeout))
     done = [p for p in parts if "methods" in p]
     if not done:  # refused or crashed the same way before any method: one row-level outcome
         return parts[0]
@@ -369,6 +391,9 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> N
     parser.add_argument(
         "--split-above", type=float, default=40.0, help="one worker per method above this many M params"
     )
+    parser.add_argument(
+        "--heavy-lock", help="a lock file shared by drivers side by side: one PLeaS/MuDSC worker at a time"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -388,8 +413,10 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> N
             why = f"{size} M params > --max-params {args.max_params:g}"
             row = {"arch": arch, "params_M": size, "status": "skipped (size)", "error": why, "total_s": 0}
         else:
-            run = run_split if size > args.split_above else run_isolated
-            row = run(arch, args.methods, args.images, args.timeout)
+            if size > args.split_above:
+                row = run_split(arch, args.methods, args.images, args.timeout, args.heavy_lock)
+            else:
+                row = run_isolated(arch, args.methods, args.images, args.timeout)
         log(f"{arch}: {row['status']} {row.get('methods', row.get('error'))}")
         rows = save_row(arch, row)
     write(load_rows())  # no architecture given: the table is redrawn from the JSON

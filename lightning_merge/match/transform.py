@@ -102,6 +102,20 @@ class SpaceTransform:
         out[torch.arange(n, device=a.device), a] = 1.0
         return out
 
+    def columns(self, role: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For an assignment, each model's (m, n) operator on a weight axis as its one entry per
+        column: (rows, vals), both (N, n). ``role="out"``: M_i (vals 1/count); ``"in"``: U_iᵀ (vals 1).
+        None for a dense transform. Applying it is an index-add, not an (m × n) product."""
+        if self._assign is None:
+            return None
+        rows = self._assign.reshape(self.num_models, -1)
+        vals = (
+            self._scale[rows]
+            if role == "out"
+            else torch.ones(rows.shape, dtype=torch.float64, device=rows.device)
+        )
+        return rows, vals
+
     def __repr__(self) -> str:
         kind = "assignment" if self._assign is not None else "dense"
         return f"SpaceTransform({kind}, width={self.width}, {self.num_models}×{self.source_width})"

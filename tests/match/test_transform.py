@@ -57,3 +57,24 @@ def test_either_dense_matrices_or_an_assignment() -> None:
         SpaceTransform(torch.eye(2, dtype=torch.float64), None, 1)
     with pytest.raises(ValueError, match="either dense merge and unmerge, or an assignment"):
         SpaceTransform(num_models=1, assignment=torch.tensor([0, 1]))
+
+
+def test_an_assignment_merges_weights_as_its_dense_matrices_do() -> None:
+    """The index-add path of ``merge_state_dicts`` (one entry per column) against the dense bmm path,
+    on an MLP and a flattened conv axis (inner positions), with fused and kept-apart features."""
+    from lightning_merge.apply.weights import merge_state_dicts
+    from tests.stats_nets import ConvNet, conv_graph, make_models
+
+    models = make_models(ConvNet, n=2)
+    graph = conv_graph(models[0])
+    sparse = {
+        "c1": from_assignment(torch.tensor([0, 1, 2, 3, 1, 0, 3, 2]), 4, 2),
+        "c2": from_assignment(torch.tensor([0, 1, 2, 3, 4, 5, 2, 6, 0, 7, 8, 1]), 9, 2),
+    }
+    dense = {k: SpaceTransform(t.merge, t.unmerge, num_models=2) for k, t in sparse.items()}
+    assert sparse["c2"].columns("out") is not None and dense["c2"].columns("out") is None
+    sds = [m.state_dict() for m in models]
+    got, want = merge_state_dicts(sds, graph, sparse), merge_state_dicts(sds, graph, dense)
+    assert got["fc.weight"].shape == (5, 9 * 36)
+    for key, w in want.items():
+        torch.testing.assert_close(got[key], w, rtol=1e-6, atol=1e-7)
