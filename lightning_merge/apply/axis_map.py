@@ -87,8 +87,21 @@ def axis_map(
     for mem, new_ref in zip(plan.members, plan.new_refs, strict=True):
         old, new = mem.ref.positions(mem.n), new_ref.positions(mem.m)  # (n, K), (m, K)
         for i in range(num_models):
-            block = transforms[mem.space].merge_block(i).detach().to("cpu", torch.float64)
-            r, c = block.nonzero(as_tuple=True)
-            parts[i].append((new[r].flatten(), old[c].flatten(), block[r, c].repeat_interleave(old.shape[1])))
+            r, c, v = _entries(transforms[mem.space], i)
+            parts[i].append((new[r].flatten(), old[c].flatten(), v.repeat_interleave(old.shape[1])))
     cat = lambda j: tuple(torch.cat([p[j] for p in per]) for per in parts)  # noqa: E731
     return AxisMap(cat(0), cat(1), cat(2), plan.new_length, length)
+
+
+def _entries(t: SpaceTransform, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Model i's non-zero entries of M_i (rows, cols, vals) on the CPU: read off the assignment when
+    the transform keeps one (no (m × n) block is formed), else found in the dense block."""
+    columns = t.columns("out")
+    if columns is not None:
+        rows, vals = (c[i].to("cpu") for c in columns)
+        cols = torch.arange(rows.numel())
+        keep = vals != 0
+        return rows[keep], cols[keep], vals[keep].to(torch.float64)
+    block = t.merge_block(i).detach().to("cpu", torch.float64)
+    r, c = block.nonzero(as_tuple=True)
+    return r, c, block[r, c]

@@ -49,7 +49,7 @@ from lightning_merge.stats.attention import check_attention, check_self_attentio
 from lightning_merge.stats.collector import ForwardCollector
 from lightning_merge.stats.container import FeatureMoments, JointRows
 from lightning_merge.stats.gram import supported_layers
-from lightning_merge.stats.patch_gram import input_gram
+from lightning_merge.stats.patch_gram import check_same_shape, input_gram, linear_rows
 from lightning_merge.stats.registry import register_statistic
 
 #: Lowest precision of the products (the sums are float64 regardless); float32 is the faster opt-in.
@@ -68,8 +68,11 @@ def joint_inputs_memory_bytes(model: nn.Module, num_models: int) -> int:
     layer; a layer kept as rows (:func:`keeps_rows`) adds N·d per row as the pass goes, not counted.
 
     Quadratic in N·d: a 3×3 conv with 256 input channels holds (2·2304)² values (170 MB) for N = 2."""
-    dims = [num_models * m.weight[0].numel() for _, m in supported_layers(model)]
-    dims = [d for d, (_, m) in zip(dims, supported_layers(model), strict=True) if not keeps_rows(m, d)]
+    dims = []
+    for _, m in supported_layers(model):
+        d = num_models * m.weight[0].numel()
+        if not keeps_rows(m, d):
+            dims.append(d)
     dims += [num_models * m.embed_dim for _, m in attention_modules(model)]  # the packed in_proj
     return 8 * sum(d * d + d + 1 for d in dims)
 
@@ -251,10 +254,8 @@ _FIELDS = ("count", "total", "outer")
 
 def _joint_rows(xs: Sequence[torch.Tensor], name: str) -> torch.Tensor:
     """The N models' Linear inputs as (rows, N·d) float64, model by model along the features."""
-    shapes = [tuple(x.shape) for x in xs]
-    if len(set(shapes)) != 1:
-        raise ValueError(f"the inputs to layer {name!r} differ in shape: {shapes}")
-    return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs], 1).to(torch.float64)
+    check_same_shape(xs, f"layer {name!r}")
+    return linear_rows(xs).to(torch.float64)
 
 
 def _stacked(chunks: list[torch.Tensor]) -> torch.Tensor:

@@ -265,9 +265,7 @@ def input_gram(
     if products not in (torch.float32, torch.float64):
         raise ValueError(f"products must be torch.float32 or torch.float64, got {products}")
     parts = [x] if isinstance(x, torch.Tensor) else list(x)
-    shapes = [tuple(p.shape) for p in parts]
-    if len(set(shapes)) != 1:
-        raise ValueError(f"the inputs to {where or 'one ' + type(layer).__name__} differ in shape: {shapes}")
+    check_same_shape(parts, where or "one " + type(layer).__name__)
     if isinstance(layer, nn.Conv2d):
         if layer.groups != 1:
             raise ValueError(f"input_gram needs an ungrouped Conv2d, got groups={layer.groups}")
@@ -276,11 +274,23 @@ def input_gram(
             return xx, xs, parts[0].shape[0] * _output_positions(layer, parts[0])
         rows = unfolded_rows(layer, _joined(parts, 1))
     elif isinstance(layer, nn.Linear):
-        rows = _joined(parts, -1)
-        rows = rows.reshape(-1, rows.shape[-1])
+        rows = linear_rows(parts)
     else:
         raise TypeError(f"input_gram supports Linear and Conv2d layers, got {type(layer).__name__}")
     return sym_gram(rows, products), rows.sum(0, dtype=torch.float64), rows.shape[0]
+
+
+def check_same_shape(parts: Sequence[torch.Tensor], where: str) -> None:
+    """Several models' inputs to one layer must have one shape (``where`` names the layer)."""
+    shapes = [tuple(p.shape) for p in parts]
+    if len(set(shapes)) != 1:
+        raise ValueError(f"the inputs to {where} differ in shape: {shapes}")
+
+
+def linear_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A Linear's input rows (rows, Σ d), the inputs side by side along the features."""
+    rows = _joined(list(parts), -1)
+    return rows.reshape(-1, rows.shape[-1])
 
 
 def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
