@@ -276,6 +276,25 @@ def run_split(
     return row
 
 
+def with_earlier_cells(
+    row: dict[str, Any], earlier: dict[str, Any] | None, methods: list[str]
+) -> dict[str, Any]:
+    """A rerun of some methods (``--methods mudsc``) keeps the row's other cells from the JSON.
+
+    Only when the rerun reached its methods (a refusal or crash before any method replaces the
+    row); the time is the earlier cells' plus this run's, the status is recomputed over all cells."""
+    if earlier is None or "methods" not in earlier or "methods" not in row:
+        return row
+    kept = {m: v for m, v in earlier["methods"].items() if m not in methods}
+    if not kept:
+        return row
+    cells = {**kept, **row["methods"]}
+    merged = {**row, "methods": {m: cells[m] for m in METHODS if m in cells}}  # the table's order
+    merged["status"] = row_status(merged["methods"])
+    merged["total_s"] = round(row["total_s"] + sum(earlier.get(f"{m}_s", 0.0) for m in kept), 1)
+    return merged
+
+
 def machine() -> str:
     return (
         f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
@@ -417,6 +436,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> N
                 row = run_split(arch, args.methods, args.images, args.timeout, args.heavy_lock)
             else:
                 row = run_isolated(arch, args.methods, args.images, args.timeout)
+        row = with_earlier_cells(row, rows.get(arch), args.methods)
         log(f"{arch}: {row['status']} {row.get('methods', row.get('error'))}")
         rows = save_row(arch, row)
     write(load_rows())  # no architecture given: the table is redrawn from the JSON

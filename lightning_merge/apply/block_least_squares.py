@@ -57,7 +57,7 @@ class LayerSystem:
 
 @dataclass(frozen=True)
 class RowSystem:
-    """The same system as its n sample rows, for a wide Linear (:class:`JointRows`): XᵀX = F Fᵀ and
+    """The same system as its n sample rows, for a wide layer (:class:`JointRows`): XᵀX = F Fᵀ and
     YXᵀ = T Fᵀ, solved in sample space by the push-through identity
     (F Fᵀ + λI)⁻¹ F Tᵀ = F (FᵀF + λI)⁻¹ Tᵀ, so the (d' × d') Gram is never formed."""
 
@@ -115,17 +115,18 @@ def row_system(
     in_maps: AxisMap,
     out_maps: AxisMap,
 ) -> RowSystem:
-    """:func:`layer_system` from the joint rows Z (n, N·d) of a Linear: F = P Zᵀ, T = Ỹ Zᵀ + c."""
-    num, dev = len(layers), joint.rows.device
+    """:func:`layer_system` from the joint rows Z (n, N·d) of a Linear or a conv (its unfolded
+    patches, rows c·K + p per model): F = P Zᵀ, T = Ỹ Zᵀ + c."""
+    num, dev, k = len(layers), joint.rows.device, _kernel_size(layers[0])
     p, q = in_maps.to(dev), out_maps.to(dev)
-    _check_width(name, joint.rows.shape[1], num, p.length)
+    _check_width(name, joint.rows.shape[1], num, p.length * k)
     zt = joint.rows.T.contiguous()  # (N·d, n)
-    f, t = p.apply_joint(zt), _target_map(layers, q) @ zt
+    f, t = p.apply_joint(zt, k), _target_map(layers, q) @ zt
     bias = layers[0].bias is not None
     if bias:
         t += _bias_target(layers, q)[:, None]
         f = torch.cat([f, f.new_ones(1, f.shape[1])])
-    return RowSystem(f=f, t=t, allowed=_allowed(p, q, 1), bias=bias)
+    return RowSystem(f=f, t=t, allowed=_allowed(p, q, k), bias=bias)
 
 
 def _target_map(layers: Sequence[nn.Module], q: AxisMap) -> torch.Tensor:

@@ -351,10 +351,17 @@ class _Descent:
         ]
         self.near = neighbours(graph, self.index)
         self.memo: dict[str, tuple[dict[str, SpaceTransform], SpaceTransform, float]] = {}
-        self.grams: dict[tuple[str, int], tuple[dict[str, SpaceTransform], Gram]] = {}
+        self.grams: dict[tuple[str, int], tuple[dict[str, SpaceTransform], Gram | torch.Tensor]] = {}
 
-    def member_gram(self, space: Space, j: int, member: AxisRef, current: dict[str, SpaceTransform]) -> Gram:
-        """Gram of one member's mapped slices (all models stacked), reused while its neighbours hold."""
+    def member_part(
+        self, space: Space, j: int, member: AxisRef, current: dict[str, SpaceTransform]
+    ) -> Gram | torch.Tensor:
+        """One member's mapped slices (all models stacked), reused while its neighbours hold.
+
+        Kept as its Gram when that is smaller than the rows (D ≥ N·n columns), else as the rows: the
+        (N·n)² Gram of every member of every merge point is what OOM-killed EfficientNet-B5 (19 GiB
+        of Grams for a 30 M-parameter model; its 1×1 convolutions and BatchNorm vectors have few
+        columns, so their rows take 0.6 GiB in all)."""
         near = member_neighbours(self.index, member)
         seen = self.grams.get((space.name, j))
         if seen is not None and all(same_transform(seen[0][nb], current[nb]) for nb in near):
@@ -367,9 +374,16 @@ class _Descent:
                 for i, sd in enumerate(self.sds)
             ]
         )
-        gram = rows_gram(rows)
-        self.grams[(space.name, j)] = ({nb: current[nb] for nb in near}, gram)
-        return gram
+        part = rows if rows.shape[1] < rows.shape[0] else rows_gram(rows)
+        self.grams[(space.name, j)] = ({nb: current[nb] for nb in near}, part)
+        return part
+
+    def space_grams(self, space: Space, current: dict[str, SpaceTransform]) -> list[Gram]:
+        """The members' Grams: the cached ones, and one for all members kept as rows side by side."""
+        parts = [self.member_part(space, j, m, current) for j, m in enumerate(weight_members(space))]
+        grams = [p for p in parts if not isinstance(p, torch.Tensor)]
+        rows = [p for p in parts if isinstance(p, torch.Tensor)]
+        return grams + [rows_gram(torch.cat(rows, 1))] if rows else grams
 
     def rematch(
         self, space: Space, current: dict[str, SpaceTransform], lam: float, measure: Measure
@@ -378,9 +392,8 @@ class _Descent:
         if seen is not None and all(same_transform(seen[0][nb], current[nb]) for nb in self.near[space.name]):
             current[space.name] = seen[1]
             return seen[2]
-        grams = [self.member_gram(space, j, m, current) for j, m in enumerate(weight_members(space))]
         act = self.acts[space.name]
-        wsim = gram_similarity(grams, measure).to(act.device)
+        wsim = gram_similarity(self.space_grams(space, current), measure).to(act.device)
         t, score = self.solve(space, lam * act + (1.0 - lam) * wsim)
         if same_transform(t, current[space.name]):
             t = current[space.name]  # keep the object: later visits compare by identity first

@@ -46,10 +46,11 @@ class FeatureMoments:
 
 @dataclass
 class JointRows:
-    """The joint input rows z = [x_1; …; x_N] themselves, (rows, N·d) float64: a wide Linear's
-    statistic when rows are fewer than its joint width (VGG-16's first classifier layer sees 2·25088
-    joint inputs: a 20 GB Gram, 0.8 GB of rows for 2000 images). Same sums as :class:`FeatureMoments`
-    (Σ z zᵀ = ZᵀZ), which it never forms: the refit solves in sample space instead."""
+    """The joint input rows z = [x_1; …; x_N] themselves, (rows, N·d) float64: a wide Linear's or
+    conv's (unfolded patches) statistic while its rows are at most its joint width (VGG-16's first
+    classifier layer sees 2·25088 joint inputs: a 20 GB Gram, 0.8 GB of rows for 2000 images).
+    Same sums as :class:`FeatureMoments` (Σ z zᵀ = ZᵀZ), which it never forms: the refit solves in
+    sample space instead."""
 
     rows: torch.Tensor  # (n, N·d) float64
     num_models: int
@@ -156,8 +157,8 @@ class Statistics:
 
     @property
     def joint_inputs(self) -> dict[str, FeatureMoments | JointRows]:
-        """Per layer, moments (or, for a wide Linear, the rows) of the N sources' inputs side by side
-        (PLeaS' published refit)."""
+        """Per layer, moments (or, for a wide layer with few rows, the rows) of the N sources' inputs
+        side by side (PLeaS' published refit)."""
         return self._value("joint_inputs", dict)
 
     @joint_inputs.setter

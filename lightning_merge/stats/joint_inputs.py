@@ -29,10 +29,16 @@ torchvision ResNet's twin. Setting :data:`MIN_PRODUCTS` to ``torch.float32`` mak
 Cost: the (N·d)² products are 2× those of the per-model ``grams`` statistic and dominate the pass
 (``benchmarks/results/pleas_time.md``).
 
-Wide Linear layers: a Linear whose joint width N·d exceeds :data:`ROWS_ABOVE` keeps the rows z
-themselves (:class:`~lightning_merge.stats.container.JointRows`, n × N·d) instead of the (N·d)² sums:
-a VGG's first classifier layer sees 2·25088 joint inputs, a 20 GB Gram, while a calibration set of
-2000 images gives 2000 rows (0.8 GB). Under DDP the ranks' rows are stacked, not summed.
+Wide layers: a Linear or conv whose joint width N·d exceeds :data:`ROWS_ABOVE` keeps the rows z
+themselves (:class:`~lightning_merge.stats.container.JointRows`, n × N·d; a conv's rows are its
+unfolded joint patches) instead of the (N·d)² sums while there are fewer rows than columns: a VGG's
+first classifier layer sees 2·25088 joint inputs, a 20 GB Gram, while a calibration set of 2000
+images gives 2000 rows (0.8 GB); a wide ResNet's last 3×3 convs see 2·9216 joint inputs (2.5 GB of
+sums each) and, at the zoo's 16 images of 64 px, 64 rows. Once a layer's rows would outnumber its
+columns they are folded into the sums (ZᵀZ, Σz, n) and later batches add to those, so a layer never
+holds more than its Gram and the rows, at most, before the fold. Under DDP the ranks first sum their
+row counts: below the width every rank's rows are stacked (not summed); above it every rank folds
+and the sums are summed, so all ranks take the same branch.
 """
 
 from __future__ import annotations
@@ -44,12 +50,19 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_merge.dataflow import Ranks, all_gather_rows
+from lightning_merge.dataflow import Ranks, all_gather_rows, all_reduce_sum_
 from lightning_merge.stats.attention import check_attention, check_self_attention_call, context
 from lightning_merge.stats.collector import ForwardCollector
 from lightning_merge.stats.container import FeatureMoments, JointRows
 from lightning_merge.stats.gram import supported_layers
-from lightning_merge.stats.patch_gram import check_same_shape, input_gram, linear_rows
+from lightning_merge.stats.patch_gram import (
+    check_same_shape,
+    input_gram,
+    linear_rows,
+    output_positions,
+    sym_gram,
+    unfolded_rows,
+)
 from lightning_merge.stats.registry import register_statistic
 
 #: Lowest precision of the products (the sums are float64 regardless); float32 is the faster opt-in.
@@ -59,13 +72,14 @@ ROWS_ABOVE = 16384
 
 
 def keeps_rows(layer: nn.Module, joint_width: int) -> bool:
-    """Whether a layer's joint inputs are kept as rows: a Linear wider than :data:`ROWS_ABOVE`."""
-    return isinstance(layer, nn.Linear) and joint_width > ROWS_ABOVE
+    """Whether a layer's joint inputs start as rows: a Linear or Conv2d wider than :data:`ROWS_ABOVE`."""
+    return isinstance(layer, (nn.Linear, nn.Conv2d)) and joint_width > ROWS_ABOVE
 
 
 def joint_inputs_memory_bytes(model: nn.Module, num_models: int) -> int:
     """float64 bytes of the accumulators for ``num_models`` copies of ``model``: (N·d)² + N·d + 1 per
-    layer; a layer kept as rows (:func:`keeps_rows`) adds N·d per row as the pass goes, not counted.
+    layer; a layer kept as rows (:func:`keeps_rows`) adds N·d per row as the pass goes, not counted
+    (up to N·d rows; past that it folds them into its sums, (N·d)² again).
 
     Quadratic in N·d: a 3×3 conv with 256 input channels holds (2·2304)² values (170 MB) for N = 2."""
     dims = []
@@ -98,6 +112,7 @@ class JointInputsCollector(ForwardCollector):
         self.count: dict[str, torch.Tensor] = {}
         self.parked: list[dict[str, list[torch.Tensor]]] = []
         self.rows: dict[str, list[torch.Tensor]] = {}
+        self.folded: dict[str, list[torch.Tensor]] = {}  # rows layers past their width: [ZᵀZ, Σz, n]
         self.num_models = 0
 
     def memory_bytes(self, models: Sequence[nn.Module]) -> int:
@@ -119,7 +134,7 @@ class JointInputsCollector(ForwardCollector):
             check_attention(mha, name)
             widths[f"{name}.in_proj"] = widths[f"{name}.out_proj"] = mha.embed_dim
         dev = next(iter(layers[0].values())).weight.device if layers[0] else torch.device("cpu")
-        self.outer, self.total, self.count, self.rows = {}, {}, {}, {}
+        self.outer, self.total, self.count, self.rows, self.folded = {}, {}, {}, {}, {}
         for name, width in widths.items():
             d = self.num_models * width
             if name in layers[0] and keeps_rows(layers[0][name], d):
@@ -144,13 +159,20 @@ class JointInputsCollector(ForwardCollector):
             return
         xs = [p[name].pop(0) for p in self.parked] + [x]
         if name in self.rows:
-            self.rows[name].append(_joint_rows(xs, name))
-            return
+            kept = sum(len(c) for c in self.rows[name])
+            if kept + _row_count(layer, x) <= self.rows[name][0].shape[1]:
+                self.rows[name].append(_joint_rows(layer, xs, name))
+                return
+            self.folded[name] = _fold(self.rows.pop(name))  # more rows than columns: sums are smaller
         products = torch.promote_types(x.dtype, MIN_PRODUCTS)
         xx, xs_sum, rows = input_gram(layer, xs, products, where=f"layer {name!r}")
-        self.outer[name].add_(xx)
-        self.total[name].add_(xs_sum)
-        self.count[name] += rows
+        outer, total, count = self.folded[name] if name in self.folded else self._sums(name)
+        outer.add_(xx)
+        total.add_(xs_sum)
+        count += rows
+
+    def _sums(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.outer[name], self.total[name], self.count[name]
 
     def _hook(self, i: int, name: str):  # noqa: ANN202 — a forward hook
         def hook(mod: nn.Module, args: tuple, _out: torch.Tensor) -> None:
@@ -188,9 +210,26 @@ class JointInputsCollector(ForwardCollector):
         return [*self.outer.values(), *self.total.values(), *self.count.values()]
 
     def gather(self, ranks: Ranks) -> None:
-        """Each rows layer's chunks as one (n, N·d) tensor, holding every rank's rows."""
-        for name, chunks in self.rows.items():
-            self.rows[name] = [all_gather_rows(_stacked(chunks), ranks)]
+        """Each rows layer as one (n, N·d) tensor of every rank's rows while the ranks' rows together
+        are at most N·d; past that, as sums over every rank (each rank folds its rows first)."""
+        names = sorted([*self.rows, *self.folded])  # the same layers on every rank, in one order
+        counts = torch.tensor(
+            [
+                float(self.folded[n][2]) if n in self.folded else sum(len(c) for c in self.rows[n])
+                for n in names
+            ],
+            dtype=torch.float64,
+        )
+        all_reduce_sum_([counts], ranks)
+        for name, count in zip(names, counts.tolist(), strict=True):
+            chunks = self.rows.pop(name, None)
+            width = (chunks[0] if chunks is not None else self.folded[name][1]).shape[-1]
+            if count <= width:
+                self.rows[name] = [all_gather_rows(_stacked(chunks), ranks)]
+                continue
+            sums = self.folded.pop(name) if chunks is None else _fold(chunks)
+            all_reduce_sum_(sums, ranks)
+            self.outer[name], self.total[name], self.count[name] = sums
 
     def result(self) -> dict[str, FeatureMoments | JointRows]:
         """The accumulators, handed over without a copy (the largest statistic, GBs for wide convs:
@@ -252,10 +291,27 @@ class JointInputsCollector(ForwardCollector):
 _FIELDS = ("count", "total", "outer")
 
 
-def _joint_rows(xs: Sequence[torch.Tensor], name: str) -> torch.Tensor:
-    """The N models' Linear inputs as (rows, N·d) float64, model by model along the features."""
+def _joint_rows(layer: nn.Module, xs: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+    """The N models' inputs as (rows, N·d) float64, model by model along the features (a conv's:
+    its unfolded patches of the inputs side by side along channels, as ``input_gram`` orders them)."""
     check_same_shape(xs, f"layer {name!r}")
+    if isinstance(layer, nn.Conv2d):
+        return unfolded_rows(layer, torch.cat(list(xs), 1)).to(torch.float64)
     return linear_rows(xs).to(torch.float64)
+
+
+def _row_count(layer: nn.Module, x: torch.Tensor) -> int:
+    """Rows one model's input ``x`` gives ``layer``: samples × output positions, or leading dims."""
+    if isinstance(layer, nn.Conv2d):
+        return x.shape[0] * output_positions(layer, x)
+    return x.numel() // x.shape[-1]
+
+
+def _fold(chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Rows as the sums the Gram path keeps: [ZᵀZ, Σz, n] (float64)."""
+    rows = _stacked(chunks)
+    count = torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device)
+    return [sym_gram(rows), rows.sum(0), count]
 
 
 def _stacked(chunks: list[torch.Tensor]) -> torch.Tensor:

@@ -232,7 +232,7 @@ def shifted_sums_apply(layer: nn.Module, x: torch.Tensor) -> bool:
         isinstance(layer, nn.Conv2d)
         and layer.groups == 1
         and layer.stride == (1, 1)
-        and x.shape[0] * _output_positions(layer, x) >= SHIFT_MIN_ROWS
+        and x.shape[0] * output_positions(layer, x) >= SHIFT_MIN_ROWS
     )
 
 
@@ -248,7 +248,7 @@ def normal_sums(
             f"target of shape {tuple(y.shape)} does not match the conv's output for {tuple(x.shape)}"
         )
     xx, xs, yx = _shift_sums(conv, [x], y)
-    return xx, xs, yx, x.shape[0] * _output_positions(conv, x)
+    return xx, xs, yx, x.shape[0] * output_positions(conv, x)
 
 
 def input_gram(
@@ -271,7 +271,7 @@ def input_gram(
             raise ValueError(f"input_gram needs an ungrouped Conv2d, got groups={layer.groups}")
         if shifted_sums_apply(layer, parts[0]):
             xx, xs, _ = _shift_sums(layer, parts, None, products)
-            return xx, xs, parts[0].shape[0] * _output_positions(layer, parts[0])
+            return xx, xs, parts[0].shape[0] * output_positions(layer, parts[0])
         rows = unfolded_rows(layer, _joined(parts, 1))
     elif isinstance(layer, nn.Linear):
         rows = linear_rows(parts)
@@ -297,7 +297,7 @@ def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
-def _output_positions(conv: nn.Conv2d, x: torch.Tensor) -> int:
+def output_positions(conv: nn.Conv2d, x: torch.Tensor) -> int:
     xp_h = x.shape[-2] + sum(conv._reversed_padding_repeated_twice[2:])
     xp_w = x.shape[-1] + sum(conv._reversed_padding_repeated_twice[:2])
     (sh, sw), (dh, dw), (kh, kw) = conv.stride, conv.dilation, conv.kernel_size

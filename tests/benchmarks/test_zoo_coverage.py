@@ -86,3 +86,28 @@ def test_drivers_side_by_side_keep_each_others_rows(zoo: ModuleType) -> None:
     zoo.save_row("a", {"arch": "a", "status": "ok", "total_s": 1})
     zoo.save_row("b", {"arch": "b", "status": "ok", "total_s": 1})
     assert set(zoo.load_rows()) == {"a", "b"}
+
+
+def test_rerunning_some_methods_keeps_the_other_cells(
+    zoo: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    methods = list(zoo.METHODS)
+    earlier = {
+        "arch": "alexnet",
+        "status": "failed",
+        "methods": {**dict.fromkeys(methods, "ok"), "mudsc": "crashed: worker died: exit code -9"},
+        "permute_s": 3.0,
+        "total_s": 20.0,
+    }
+    zoo.save_row("alexnet", earlier)
+
+    def fake(arch: str, run: list[str], images: int, timeout: float) -> dict:
+        assert run == ["mudsc"]
+        return {"arch": arch, "status": "ok", "methods": {"mudsc": "ok"}, "mudsc_s": 4.0, "total_s": 4.0}
+
+    monkeypatch.setattr(zoo, "run_isolated", fake)
+    monkeypatch.setattr(zoo, "params_millions", lambda arch: 10.0)
+    zoo.main(["--only", "alexnet", "--rerun", "--methods", "mudsc"], log=lambda _: None)
+    row = zoo.load_rows()["alexnet"]
+    assert row["methods"] == dict.fromkeys(methods, "ok") and list(row["methods"]) == methods
+    assert row["status"] == "ok" and row["total_s"] == 7.0  # 4 s now + the kept cells' 3 s

@@ -222,6 +222,28 @@ def test_recovers_a_permuted_random_torchvision_resnet18() -> None:
     _recovers(tv.models.resnet18(weights=None), (3, 32, 32))
 
 
+def test_descent_similarity_from_stored_rows_and_grams_equals_a_fresh_one(random_pair: _Setup) -> None:
+    """Members are kept as rows (few columns: BatchNorm vectors, 1×1 convs) or as Grams (many:
+    3×3 convs); the mixed store gives the weight similarity computed from scratch, also on reuse."""
+    from lightning_merge.match.mudsc import _Descent, gram_similarity
+
+    setup = random_pair
+    sds = [m.state_dict() for m in setup.models]
+    rng = torch.Generator().manual_seed(3)
+    current = {
+        s.name: permutations_to_transform([torch.arange(s.size), torch.randperm(s.size, generator=rng)], 2)
+        for s in setup.graph.spaces
+    }
+    descent = _Descent(sds, setup.graph, {}, solve=None)
+    for _ in range(2):  # the second pass reads every part from the store
+        for space in setup.graph.spaces:
+            got = gram_similarity(descent.space_grams(space, current), "correlation")
+            want = weight_similarity(sds, setup.graph, space.name, transforms=current)
+            assert torch.allclose(got, want, atol=1e-12, rtol=0), space.name
+    kinds = {isinstance(part, torch.Tensor) for _, part in descent.grams.values()}
+    assert kinds == {True, False}  # both forms were exercised
+
+
 # ------------------------------------------------------------------ the method and its λ search
 class _Setup:
     def __init__(self) -> None:

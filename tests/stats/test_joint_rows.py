@@ -1,10 +1,13 @@
-"""Wide Linear layers keep their joint input rows (``JointRows``), not the (N·d)² sums.
+"""Wide layers keep their joint input rows (``JointRows``), not the (N·d)² sums, while the rows are
+at most the joint width; past it they fold into the sums.
 
 * The rows give PLeaS the same weights as the sums (to 1e-9 relative), with and without ridge, at
-  widths 1 and 1.5 (structural zero blocks), because F Fᵀ = P G Pᵀ exactly.
+  widths 1 and 1.5 (structural zero blocks), because F Fᵀ = P G Pᵀ exactly; for Linear and conv.
+* A layer whose rows outgrow its width mid-pass holds the sums the Gram path gives (1e-12).
 * A permuted twin merges back exactly from rows.
 * The rows survive the statistics store bitwise; the memory estimate leaves them out.
-* ``all_gather_rows`` stacks two ranks' rows (unequal counts, one rank empty) in rank order.
+* ``all_gather_rows`` stacks two ranks' rows (unequal counts, one rank empty) in rank order; two
+  ranks whose rows together outgrow the width both fold and sum, whichever of them folded alone.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def pair() -> list[nn.Module]:
     return out
 
 
-def data(count: int = 2, rows: int = 40) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def data(count: int = 2, rows: int = 12) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     return [
         (torch.randn(rows, 8, generator=gen, dtype=torch.float64), torch.zeros(rows)) for _ in range(count)
@@ -58,8 +61,8 @@ def test_a_linear_wider_than_the_limit_keeps_rows(monkeypatch: pytest.MonkeyPatc
     assert isinstance(rows.joint_inputs["fc1"], FeatureMoments)
     for name in ("fc2", "fc3"):
         kept = rows.joint_inputs[name]
-        assert isinstance(kept, JointRows) and kept.rows.shape[0] == 80
-        assert float(kept.count) == float(sums.joint_inputs[name].count) == 80
+        assert isinstance(kept, JointRows) and kept.rows.shape[0] == 24
+        assert float(kept.count) == float(sums.joint_inputs[name].count) == 24
         torch.testing.assert_close(kept.rows.T @ kept.rows, sums.joint_inputs[name].outer, rtol=1e-12, atol=0)
         torch.testing.assert_close(kept.total, sums.joint_inputs[name].total, rtol=1e-12, atol=1e-12)
     sizes = joint.joint_inputs_memory_bytes(models[0], 2)
@@ -72,8 +75,9 @@ def test_rows_give_the_weights_the_sums_give(
 ) -> None:
     models = pair()
     graph, sums = gather(models, 10**9, monkeypatch)
-    _, rows = gather(models, 0, monkeypatch)
-    assert all(isinstance(v, JointRows) for v in rows.joint_inputs.values())
+    _, rows = gather(models, 0, monkeypatch)  # 24 rows: fc1 (width 16) folds, fc2 and fc3 keep them
+    assert isinstance(rows.joint_inputs["fc1"], FeatureMoments)
+    assert all(isinstance(rows.joint_inputs[n], JointRows) for n in ("fc2", "fc3"))
     method = PLeaSMerge(width=width, ridge=ridge)
     want = method.merge(models, graph=graph, stats=sums).model.state_dict()
     got = method.merge(models, graph=graph, stats=rows).model.state_dict()
@@ -86,7 +90,7 @@ def test_a_permuted_twin_merges_back_from_rows(monkeypatch: pytest.MonkeyPatch) 
     model = pair()[0]
     graph = trace_graph(model, torch.zeros(2, 8, dtype=torch.float64))
     twin = permute_model(copy.deepcopy(model), graph, random_permutations(graph, 3))
-    _, stats = gather([model, twin], 0, monkeypatch, data(count=3))
+    _, stats = gather([model, twin], 0, monkeypatch)
     merged = PLeaSMerge(width=1.0, ridge=1e-10).merge([model, twin], graph=graph, stats=stats).model
     x = data(1, 64)[0][0]
     with torch.no_grad():
@@ -117,7 +121,7 @@ def test_rows_of_the_wrong_width_are_refused(monkeypatch: pytest.MonkeyPatch) ->
 def test_inputs_of_other_shapes_name_the_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(joint, "ROWS_ABOVE", 0)
     with pytest.raises(ValueError, match="layer 'fc2' differ in shape"):
-        joint._joint_rows([torch.zeros(3, 16), torch.zeros(4, 16)], "fc2")
+        joint._joint_rows(nn.Linear(16, 2), [torch.zeros(3, 16), torch.zeros(4, 16)], "fc2")
 
 
 def _two_rank_gather(parts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -153,3 +157,120 @@ def test_two_ranks_rows_are_stacked_in_rank_order(counts: tuple[int, int]) -> No
     parts = [torch.randn(n, 6, generator=gen, dtype=torch.float64) for n in counts]
     for got in _two_rank_gather(parts):
         assert torch.equal(got, torch.cat(parts))
+
+
+def test_rows_that_outgrow_the_width_fold_into_the_sums(monkeypatch: pytest.MonkeyPatch) -> None:
+    models = pair()
+    batches = data(count=3)  # 36 rows: fc1 (16) folds in batch 2, fc3 (24) and fc2 (32) in batch 3
+    _, sums = gather(models, 10**9, monkeypatch, batches)
+    _, folded = gather(models, 0, monkeypatch, batches)
+    for name, want in sums.joint_inputs.items():
+        got = folded.joint_inputs[name]
+        assert isinstance(got, FeatureMoments) and float(got.count) == 36, name
+        torch.testing.assert_close(got.outer, want.outer, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.total, want.total, rtol=1e-12, atol=1e-12)
+
+
+def conv_pair() -> tuple[list[nn.Module], object]:
+    from tests.stats_nets import ConvNet
+
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(ConvNet().double().eval())
+    return models, trace_graph(models[0], torch.zeros(2, 1, 6, 6, dtype=torch.float64))
+
+
+def conv_data(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(4)
+    return [
+        (torch.randn(1, 1, 6, 6, generator=gen, dtype=torch.float64), torch.zeros(1)) for _ in range(count)
+    ]
+
+
+@pytest.mark.parametrize("width", [1.0, 1.5])
+def test_conv_rows_give_the_weights_the_sums_give(width: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    models, graph = conv_pair()
+    batches = conv_data(2)  # conv2: 2 images × 36 positions = 72 rows, its joint width 2·4·9 = 72
+    monkeypatch.setattr(joint, "ROWS_ABOVE", 10**9)
+    sums = collect_statistics(models, graph, batches, requires=BOTH, progress=False)
+    monkeypatch.setattr(joint, "ROWS_ABOVE", 0)
+    rows = collect_statistics(models, graph, batches, requires=BOTH, progress=False)
+    kept = rows.joint_inputs["conv2"]
+    assert isinstance(kept, JointRows) and kept.rows.shape == (72, 72)
+    assert isinstance(rows.joint_inputs["conv1"], FeatureMoments)  # 72 rows > its width 18: folded
+    torch.testing.assert_close(
+        kept.rows.T @ kept.rows, sums.joint_inputs["conv2"].outer, rtol=1e-12, atol=1e-12
+    )
+    method = PLeaSMerge(width=width, ridge=1e-4)
+    want = method.merge(models, graph=graph, stats=sums).model.state_dict()
+    got = method.merge(models, graph=graph, stats=rows).model.state_dict()
+    for key, w in want.items():  # fc: 2 rows for 432 joint inputs, ridge-bound; its rounding reaches 1e-9
+        assert (got[key] - w).abs().max() <= 1e-8 * w.abs().max().clamp_min(1e-12), key
+
+
+def test_a_conv_twin_merges_back_from_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    (model, _), graph = conv_pair()
+    twin = permute_model(copy.deepcopy(model), graph, random_permutations(graph, 3))
+    monkeypatch.setattr(joint, "ROWS_ABOVE", 0)
+    batches = conv_data(2)
+    stats = collect_statistics([model, twin], graph, batches, requires=BOTH, progress=False)
+    assert isinstance(stats.joint_inputs["conv2"], JointRows)
+    merged = PLeaSMerge(width=1.0, ridge=1e-10).merge([model, twin], graph=graph, stats=stats).model
+    x = torch.cat([b for b, _ in batches])  # fc sees 2 rows for 216 inputs: exact on their span only
+    with torch.no_grad():
+        ref = model(x)
+        err = (merged(x) - ref).norm() / ref.norm()
+    assert err < 1e-8
+
+
+def _two_rank_collectors(rows: list[list[torch.Tensor]]) -> list[joint.JointInputsCollector]:
+    """Two collectors holding layer "fc"'s rows per rank (one chunk per batch, width 6; a rank whose
+    own rows outgrow the width has folded them, as ``_add`` does), gathered on two threads."""
+    collectors = []
+    for chunks in rows:
+        c = joint.JointInputsCollector()
+        kept = [torch.zeros(0, 6, dtype=torch.float64), *chunks]
+        if sum(len(x) for x in chunks) > 6:
+            c.folded["fc"] = joint._fold(kept)
+        else:
+            c.rows["fc"] = kept
+        collectors.append(c)
+    slots: list[torch.Tensor | None] = [None, None]
+    barrier = threading.Barrier(2)
+
+    def reduce_sum(rank: int):  # noqa: ANN202
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+
+        return fn
+
+    threads = [
+        threading.Thread(target=c.gather, args=(Ranks(r, 2, reduce_sum(r)),))
+        for r, c in enumerate(collectors)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return collectors
+
+
+@pytest.mark.parametrize("counts", [(2, 3), (4, 3), (8, 1), (0, 7)])
+def test_two_ranks_fold_together_when_their_rows_outgrow_the_width(counts: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(2)
+    parts = [[torch.randn(n, 6, generator=gen, dtype=torch.float64)] for n in counts]
+    every = torch.cat([p[0] for p in parts])
+    for c in _two_rank_collectors(parts):
+        ((name, got),) = c.result().items()
+        assert name == "fc"
+        if sum(counts) <= 6:
+            assert isinstance(got, JointRows) and torch.equal(got.rows, every)
+        else:
+            assert isinstance(got, FeatureMoments) and float(got.count) == sum(counts)
+            torch.testing.assert_close(got.outer, every.T @ every, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got.total, every.sum(0), rtol=1e-12, atol=1e-12)
