@@ -281,10 +281,14 @@ def with_earlier_cells(
 ) -> dict[str, Any]:
     """A rerun of some methods (``--methods mudsc``) keeps the row's other cells from the JSON.
 
-    Only when the rerun reached its methods (a refusal or crash before any method replaces the
-    row); the time is the earlier cells' plus this run's, the status is recomputed over all cells."""
-    if earlier is None or "methods" not in earlier or "methods" not in row:
+    A rerun that crashed or timed out marks its own cells so; a refusal replaces the row. The time
+    is the kept cells' plus this run's; the status is recomputed over all cells."""
+    if earlier is None or "methods" not in earlier:
         return row
+    if "methods" not in row:
+        if row["status"] not in ("crashed", "timeout"):  # refused up front: the whole row says so
+            return row
+        row = {**row, "methods": dict.fromkeys(methods, f"{row['status']}: {row.get('error', '')}")}
     kept = {m: v for m, v in earlier["methods"].items() if m not in methods}
     if not kept:
         return row

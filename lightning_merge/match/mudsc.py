@@ -299,20 +299,28 @@ def check_descent(max_rounds: int, patience: int, seed: int) -> None:
             raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
 
 
-def _activations(
-    act_corr: Mapping[str, torch.Tensor], graph: MergeGraph, num: int
-) -> dict[str, torch.Tensor]:
-    missing = [s.name for s in graph.spaces if s.name not in act_corr]
-    if missing:
-        raise KeyError(f"act_corr has no activation correlation for merge points {missing}")
-    out = {}
-    for s in graph.spaces:
-        out[s.name] = check_similarity(act_corr[s.name], num, name=f"act_corr[{s.name!r}]")
-        if out[s.name].shape[0] != num * s.size:
+class _Activations:
+    """Each merge point's checked activation correlation, read from ``act_corr`` on every visit.
+
+    ``act_corr`` may compute its values when read (``MuDSCMerge`` passes such a mapping): holding
+    every (N·n)² correlation for the whole descent doubled the moments' memory (EfficientNet-V2-M's
+    MuDSC reached 12 GB), while recomputing one per visit costs about what mixing it with the weight
+    similarity already does."""
+
+    def __init__(self, act_corr: Mapping[str, torch.Tensor], graph: MergeGraph, num: int) -> None:
+        missing = [s.name for s in graph.spaces if s.name not in act_corr]
+        if missing:
+            raise KeyError(f"act_corr has no activation correlation for merge points {missing}")
+        self.act_corr, self.graph, self.num = act_corr, graph, num
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        size = self.graph.space(name).size
+        act = check_similarity(self.act_corr[name], self.num, name=f"act_corr[{name!r}]")
+        if act.shape[0] != self.num * size:
             raise ValueError(
-                f"act_corr[{s.name!r}] is {tuple(out[s.name].shape)}, expected N·n = {num * s.size} rows"
+                f"act_corr[{name!r}] is {tuple(act.shape)}, expected N·n = {self.num * size} rows"
             )
-    return out
+        return act
 
 
 def neighbours(graph: MergeGraph, index: dict) -> dict[str, set[str]]:
@@ -342,7 +350,7 @@ class _Descent:
     its last visit reuses that visit's result (same similarity, same deterministic matcher)."""
 
     def __init__(
-        self, state_dicts: Sequence[StateDict], graph: MergeGraph, acts: dict, solve: Callable
+        self, state_dicts: Sequence[StateDict], graph: MergeGraph, acts: _Activations, solve: Callable
     ) -> None:
         self.graph, self.acts, self.solve, self.num = graph, acts, solve, len(state_dicts)
         self.index = axes_by_param(graph)
@@ -448,7 +456,7 @@ def mudsc_descent(
     check_descent(max_rounds, patience, seed)
     num = len(state_dicts)
     check_state_dicts(state_dicts, graph)
-    acts = _activations(act_corr, graph, num)
+    acts = _Activations(act_corr, graph, num)
     widths = dict(widths or {})
 
     def solve(space: Space, sim: torch.Tensor) -> tuple[SpaceTransform, float]:

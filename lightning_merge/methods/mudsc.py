@@ -52,7 +52,12 @@ from lightning_merge.match.mudsc import (
 )
 from lightning_merge.match.zip import check_alpha_beta
 from lightning_merge.methods.base import MergeResult
-from lightning_merge.methods.transform_base import TransformMethod, Transforms, check_ratio, correlation
+from lightning_merge.methods.transform_base import (
+    Correlations,
+    TransformMethod,
+    Transforms,
+    check_ratio,
+)
 from lightning_merge.methods.zipit import check_flag, resolve_widths
 from lightning_merge.stats.container import Statistics
 
@@ -136,7 +141,7 @@ class MuDSCMerge(TransformMethod):
         return mudsc_descent(
             [s.state_dict() for s in sources],
             graph,
-            {s.name: correlation(stats, s.name) for s in graph.spaces},
+            Correlations(stats, [s.name for s in graph.spaces]),
             lam=lam,
             matcher=self.matcher,
             widths=widths,

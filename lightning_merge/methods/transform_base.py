@@ -12,7 +12,7 @@ BatchNorm reset and REPAIR are not part of ``merge``: the MergeModule (or the ca
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -135,6 +135,34 @@ class TransformMethod(MergeMethod):
 SCALE_TIE_BREAK = 1e-9
 
 
+def check_moments(stats: Statistics | None, space: str) -> None:
+    if stats is None or space not in stats.moments:
+        raise KeyError(
+            f"no feature moments for merge point {space!r}; run the statistics pass with 'moments'"
+        )
+
+
+class Correlations(Mapping[str, Any]):
+    """:func:`correlation` of each merge point, computed when read (nothing held): a consumer that
+    visits every point repeatedly (MuDSC's descent) holds one at a time instead of all."""
+
+    def __init__(self, stats: Statistics | None, spaces: Sequence[str]) -> None:
+        for space in spaces:
+            check_moments(stats, space)
+        self.stats, self.spaces = stats, list(spaces)
+
+    def __getitem__(self, space: str) -> Any:
+        if space not in self.spaces:
+            raise KeyError(space)
+        return correlation(self.stats, space)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.spaces)
+
+    def __len__(self) -> int:
+        return len(self.spaces)
+
+
 def correlation(stats: Statistics | None, space: str, eps: float = 1e-8) -> Any:
     """The N·n × N·n feature correlation at ``space`` (a clear error when it was not gathered), with
     exact ties broken by scale: ``corr − 1e-9·|log σ_a − log σ_b|``.
@@ -145,10 +173,7 @@ def correlation(stats: Statistics | None, space: str, eps: float = 1e-8) -> Any:
     alone picks between them by index: a permuted copy of the model then does not come back
     (torchvision's RegNet-Y at 16 images: 5e-3). Proportional features differ in scale, their true
     partners do not; the term moves no choice whose correlations differ by more than ~1e-8."""
-    if stats is None or space not in stats.moments:
-        raise KeyError(
-            f"no feature moments for merge point {space!r}; run the statistics pass with 'moments'"
-        )
+    check_moments(stats, space)
     moments = stats.moments[space]
     corr = moments.correlation(eps)
     variance = moments.outer.diagonal() / moments.count - moments.mean**2  # covariance's diagonal only

@@ -111,3 +111,15 @@ def test_rerunning_some_methods_keeps_the_other_cells(
     row = zoo.load_rows()["alexnet"]
     assert row["methods"] == dict.fromkeys(methods, "ok") and list(row["methods"]) == methods
     assert row["status"] == "ok" and row["total_s"] == 7.0  # 4 s now + the kept cells' 3 s
+
+
+def test_a_crashed_rerun_of_some_methods_marks_only_their_cells(zoo: ModuleType) -> None:
+    methods = list(zoo.METHODS)
+    earlier = {"arch": "a", "status": "ok", "methods": dict.fromkeys(methods, "ok"), "total_s": 9.0}
+    crashed = {"arch": "a", "status": "crashed", "error": "worker died: exit code -9", "total_s": 2.0}
+    row = zoo.with_earlier_cells(crashed, earlier, ["mudsc"])
+    assert row["methods"]["mudsc"] == "crashed: worker died: exit code -9"
+    assert all(row["methods"][m] == "ok" for m in methods if m != "mudsc")
+    assert row["status"] == "failed"
+    refused = {"arch": "a", "status": "refused", "error": "GraphError: op x", "total_s": 1.0}
+    assert zoo.with_earlier_cells(refused, earlier, ["mudsc"]) == refused

@@ -244,6 +244,18 @@ def test_descent_similarity_from_stored_rows_and_grams_equals_a_fresh_one(random
     assert kinds == {True, False}  # both forms were exercised
 
 
+def test_correlations_are_computed_when_read_and_missing_moments_are_named(random_pair: _Setup) -> None:
+    from lightning_merge.methods.transform_base import Correlations, correlation
+
+    names = [s.name for s in random_pair.graph.spaces]
+    lazy = Correlations(random_pair.stats, names)
+    assert list(lazy) == names and len(lazy) == len(names) and not vars(lazy).keys() - {"stats", "spaces"}
+    for name in names:
+        assert torch.equal(lazy[name], correlation(random_pair.stats, name))
+    with pytest.raises(KeyError, match="no feature moments for merge point 'nowhere'"):
+        Correlations(random_pair.stats, [*names, "nowhere"])
+
+
 # ------------------------------------------------------------------ the method and its λ search
 class _Setup:
     def __init__(self) -> None:
