@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--slow", default="pleas", help="label prefixes run only --slow-runs times")
     parser.add_argument("--slow-runs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--out", default=None, help="folder for whole_merge.md/.json")
+    parser.add_argument("--out", default=None, help="folder for <name>.md/.json")
+    parser.add_argument("--note", default="", help="what else ran on the machine (added to the notes)")
+    parser.add_argument("--name", default="whole_merge", help="results file name (e.g. whole_merge_1thread)")
     args = parser.parse_args(argv)
     if min(args.runs, args.calibration_size, args.slow_runs) < 1:
         parser.error("--runs, --calibration-size and --slow-runs must be positive")
@@ -163,11 +165,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "statistics pass (its requires) + method.merge (match, apply, refit) + post_merge "
             "(repair=True: BatchNorm reset). Ratio = method / forward. Load average after the runs: "
             + " / ".join(f"{v:.1f}" for v in os.getloadavg())
+            + (f". {args.note}" if args.note else "")
         )
         write_results(
             args.out,
-            "whole_merge",
-            title="Whole merge vs a plain forward of the sources",
+            args.name,
+            title="Whole merge vs a plain forward of the sources"
+            + (f" ({args.threads} torch thread{'s' * (args.threads > 1)})" if args.threads else ""),
             columns=COLUMNS,
             rows=rows,
             command=command_line("benchmarks/whole_merge.py", argv),
