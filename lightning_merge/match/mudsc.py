@@ -359,7 +359,7 @@ class _Descent:
         ]
         self.near = neighbours(graph, self.index)
         self.memo: dict[str, tuple[dict[str, SpaceTransform], SpaceTransform, float]] = {}
-        self.grams: dict[tuple[str, int], tuple[dict[str, SpaceTransform], Gram | torch.Tensor]] = {}
+        self.parts: dict[tuple[str, int], tuple[dict[str, SpaceTransform], Gram | torch.Tensor]] = {}
 
     def member_part(
         self, space: Space, j: int, member: AxisRef, current: dict[str, SpaceTransform]
@@ -371,7 +371,7 @@ class _Descent:
         of Grams for a 30 M-parameter model; its 1×1 convolutions and BatchNorm vectors have few
         columns, so their rows take 0.6 GiB in all)."""
         near = member_neighbours(self.index, member)
-        seen = self.grams.get((space.name, j))
+        seen = self.parts.get((space.name, j))
         if seen is not None and all(same_transform(seen[0][nb], current[nb]) for nb in near):
             return seen[1]
         rows = torch.cat(
@@ -383,7 +383,7 @@ class _Descent:
             ]
         )
         part = rows if rows.shape[1] < rows.shape[0] else rows_gram(rows)
-        self.grams[(space.name, j)] = ({nb: current[nb] for nb in near}, part)
+        self.parts[(space.name, j)] = ({nb: current[nb] for nb in near}, part)
         return part
 
     def space_grams(self, space: Space, current: dict[str, SpaceTransform]) -> list[Gram]:

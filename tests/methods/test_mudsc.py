@@ -240,7 +240,7 @@ def test_descent_similarity_from_stored_rows_and_grams_equals_a_fresh_one(random
             got = gram_similarity(descent.space_grams(space, current), "correlation")
             want = weight_similarity(sds, setup.graph, space.name, transforms=current)
             assert torch.allclose(got, want, atol=1e-12, rtol=0), space.name
-    kinds = {isinstance(part, torch.Tensor) for _, part in descent.grams.values()}
+    kinds = {isinstance(part, torch.Tensor) for _, part in descent.parts.values()}
     assert kinds == {True, False}  # both forms were exercised
 
 
