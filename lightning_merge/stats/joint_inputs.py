@@ -213,12 +213,16 @@ class JointInputsCollector(ForwardCollector):
         """Each rows layer as one (n, N·d) tensor of every rank's rows while the ranks' rows together
         are at most N·d; past that, as sums over every rank (each rank folds its rows first)."""
         names = sorted([*self.rows, *self.folded])  # the same layers on every rank, in one order
+        if not names:
+            return
+        first = self.rows[names[0]][0] if names[0] in self.rows else self.folded[names[0]][0]
         counts = torch.tensor(
             [
                 float(self.folded[n][2]) if n in self.folded else sum(len(c) for c in self.rows[n])
                 for n in names
             ],
             dtype=torch.float64,
+            device=first.device,  # where the collective runs (NCCL: the GPU)
         )
         all_reduce_sum_([counts], ranks)
         for name, count in zip(names, counts.tolist(), strict=True):
