@@ -36,7 +36,9 @@ first classifier layer sees 2·25088 joint inputs, a 20 GB Gram, while a calibra
 images gives 2000 rows (0.8 GB); a wide ResNet's last 3×3 convs see 2·9216 joint inputs (2.5 GB of
 sums each) and, at the zoo's 16 images of 64 px, 64 rows. Once a layer's rows would outnumber its
 columns they are folded into the sums (ZᵀZ, Σz, n) and later batches add to those, so a layer never
-holds more than its Gram and the rows, at most, before the fold. Under DDP the ranks first sum their
+holds more than its Gram and the rows, at most, before the fold. Neither is in the up-front memory
+check (how many rows a layer gets is known only as the pass goes), so each addition of rows and each
+fold is checked against free memory and refused with the layer's name instead of an OOM kill. Under DDP the ranks first sum their
 row counts: below the width every rank's rows are stacked (not summed); above it every rank folds
 and the sums are summed, so all ranks take the same branch.
 """
@@ -159,10 +161,16 @@ class JointInputsCollector(ForwardCollector):
             return
         xs = [p[name].pop(0) for p in self.parked] + [x]
         if name in self.rows:
-            kept = sum(len(c) for c in self.rows[name])
-            if kept + _row_count(layer, x) <= self.rows[name][0].shape[1]:
+            kept, new, width = (
+                sum(len(c) for c in self.rows[name]),
+                _row_count(layer, x),
+                self.rows[name][0].shape[1],
+            )
+            if kept + new <= width:
+                _check_free(name, 8 * new * width, f"{new} more rows of its joint inputs", x.device)
                 self.rows[name].append(_joint_rows(layer, xs, name))
                 return
+            _check_free(name, 8 * width * (width + 1), f"the sums of its {kept + new}+ rows", x.device)
             self.folded[name] = _fold(self.rows.pop(name))  # more rows than columns: sums are smaller
         products = torch.promote_types(x.dtype, MIN_PRODUCTS)
         xx, xs_sum, rows = input_gram(layer, xs, products, where=f"layer {name!r}")
@@ -309,6 +317,20 @@ def _row_count(layer: nn.Module, x: torch.Tensor) -> int:
     if isinstance(layer, nn.Conv2d):
         return x.shape[0] * output_positions(layer, x)
     return x.numel() // x.shape[-1]
+
+
+def _check_free(name: str, need: int, what: str, device: torch.device) -> None:
+    """A named error instead of an OOM kill mid-pass: rows and folded sums are allocated as the pass
+    goes (the up-front check counts neither), so each allocation is checked against free memory."""
+    from lightning_merge.stats.collect import available_memory_bytes  # collect imports the registry
+
+    free = available_memory_bytes(device)
+    if free is not None and need > free:
+        raise MemoryError(
+            f"joint_inputs of layer {name!r}: {what} need {need / 2**30:.2f} GiB, more than the "
+            f"{free / 2**30:.2f} GiB free on {device}; use fewer calibration samples or a device with "
+            "more memory"
+        )
 
 
 def _fold(chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -274,3 +274,23 @@ def test_two_ranks_fold_together_when_their_rows_outgrow_the_width(counts: tuple
             assert isinstance(got, FeatureMoments) and float(got.count) == sum(counts)
             torch.testing.assert_close(got.outer, every.T @ every, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(got.total, every.sum(0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("free", "what"), [(100, "12 more rows"), (8 * 20 * 32, "the sums of its 36")])
+def test_rows_and_folds_past_free_memory_are_named(
+    free: int, what: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fc2 (joint width 32) adds 12 rows a batch and folds in the third: each allocation is checked."""
+    import lightning_merge.stats.collect as collect
+
+    real = collect.available_memory_bytes
+    calls: list[int] = []
+
+    def fake(device: torch.device) -> int | None:
+        calls.append(1)
+        return real(device) if len(calls) <= 2 else free  # the up-front check and the first adds pass
+
+    monkeypatch.setattr(collect, "available_memory_bytes", fake)
+    monkeypatch.setattr(joint, "ROWS_ABOVE", 30)  # fc2 only
+    with pytest.raises(MemoryError, match=rf"layer 'fc2': {what}.* GiB free on cpu"):
+        gather(pair(), 30, monkeypatch, data(count=3))
