@@ -136,6 +136,7 @@ SCALE_TIE_BREAK = 1e-9
 
 
 def check_moments(stats: Statistics | None, space: str) -> None:
+    """A merge point without feature moments is named before any matching starts."""
     if stats is None or space not in stats.moments:
         raise KeyError(
             f"no feature moments for merge point {space!r}; run the statistics pass with 'moments'"
@@ -149,10 +150,13 @@ class Correlations(Mapping[str, Any]):
     def __init__(self, stats: Statistics | None, spaces: Sequence[str]) -> None:
         for space in spaces:
             check_moments(stats, space)
-        self.stats, self.spaces = stats, list(spaces)
+        self.stats, self.spaces, self._known = stats, list(spaces), set(spaces)
+
+    def __contains__(self, space: object) -> bool:  # Mapping's default would compute the value
+        return space in self._known
 
     def __getitem__(self, space: str) -> Any:
-        if space not in self.spaces:
+        if space not in self._known:
             raise KeyError(space)
         return correlation(self.stats, space)
 

@@ -38,9 +38,9 @@ sums each) and, at the zoo's 16 images of 64 px, 64 rows. Once a layer's rows wo
 columns they are folded into the sums (ZᵀZ, Σz, n) and later batches add to those, so a layer never
 holds more than its Gram and the rows, at most, before the fold. Neither is in the up-front memory
 check (how many rows a layer gets is known only as the pass goes), so each addition of rows and each
-fold is checked against free memory and refused with the layer's name instead of an OOM kill. Under DDP the ranks first sum their
-row counts: below the width every rank's rows are stacked (not summed); above it every rank folds
-and the sums are summed, so all ranks take the same branch.
+fold is checked against free memory and refused with the layer's name instead of an OOM kill.
+Under DDP the ranks first sum their row counts: below the width every rank's rows are stacked (not
+summed); above it every rank folds and the sums are summed, so all ranks take the same branch.
 """
 
 from __future__ import annotations

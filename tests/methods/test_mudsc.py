@@ -244,12 +244,22 @@ def test_descent_similarity_from_stored_rows_and_grams_equals_a_fresh_one(random
     assert kinds == {True, False}  # both forms were exercised
 
 
-def test_correlations_are_computed_when_read_and_missing_moments_are_named(random_pair: _Setup) -> None:
+def test_correlations_are_computed_when_read_and_missing_moments_are_named(
+    random_pair: _Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lightning_merge.methods.transform_base as tb
     from lightning_merge.methods.transform_base import Correlations, correlation
 
     names = [s.name for s in random_pair.graph.spaces]
     lazy = Correlations(random_pair.stats, names)
-    assert list(lazy) == names and len(lazy) == len(names) and not vars(lazy).keys() - {"stats", "spaces"}
+    computed: list[str] = []
+    monkeypatch.setattr(
+        tb, "correlation", lambda stats, space: computed.append(space) or correlation(stats, space)
+    )
+    assert list(lazy) == names and len(lazy) == len(names) and names[0] in lazy and "nowhere" not in lazy
+    assert computed == []  # membership and iteration compute nothing
+    assert torch.equal(lazy[names[1]], correlation(random_pair.stats, names[1])) and computed == [names[1]]
+    monkeypatch.undo()
     for name in names:
         assert torch.equal(lazy[name], correlation(random_pair.stats, name))
     with pytest.raises(KeyError, match="no feature moments for merge point 'nowhere'"):
