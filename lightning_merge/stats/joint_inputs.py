@@ -161,11 +161,7 @@ class JointInputsCollector(ForwardCollector):
             return
         xs = [p[name].pop(0) for p in self.parked] + [x]
         if name in self.rows:
-            kept, new, width = (
-                sum(len(c) for c in self.rows[name]),
-                _row_count(layer, x),
-                self.rows[name][0].shape[1],
-            )
+            kept, new, width = self._held(name), _row_count(layer, x), self.rows[name][0].shape[1]
             if kept + new <= width:
                 _check_free(name, 8 * new * width, f"{new} more rows of its joint inputs", x.device)
                 self.rows[name].append(_joint_rows(layer, xs, name))
@@ -178,6 +174,12 @@ class JointInputsCollector(ForwardCollector):
         outer.add_(xx)
         total.add_(xs_sum)
         count += rows
+
+    def _held(self, name: str) -> int:
+        """Rows this rank has seen at a rows layer: kept as rows, or counted in its folded sums."""
+        if name in self.folded:
+            return int(self.folded[name][2])
+        return sum(len(c) for c in self.rows[name])
 
     def _sums(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.outer[name], self.total[name], self.count[name]
@@ -225,10 +227,7 @@ class JointInputsCollector(ForwardCollector):
             return
         first = self.rows[names[0]][0] if names[0] in self.rows else self.folded[names[0]][0]
         counts = torch.tensor(
-            [
-                float(self.folded[n][2]) if n in self.folded else sum(len(c) for c in self.rows[n])
-                for n in names
-            ],
+            [self._held(n) for n in names],
             dtype=torch.float64,
             device=first.device,  # where the collective runs (NCCL: the GPU)
         )
