@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 import torch
@@ -30,6 +32,7 @@ from lightning_merge.stats.store import load_statistics, save_statistics
 from tests.stats_nets import MLP
 
 BOTH = ("moments", "joint_inputs")
+T = TypeVar("T")
 
 
 def pair() -> list[nn.Module]:
@@ -124,24 +127,24 @@ def test_inputs_of_other_shapes_name_the_layer(monkeypatch: pytest.MonkeyPatch) 
         joint._joint_rows(nn.Linear(16, 2), [torch.zeros(3, 16), torch.zeros(4, 16)], "fc2")
 
 
-def _two_rank_gather(parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """all_gather_rows on two threads whose reduce_sum adds both ranks' tensors (a fake collective)."""
+def _on_two_ranks(fn: Callable[[int, Ranks], T]) -> list[T]:
+    """``fn(rank, ranks)`` on two threads whose reduce_sum adds both ranks' tensors (a fake collective)."""
     slots: list[torch.Tensor | None] = [None, None]
     barrier = threading.Barrier(2)
-    out: list[torch.Tensor | None] = [None, None]
+    out: list[T | None] = [None, None]
 
     def reduce_sum(rank: int):  # noqa: ANN202
-        def fn(t: torch.Tensor) -> torch.Tensor:
+        def add(t: torch.Tensor) -> torch.Tensor:
             slots[rank] = t.clone()
             barrier.wait()
             total = slots[0] + slots[1]
             barrier.wait()
             return total
 
-        return fn
+        return add
 
     def run(rank: int) -> None:
-        out[rank] = all_gather_rows(parts[rank], Ranks(rank, 2, reduce_sum(rank)))
+        out[rank] = fn(rank, Ranks(rank, 2, reduce_sum(rank)))
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
     for t in threads:
@@ -155,7 +158,7 @@ def _two_rank_gather(parts: list[torch.Tensor]) -> list[torch.Tensor]:
 def test_two_ranks_rows_are_stacked_in_rank_order(counts: tuple[int, int]) -> None:
     gen = torch.Generator().manual_seed(1)
     parts = [torch.randn(n, 6, generator=gen, dtype=torch.float64) for n in counts]
-    for got in _two_rank_gather(parts):
+    for got in _on_two_ranks(lambda rank, ranks: all_gather_rows(parts[rank], ranks)):
         assert torch.equal(got, torch.cat(parts))
 
 
@@ -236,27 +239,7 @@ def _two_rank_collectors(rows: list[list[torch.Tensor]]) -> list[joint.JointInpu
         else:
             c.rows["fc"] = kept
         collectors.append(c)
-    slots: list[torch.Tensor | None] = [None, None]
-    barrier = threading.Barrier(2)
-
-    def reduce_sum(rank: int):  # noqa: ANN202
-        def fn(t: torch.Tensor) -> torch.Tensor:
-            slots[rank] = t.clone()
-            barrier.wait()
-            total = slots[0] + slots[1]
-            barrier.wait()
-            return total
-
-        return fn
-
-    threads = [
-        threading.Thread(target=c.gather, args=(Ranks(r, 2, reduce_sum(r)),))
-        for r, c in enumerate(collectors)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _on_two_ranks(lambda rank, ranks: collectors[rank].gather(ranks))
     return collectors
 
 
