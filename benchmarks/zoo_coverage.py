@@ -295,13 +295,13 @@ def with_earlier_cells(
     is the kept cells' plus this run's; the status is recomputed over all cells."""
     if earlier is None or "methods" not in earlier:
         return row
+    kept = {m: v for m, v in earlier["methods"].items() if m not in methods}
+    if not kept:  # every method rerun: the row is the new one as it came
+        return row
     if "methods" not in row:
         if row["status"] not in ("crashed", "timeout"):  # refused up front: the whole row says so
             return row
         row = {**row, "methods": dict.fromkeys(methods, f"{row['status']}: {row.get('error', '')}")}
-    kept = {m: v for m, v in earlier["methods"].items() if m not in methods}
-    if not kept:
-        return row
     cells = {**kept, **row["methods"]}
     merged = {**row, "methods": {m: cells[m] for m in METHODS if m in cells}}  # the table's order
     merged["status"] = row_status(merged["methods"])

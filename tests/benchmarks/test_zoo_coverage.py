@@ -123,3 +123,10 @@ def test_a_crashed_rerun_of_some_methods_marks_only_their_cells(zoo: ModuleType)
     assert row["status"] == "failed"
     refused = {"arch": "a", "status": "refused", "error": "GraphError: op x", "total_s": 1.0}
     assert zoo.with_earlier_cells(refused, earlier, ["mudsc"]) == refused
+
+
+def test_a_crashed_rerun_of_every_method_stays_a_row_level_crash(zoo: ModuleType) -> None:
+    methods = list(zoo.METHODS)
+    earlier = {"arch": "a", "status": "ok", "methods": dict.fromkeys(methods, "ok"), "total_s": 9.0}
+    crashed = {"arch": "a", "status": "crashed", "error": "worker died: exit code -9", "total_s": 2.0}
+    assert zoo.with_earlier_cells(crashed, earlier, methods) == crashed
