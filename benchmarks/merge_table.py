@@ -781,10 +781,15 @@ def headline(
 RULE_NAMES = {"logits": "raw logits", "per_head_softmax": "per-head softmax"}
 
 
-def headline_lines(rows: Sequence[MetricRow], num_tasks: int, scoring: str = HEADLINE_SCORING) -> list[str]:
+def headline_lines(
+    rows: Sequence[MetricRow],
+    num_tasks: int,
+    scoring: str = HEADLINE_SCORING,
+    budgets: Sequence[float] = BUDGETS,
+) -> list[str]:
     """The headline sentences: per budget, the best merge as a fraction of the equally treated ensemble
     under ``scoring``, then the same fractions under the other rule."""
-    h = headline(rows, num_tasks, scoring)
+    h = headline(rows, num_tasks, scoring, budgets)
     rule = RULE_NAMES[scoring]
     if math.isnan(h["treated_ensemble"]):
         lines = [
@@ -800,7 +805,7 @@ def headline_lines(rows: Sequence[MetricRow], num_tasks: int, scoring: str = HEA
         lines.append(_pick_sentence(pick, rule))
     others = [s for s in SCORING_TAGS if s != scoring]
     for other in others:
-        o = headline(rows, num_tasks, other)
+        o = headline(rows, num_tasks, other, budgets)
         parts = [
             f"≤ {p['budget']:g}×: {p['method']} {100 * p['of_treated_ensemble']:.1f}%"
             for p in o["picks"]

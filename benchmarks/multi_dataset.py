@@ -10,7 +10,9 @@ so every merge is cut at the heads' input (``stop_at=1.0``, "full": the whole ne
 earlier (ZipIt! partial). Rows: both sources, the ensemble untreated and given the merges' treatment
 (``ensemble (reset)``), and the merges. Resumable: rows already in the JSON for the same seed group and
 method settings are kept (``--fresh`` ignores them).
-Writes ``benchmarks/results/multi_dataset_mnist_fmnist_<arch>x<w>.{json,md}``.
+``--converged`` trains the sources until their validation accuracy plateaus (``merge_table.py``'s rule
+and schedule) and writes ``..._converged``; each group's epochs and validation curves go into the JSON.
+Writes ``benchmarks/results/multi_dataset_mnist_fmnist_<arch>x<w>[_converged].{json,md}``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,17 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_io import command_line, machine_description  # noqa: E402
-from merge_table import parse_seeds, seeds_label, stats_file, stem_file  # noqa: E402
+from merge_table import (  # noqa: E402
+    CONVERGED_MAX_EPOCHS,
+    CONVERGED_SCHEDULE,
+    SOURCE_FIELDS,
+    headline_lines,
+    parse_seeds,
+    seeds_label,
+    sources_lines,
+    stats_file,
+    stem_file,
+)
 
 from lightning_merge.cost import count_flops, count_params
 from lightning_merge.data import DatasetTasks, MergeDataModule, TaskData, TaskSplitDataModule
@@ -40,11 +52,12 @@ from lightning_merge.methods import (
     MergeMethod,
     MuDSCMerge,
     PermuteMerge,
+    PLeaSMerge,
     ZipItMerge,
     method_config,
 )
-from lightning_merge.models import train_source
-from lightning_merge.models.training import quiet_lightning
+from lightning_merge.models import PlateauRule, source_record, train_source
+from lightning_merge.models.training import cache_path, quiet_lightning, source_key
 from lightning_merge.module import MergeModule
 
 DATASETS = (("mnist", "MNIST", list(range(10))), ("fashion_mnist", "Fashion-MNIST", list(range(10, 20))))
@@ -65,17 +78,48 @@ def method_rows(stops: Sequence[float] = (0.3, 0.6)) -> list[tuple[str, Callable
     ]
     rows += [(f"zipit partial@{s:g}", lambda s=s: ZipItMerge(**ZIP, stop_at=s)) for s in stops]
     rows.append(("mudsc", lambda: MuDSCMerge(lam=0.5, matcher="zipit", **ZIP, stop_at=1.0)))
+    rows += [(f"pleas w={w:g}", lambda w=w: PLeaSMerge(width=w, stop_at=1.0)) for w in (1.0, 1.5)]
     return rows
 
 
-def sources(seeds: Sequence[int], arch: str, width: float, cache_dir: str) -> list[nn.Module]:
+def source_settings(width: float, converged: bool) -> dict[str, Any]:
+    """``train_source``'s keyword arguments for one source: the example's one-cycle epoch, or (converged)
+    ``merge_table.py --converged``'s cap, plateau rule and step-down schedule."""
+    settings: dict[str, Any] = {"head": "linear", "lr": 0.05, "weight_decay": 5e-4, "schedule": "onecycle"}
+    if converged:
+        settings |= {
+            "max_epochs": CONVERGED_MAX_EPOCHS,
+            "plateau": PlateauRule(),
+            "schedule": CONVERGED_SCHEDULE,
+        }
+    return settings | ({"width": width} if width != 1 else {})  # width 1 keeps the example's cache key
+
+
+def sources(
+    seeds: Sequence[int], arch: str, width: float, cache_dir: str, converged: bool = False
+) -> list[nn.Module]:
     """The group's two networks (trained into ``cache_dir`` when absent), as plain modules."""
-    settings = {"head": "linear", "lr": 0.05, "weight_decay": 5e-4, "schedule": "onecycle"}
-    kw = {"width": width} if width != 1 else {}  # width 1 keeps the example's cache key
+    settings = source_settings(width, converged)
     return [
-        train_source(arch, range(10), seed, dataset=name, cache_dir=cache_dir, **kw, **settings).model
+        train_source(arch, range(10), seed, dataset=name, cache_dir=cache_dir, **settings).model
         for seed, (name, _, _) in zip(seeds, DATASETS, strict=True)
     ]
+
+
+def source_records(
+    seeds: Sequence[int], arch: str, width: float, cache_dir: str, converged: bool
+) -> list[dict]:
+    """Per source: its checkpoint and the training facts its cache record holds (epochs, curve, plateau)."""
+    settings = source_settings(width, converged)
+    out = []
+    for seed, (name, _, _) in zip(seeds, DATASETS, strict=True):
+        path = cache_path(cache_dir, source_key(arch, range(10), seed, dataset=name, **settings))
+        record = source_record(path) or {}
+        kept = {k: record[k] for k in SOURCE_FIELDS if k in record}
+        out.append(
+            {"checkpoint": path.name, "dataset": name, "max_epochs": settings.get("max_epochs", 1), **kept}
+        )
+    return out
 
 
 def tasks(calibration_size: int) -> DatasetTasks:
@@ -153,7 +197,7 @@ def run_group(
         ):
             print(f"seeds {group} {label:>20}: reused")
             continue
-        nets = nets or sources(seeds, args.arch, args.width, args.cache_dir)
+        nets = nets or sources(seeds, args.arch, args.width, args.cache_dir, args.converged)
         start = time.perf_counter()
         stats = stats_file(Path(args.stats_dir), "mnist_fmnist", seeds, method, args.calibration_size)
         results, rel_params, rel_flops = run_merge(method, nets, data, stats, refs)
@@ -207,7 +251,7 @@ def markdown(meta: dict[str, Any]) -> str:
         cells += [mean_std([r[c] for r in sel]) for c in ("rel_params", "rel_flops")]
         cells.append(f"{statistics.fmean(r['seconds'] for r in sel):.0f}" if "seconds" in sel[0] else "–")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Row settings:", ""]
+    lines += ["", *headline(rows), "", *sources_lines(meta), "", "Row settings:", ""]
     for label in order:
         config = next((r["config"] for r in rows if r["method"] == label and r.get("config")), None)
         if config:
@@ -215,6 +259,31 @@ def markdown(meta: dict[str, Any]) -> str:
             lines.append(f"- {label}: `{config['name']}({args})`")
     lines += ["", "Commands:", "", "```", *meta["commands"], "```", "", f"Machine: {meta['machine']}", ""]
     return "\n".join(lines)
+
+
+def training_meta(converged: bool) -> dict[str, Any]:
+    """The sources' training as ``merge_table.sources_lines`` describes it."""
+    settings = source_settings(1, converged)
+    plateau = settings.get("plateau")
+    return {
+        "max_epochs": settings.get("max_epochs", 1),
+        "plateau": None if plateau is None else plateau.as_dict(),
+        "schedule": settings["schedule"],
+    }
+
+
+#: FLOPs budgets of the headline: every merge here keeps two heads, so "one network" is one trunk with
+#: two 10-class heads, a little over one source (1.01× for mlp×1); the budget allows 2 % for them.
+BUDGETS = (1.02, 2.0)
+
+
+def headline(rows: Sequence[Row]) -> list[str]:
+    """``merge_table``'s headline (best merge per FLOPs budget against the equally treated ensemble) over
+    the merges and the two ensembles (the sources are not candidates)."""
+    sources = {label for label, key in REFERENCES.items() if key.startswith("source")}
+    lines = headline_lines([r for r in rows if r["method"] not in sources], num_tasks=2, budgets=BUDGETS)
+    note = f"The first budget is {BUDGETS[0]:g}×, not 1×: every merge keeps both sources' heads."
+    return [*lines, note]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -228,6 +297,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-dir", default="artifacts/mnist_fmnist/stats", help="statistics files")
     p.add_argument("--out-dir", default="benchmarks/results", help="where the json / md go")
     p.add_argument("--fresh", action="store_true", help="ignore rows already in the output JSON")
+    p.add_argument("--converged", action="store_true", help="train the sources to a validation plateau")
     return p
 
 
@@ -237,7 +307,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if bad:
         parser().error(f"a seed group is MNIST_SEED:FMNIST_SEED, got {bad}")
     logging.getLogger("lightning_merge").setLevel(logging.WARNING)
-    out = Path(args.out_dir) / f"multi_dataset_mnist_fmnist_{args.arch}x{args.width:g}"
+    suffix = "_converged" if args.converged else ""
+    out = Path(args.out_dir) / f"multi_dataset_mnist_fmnist_{args.arch}x{args.width:g}{suffix}"
     Path(args.stats_dir).mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(stem_file(out, ".json").read_text()) if stem_file(out, ".json").is_file() else {}
@@ -249,6 +320,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "machine": machine_description(),
         "commands": [c for c in old.get("commands", []) if c != command] + [command],
         "rows": [] if args.fresh else old.get("rows", []),
+        "source_training": training_meta(args.converged),
+        "sources": {} if args.fresh else old.get("sources", {}),
     }
 
     def save() -> None:
@@ -257,6 +330,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     for seeds in args.seeds:
         run_group(seeds, args, meta["rows"], save)
+        records = source_records(seeds, args.arch, args.width, args.cache_dir, args.converged)
+        meta["sources"][seeds_label(seeds)] = records
     save()
     print(f"wrote {out}.{{json,md}}")
     return meta["rows"]

@@ -10,6 +10,8 @@ every reference (the base, each fine-tuned model, their ensemble) is scored on t
 ``lightning_merge.evaluation.evaluate_model``: joint (argmax over the 10 classes) and per task (argmax
 within the task's 5 classes). Writes ``benchmarks/results/same_base_mlp.{md,json}``: mean ± std over
 the seed groups in the table, each group's rows and the sources' training settings in the JSON.
+``--converged`` trains the base and each fine-tune until its validation accuracy plateaus
+(``merge_table.py --converged``'s rule and schedule, no batch cap) and writes ``same_base_mlp_converged``.
 
 ``tests/methods/test_same_base_fmnist.py`` runs :func:`run_group` on the test models' seeds.
 """
@@ -32,7 +34,14 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_io import Column, command_line, machine_description, write_results  # noqa: E402
-from merge_table import parse_seeds, seeds_label  # noqa: E402
+from merge_table import (  # noqa: E402
+    CONVERGED_MAX_EPOCHS,
+    CONVERGED_SCHEDULE,
+    SOURCE_FIELDS,
+    parse_seeds,
+    seeds_label,
+    sources_lines,
+)
 
 from lightning_merge.cost import count_flops
 from lightning_merge.data import TaskSplitDataModule
@@ -47,7 +56,7 @@ from lightning_merge.methods import (
     method_config,
 )
 from lightning_merge.methods.same_base import own_task_statistics
-from lightning_merge.models import SourceClassifier, train_source
+from lightning_merge.models import PlateauRule, SourceClassifier, train_source
 from lightning_merge.models.training import cache_path, source_key, source_record
 
 ARCH = "mlp"
@@ -71,6 +80,12 @@ class Settings:
     tune_batches: int = 200  # each fine-tune: one epoch capped at this many batches of its task
     batch_size: int = 128
     calibration_size: int = 512  # own-task training images per fine-tuned model
+    #: every model trained to a validation plateau (the batch caps then do not apply)
+    converged: bool = False
+
+    @property
+    def stem(self) -> str:
+        return STEM + ("_converged" if self.converged else "")
 
 
 class Member(NamedTuple):
@@ -117,10 +132,14 @@ def train_family(
 
 def _arguments(member: Member, settings: Settings) -> dict[str, Any]:
     """``train_source``'s arguments for ``member`` (also its cache key's, through ``source_key``)."""
-    return dict(
+    out = dict(
         arch=ARCH, classes=member.classes, seed=member.seed, width=settings.width,
         limit_train_batches=member.batches, batch_size=settings.batch_size, init_state_dict=member.init,
     )  # fmt: skip
+    if settings.converged:
+        out |= {"limit_train_batches": None, "max_epochs": CONVERGED_MAX_EPOCHS, "plateau": PlateauRule()}
+        out["schedule"] = CONVERGED_SCHEDULE
+    return out
 
 
 def _train(member: Member, settings: Settings, cache_dir: str | Path) -> SourceClassifier:
@@ -128,17 +147,21 @@ def _train(member: Member, settings: Settings, cache_dir: str | Path) -> SourceC
 
 
 def _record(member: Member, settings: Settings, cache_dir: str | Path) -> Row:
-    """The member's training settings and, from the record beside its checkpoint, its training time."""
-    key = source_key(**_arguments(member, settings))
+    """The member's training settings and, from the record beside its checkpoint, its training time (and,
+    trained to a plateau, its epochs, validation curve and whether the rule was met)."""
+    arguments = _arguments(member, settings)
+    key = source_key(**arguments)
     saved = source_record(cache_path(cache_dir, key)) or {}
+    kept = {k: saved[k] for k in SOURCE_FIELDS if k in saved and k not in ("classes", "seed")}
     return {
         "role": member.role,
         "seed": member.seed,
         "classes": member.classes,
         "epochs": key["max_epochs"],
-        "batches": member.batches,
+        "batches": arguments["limit_train_batches"],
         "batch_size": settings.batch_size,
         "train_seconds": saved.get("train_seconds"),
+        **kept,
     }
 
 
@@ -239,12 +262,22 @@ def notes(settings: Settings, groups: Sequence[str], records: Sequence[Row], hid
     base = next(r for r in records if r["role"] == "base")
     tuned = next(r for r in records if r["role"] != "base")
     spread = "mean ± std over seed groups" if len(groups) > 1 else "one seed group, so no std"
+    if settings.converged:
+        how = (
+            "to a validation plateau (rule and epochs below) on all 10 Fashion-MNIST classes; two copies of "
+            f"it are fine-tuned to a plateau on classes 0–4 and 5–9 (batches of {base['batch_size']}). "
+        )
+    else:
+        how = (
+            f"for {_epochs(base['epochs'])} capped at {base['batches']} batches of {base['batch_size']} on "
+            f"all 10 Fashion-MNIST classes; two copies of it are fine-tuned for {_epochs(tuned['epochs'])} "
+            f"capped at {tuned['batches']} batches of {tuned['batch_size']} on classes 0–4 and 5–9. "
+        )
     return (
         f"Seed groups (base : fine-tune 0–4 : fine-tune 5–9): {', '.join(groups)}; {spread}. "
-        f"An MLP ({ARCH} ×{settings.width:g}, hidden layers of {hidden} units) is trained as the base for "
-        f"{_epochs(base['epochs'])} capped at {base['batches']} batches of {base['batch_size']} on all 10 "
-        f"Fashion-MNIST classes; two copies of it are fine-tuned for {_epochs(tuned['epochs'])} capped at "
-        f"{tuned['batches']} batches of {tuned['batch_size']} on classes 0–4 and 5–9. Each fine-tuned "
+        f"An MLP ({ARCH} ×{settings.width:g}, hidden layers of {hidden} units) is trained as the base "
+        + how
+        + "Each fine-tuned "
         f"model's statistics (Gram matrices, diagonal Fisher, K-FAC) come from {settings.calibration_size} "
         "training images of its own task. Accuracies in % on the 10,000 test images: joint is the argmax "
         "over all 10 classes; task 0–4 / 5–9 the argmax within the task's classes on its images. "
@@ -252,6 +285,21 @@ def notes(settings: Settings, groups: Sequence[str], records: Sequence[Row], hid
         "BatchNorm, so no reset treatment applies); rel. FLOPs: nonzero-weight FLOPs of one 28×28 image "
         "against the base. Each group's rows and the sources' training records are in the JSON."
     )
+
+
+def training_lines(settings: Settings, records: Sequence[Row]) -> list[str]:
+    """``merge_table.sources_lines`` for the families: the rule, then per group base and fine-tunes."""
+    rule = _arguments(Member("base", 0, [], 0, None), settings)
+    training = {
+        "max_epochs": rule["max_epochs"],
+        "plateau": rule["plateau"].as_dict(),
+        "schedule": rule["schedule"],
+    }
+    groups: dict[str, list[Row]] = {}
+    for r in records:
+        groups.setdefault(r["seeds"], []).append(r)
+    lines = sources_lines({"source_training": training, "sources": groups})
+    return [lines[0].replace("Sources trained", "Base and fine-tunes trained"), *lines[1:]]
 
 
 def _epochs(n: int) -> str:
@@ -281,6 +329,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-size", type=int, default=d.calibration_size, help="own-task images")
     p.add_argument("--cache-dir", default="artifacts/same_base/sources", help="source checkpoints")
     p.add_argument("--out-dir", default="benchmarks/results", help="where the json / md go")
+    p.add_argument("--converged", action="store_true", help="train every model to a validation plateau")
     return p
 
 
@@ -295,7 +344,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Settings
         p.error(f"--width must be positive, got {args.width}")
     return Settings(
         width=args.width, base_batches=args.base_batches, tune_batches=args.tune_batches,
-        calibration_size=args.calibration_size,
+        calibration_size=args.calibration_size, converged=args.converged,
     )  # fmt: skip
 
 
@@ -315,9 +364,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   if isinstance(m, nn.Linear))  # fmt: skip
     groups = [seeds_label(s) for s in args.seeds]
     text = notes(settings, groups, records, hidden) + "\n\n" + row_settings(rows)
+    if settings.converged:
+        text += "\n\n" + "\n".join(training_lines(settings, records))
     table = aggregate(rows)
+    title = "Same-base merges: two fine-tuned copies of one MLP (Fashion-MNIST 5+5)"
     md, js = write_results(
-        args.out_dir, STEM, title="Same-base merges: two fine-tuned copies of one MLP (Fashion-MNIST 5+5)",
+        args.out_dir, settings.stem, title=title + (", converged" if settings.converged else ""),
         columns=COLUMNS, rows=table, command=command_line("benchmarks/same_base.py", argv),
         machine=machine_description("cpu"), notes=text.strip(),
         extra={"settings": asdict(settings), "groups": rows, "sources": records},

@@ -86,3 +86,25 @@ def test_tiny_run_writes_every_row_and_every_number_from_its_json(sb: ModuleType
             spread = "" if key == "rel_flops" else f" ± {agg[f'{key}_std']:.2f}"
             assert agg[key] == f"{agg[f'{key}_mean']:.2f}{spread}"
     assert "benchmarks/same_base.py --seeds 7:8:9 10:11:12 --base-batches 2" in md
+
+
+def test_converged_families_train_to_a_plateau_without_batch_caps(sb: ModuleType) -> None:
+    """``--converged``: no batch cap, the plateau rule and the step-down schedule in every member's
+    training (so in its cache key), its own output stem, and each member's curve in the notes."""
+    from lightning_merge.models import PlateauRule
+
+    settings = sb.Settings(converged=True)
+    member = sb.Member("base", 0, list(range(10)), settings.base_batches, None)
+    got = sb._arguments(member, settings)
+    assert got["limit_train_batches"] is None and got["max_epochs"] == 30
+    assert got["plateau"] == PlateauRule() and got["schedule"] == "plateau"
+    short = sb._arguments(member, sb.Settings())
+    assert short["limit_train_batches"] == 40 and "plateau" not in short
+    assert settings.stem == "same_base_mlp_converged" and sb.Settings().stem == "same_base_mlp"
+    records = [
+        {"seeds": "0:1:2", "epochs": 14, "final_val_acc": 0.85, "plateau_met": True},
+        {"seeds": "0:1:2", "epochs": 9, "final_val_acc": 0.9, "plateau_met": False},
+    ]
+    lines = sb.training_lines(settings, records)
+    assert lines[0].startswith("Base and fine-tunes trained until validation accuracy gained < 0.3 points")
+    assert lines[1] == "- seeds 0:1:2: 14 ep, val 85.00%, plateau met; 9 ep, val 90.00%, plateau NOT met"
