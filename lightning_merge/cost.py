@@ -95,7 +95,9 @@ def count_flops(module: nn.Module, input_shape: Sequence[int]) -> int:
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # fused attention kernels are invisible to the counter
     try:
-        with counter, zeros:
+        # inference mode skips the decompositions (aten.linear, aten.conv2d stay whole), so the zero-weight
+        # counter would never see the mm / convolution it reads: count in plain no-grad mode instead
+        with torch.inference_mode(False), torch.no_grad(), counter, zeros:
             module(torch.zeros(1, *shape, device=device))
     finally:
         module.train(was_training)

@@ -241,6 +241,9 @@ def test_flops_and_params_exclude_zeroed_rows() -> None:
     assert sparse.relative_to(dense) == (sparse.params / dense.params, sparse.flops / dense.flops)
     assert count_flops(SideBySide([model, model]), (3, 4, 4)) == 2 * sparse.flops
     assert count_params(model) == sparse.params
+    with torch.inference_mode():  # where Lightning's validation reports costs: linear / conv2d stay whole
+        assert cost(model, (3, 4, 4)) == sparse
+        assert count_flops(nn.Sequential(nn.Flatten(), model[3]), (8, 4, 4)) == 2 * 128 * 3
 
 
 def test_flops_keep_zero_activations_and_count_attention_layers() -> None:
