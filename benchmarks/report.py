@@ -145,13 +145,36 @@ def family(stem: str) -> str:
     return stem.removeprefix("merge_table_").rpartition("_split")[0].rpartition("x")[0] or stem
 
 
+#: multi_dataset.py's reference rows under merge_table's names (the frontier's point kinds).
+MULTI_DATASET_NAMES = {"MNIST model": "model A", "Fashion-MNIST model": "model B"}
+MULTI_DATASET = "multi_dataset"
+
+
+def multi_dataset_tables(results: Path) -> list[tuple[str, dict[str, Any]]]:
+    """multi_dataset.py's tables as merge_table-shaped data (two tasks: digits, clothes), one panel each."""
+    out = []
+    for path in sorted(results.glob(f"{MULTI_DATASET}*.json")):
+        data = load_json(path)
+        if not data or not data.get("rows"):
+            continue
+        rows = [r | {"method": MULTI_DATASET_NAMES.get(r["method"], r["method"])} for r in data["rows"]]
+        title = f"MNIST + Fashion-MNIST ({data['arch']}×{data['width']:g})" + (
+            ", converged" if path.stem.endswith("_converged") else ""
+        )
+        out.append((title, {"rows": rows, "tasks": [list(range(10)), list(range(10, 20))]}))
+    return out
+
+
 def write_frontiers(results: Path, tables: Sequence[tuple[str, str, str]] = TABLES) -> list[Path]:
-    """``frontier_<family>.png`` in ``results`` for every family with a table that has rows."""
+    """``frontier_<family>.png`` in ``results`` for every family with a table that has rows (and one
+    for the MNIST + Fashion-MNIST tables)."""
     families: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for heading, stem, _ in tables:
         data = load_json(results / f"{stem}.json")
         if data and data.get("rows"):
             families.setdefault(family(stem), []).append((heading, data))
+    if multi := multi_dataset_tables(results):
+        families[MULTI_DATASET] = multi
     written = [frontier.plot_family(t, results / f"frontier_{f}.png") for f, t in families.items()]
     return [p for p in written if p is not None]
 
@@ -159,7 +182,7 @@ def write_frontiers(results: Path, tables: Sequence[tuple[str, str, str]] = TABL
 def frontier_images(results: Path, out_dir: Path, tables: Sequence[tuple[str, str, str]]) -> list[str]:
     """Links to the families' frontier PNGs that exist (written by :func:`write_frontiers`)."""
     lines = []
-    for name in dict.fromkeys(family(stem) for _, stem, _ in tables):
+    for name in dict.fromkeys([*(family(stem) for _, stem, _ in tables), MULTI_DATASET]):
         png = results / f"frontier_{name}.png"
         if png.is_file():
             link = Path(os.path.relpath(png, out_dir)).as_posix()

@@ -121,3 +121,32 @@ def test_sweep_arguments(capsys: pytest.CaptureFixture) -> None:
         with pytest.raises(SystemExit):
             sweeps.parse_args(argv)
         assert message.split(".*")[0].replace("\\", "") in capsys.readouterr().err, argv
+
+
+def test_multi_dataset_tables_get_their_own_frontier(tmp_path: Path) -> None:
+    """The MNIST + Fashion-MNIST tables are drawn as one family: sources under merge_table's names (so
+    they are plotted as sources, not merges), one panel per file, linked from the report."""
+    report = _load("report")
+    rows = [
+        {"seeds": "0:1", "method": "MNIST model", "joint_acc": 49.0, "rel_flops": 1.0},
+        {"seeds": "0:1", "method": "Fashion-MNIST model", "joint_acc": 45.0, "rel_flops": 1.0},
+        {"seeds": "0:1", "method": "ensemble (reset)", "joint_acc": 88.0, "rel_flops": 2.0},
+        {"seeds": "0:1", "method": "zipit", "joint_acc": 78.0, "rel_flops": 1.0},
+    ]
+    for stem in ("multi_dataset_mnist_fmnist_mlpx1", "multi_dataset_mnist_fmnist_mlpx1_converged"):
+        (tmp_path / f"{stem}.json").write_text(json.dumps({"arch": "mlp", "width": 1, "rows": rows}))
+    tables = report.multi_dataset_tables(tmp_path)
+    assert [t for t, _ in tables] == [
+        "MNIST + Fashion-MNIST (mlp×1)",
+        "MNIST + Fashion-MNIST (mlp×1), converged",
+    ]
+    assert [r["method"] for r in tables[0][1]["rows"]] == ["model A", "model B", "ensemble (reset)", "zipit"]
+    kinds = {p.label: p.kind for p in report.frontier.points(tables[0][1]["rows"], 2)}
+    assert kinds == {
+        "model A": "source",
+        "model B": "source",
+        "ensemble (reset)": "treated ensemble",
+        "zipit": "merge",
+    }
+    assert report.write_frontiers(tmp_path, tables=()) == [tmp_path / "frontier_multi_dataset.png"]
+    assert "frontier_multi_dataset.png)" in "".join(report.frontier_images(tmp_path, tmp_path, ()))
