@@ -3,7 +3,9 @@
     python benchmarks/stats_pass.py --runs 5 --batches 4 --batch-size 256
 
 For each architecture: N=2 randomly initialised sources (timing does not depend on the weights),
-the merge graph from ``trace_graph``, and the same in-memory 28×28 batches (Fashion-MNIST-shaped).
+the merge graph from ``trace_graph``, and the same in-memory batches: 1×28×28 (Fashion-MNIST-shaped)
+for the project's nets, the coverage table's input (3×64×64; ViT-B/16 at 32) for a torchvision name
+(``--archs resnet18,efficientnet_b0 --name stats_pass_torchvision``).
 "forward" runs every model over every batch under ``torch.no_grad``; "pass" is
 ``collect_statistics`` over the same batches. Both get one warm-up run; the table reports medians.
 With ``--out benchmarks/results`` it also writes stats_pass.md / stats_pass.json.
@@ -20,10 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import nn
 
 from lightning_merge.graph import trace_graph
 from lightning_merge.models import VGG11BN, ResNet20
+from lightning_merge.models.vit import ViT
 from lightning_merge.stats.collect import collect_statistics
 from lightning_merge.stats.moments import FeatureMomentsCollector, moments_memory_bytes
 
@@ -34,7 +38,23 @@ ARCHS: dict[str, Callable[[], nn.Module]] = {
     "resnet20x1": lambda: ResNet20(width=1),
     "resnet20x4": lambda: ResNet20(width=4),
     "vgg11_bn": lambda: VGG11BN(),
+    "vit": lambda: ViT(),
 }
+#: one torchvision architecture per family of the coverage table's CI subset
+TORCHVISION = (
+    "resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "regnet_x_400mf",
+    "densenet121", "vit_b_16", "swin_t",
+)  # fmt: skip
+
+
+def build(arch: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """A random-weight model and its input shape (no batch axis)."""
+    if arch in ARCHS:
+        return ARCHS[arch](), (1, 28, 28)
+    from zoo_coverage import build as build_torchvision
+
+    model, size = build_torchvision(arch)
+    return model, (3, size, size)
 
 
 def sync(device: torch.device) -> None:
@@ -65,9 +85,10 @@ def medians(fns: dict[str, Callable[[], object]], runs: int, device: torch.devic
 def bench(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
     """One row of raw numbers (seconds, ratios) for ``arch``."""
     torch.manual_seed(0)
-    models = [ARCHS[arch]().to(device).eval() for _ in range(2)]
-    graph = trace_graph(models[0], torch.randn(2, 1, 28, 28, device=device))
-    batches = [torch.randn(args.batch_size, 1, 28, 28, device=device) for _ in range(args.batches)]
+    built = [build(arch) for _ in range(2)]
+    models, shape = [m.to(device).eval() for m, _ in built], built[0][1]
+    graph = trace_graph(models[0], torch.randn(2, *shape, device=device))
+    batches = [torch.randn(args.batch_size, *shape, device=device) for _ in range(args.batches)]
 
     def forward() -> None:
         with torch.no_grad():
@@ -88,6 +109,7 @@ def bench(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
     t = medians(variants, args.runs, device)
     row: dict = {
         "arch": arch,
+        "input": "×".join(map(str, shape)),
         "device": str(device),
         "taps": len(graph.taps),
         "state_mib": moments_memory_bytes(graph, 2) / 2**20,
@@ -105,6 +127,7 @@ def bench(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
 def columns(f32_batch: bool) -> list[Column]:
     cols = [
         Column("arch", "arch"),
+        Column("input", "input"),
         Column("device", "device"),
         Column("taps", "taps"),
         Column("state_mib", "state MiB", ".1f"),
@@ -124,8 +147,15 @@ def columns(f32_batch: bool) -> list[Column]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument(
-        "--archs", default=",".join(ARCHS), help="comma-separated subset of " + ",".join(ARCHS)
+        "--archs",
+        default=",".join(ARCHS),
+        help="comma-separated, of "
+        + ",".join(ARCHS)
+        + " or torchvision names ("
+        + ",".join(TORCHVISION)
+        + ")",
     )
+    parser.add_argument("--name", default="stats_pass", help="output file stem under --out")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -134,9 +164,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--f32-batch", action="store_true", help="also time float32 per-batch products")
     parser.add_argument("--out", default=None, help="folder for stats_pass.md/.json (default: stdout only)")
     args = parser.parse_args(argv)
-    unknown = [a for a in args.archs.split(",") if a not in ARCHS]
+    known = set(ARCHS) | set(torchvision.models.list_models(module=torchvision.models))
+    unknown = [a for a in args.archs.split(",") if a not in known]
     if unknown:
-        parser.error(f"unknown --archs {unknown}; choose from {list(ARCHS)}")
+        parser.error(f"unknown --archs {unknown}; choose from {list(ARCHS)} or a torchvision classifier")
     if min(args.runs, args.batches, args.batch_size) < 1:
         parser.error("--runs, --batches and --batch-size must be positive")
     return args
@@ -151,7 +182,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [bench(arch, args, device) for arch in args.archs.split(",")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
-    setup = f"N=2 models, {args.batches} batches of {args.batch_size}×1×28×28, median of {args.runs} runs"
+    setup = f"N=2 models, {args.batches} batches of {args.batch_size} images (shape: input column)"
+    setup += f", median of {args.runs} runs"
     print(setup)
     cols = columns(args.f32_batch)
     print(markdown_table(cols, rows))
@@ -165,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         paths = write_results(
             args.out,
-            "stats_pass",
+            args.name,
             title="Statistics pass vs a plain forward",
             columns=cols,
             rows=rows,

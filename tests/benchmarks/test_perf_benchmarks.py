@@ -172,9 +172,14 @@ def test_matchers_and_stats_pass_write_matching_json(tmp_path: Path) -> None:
     assert payload["rows"][0]["ratio_f64_wall"] == pytest.approx(
         row["pass_f64_wall_s"] / row["forward_wall_s"]
     )
-    assert row["taps"] == 19 and row["state_mib"] > 0
+    assert row["taps"] == 19 and row["state_mib"] > 0 and row["input"] == "1×28×28"
     with pytest.raises(SystemExit):
         stats_pass.main(["--archs", "resnet99"])
+    # a torchvision name: the coverage table's input, its own output stem
+    argv = ["--archs", "squeezenet1_1", "--runs", "1", "--batches", "1", "--batch-size", "2"]
+    (row,) = stats_pass.main([*argv, "--name", "stats_pass_tv", "--out", str(tmp_path)])
+    assert row["input"] == "3×64×64" and row["taps"] > 0
+    check_markdown_matches_json(tmp_path / "stats_pass_tv.md", tmp_path / "stats_pass_tv.json")
 
 
 def test_patch_gram_benchmark_agrees_with_the_unfolded_product(
