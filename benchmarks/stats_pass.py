@@ -20,12 +20,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_merge.graph import trace_graph
+from lightning_merge.graph import MergeGraph, trace_graph
 from lightning_merge.models import VGG11BN, ResNet20
 from lightning_merge.models.vit import ViT
 from lightning_merge.stats.collect import collect_statistics
@@ -82,6 +85,36 @@ def medians(fns: dict[str, Callable[[], object]], runs: int, device: torch.devic
     return {k: tuple(statistics.median(t[i] for t in v) for i in (0, 1)) for k, v in times.items()}
 
 
+class _InPlaceMatmulFlops(TorchDispatchMode):
+    """FLOPs of ``addmm_`` (the float64 moments' accumulation), which FlopCounterMode does not count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is torch.ops.aten.addmm_.default:
+            (m, k), n = args[1].shape, args[2].shape[1]
+            self.flops += 2 * m * k * n
+        return func(*args, **(kwargs or {}))
+
+
+def flop_ratio(models: list[nn.Module], graph: MergeGraph, batch: torch.Tensor) -> float:
+    """FLOPs of the statistics pass over one batch (the forward and the moments' products, float64
+    included) over those of the plain forward: the floor under the time ratio, whatever the kernels."""
+    counts = []
+    for run in (
+        lambda: [m(batch) for m in models],
+        lambda: collect_statistics(
+            models, graph, [batch], collectors=[FeatureMomentsCollector(graph)], progress=False
+        ),
+    ):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, _InPlaceMatmulFlops() as extra:
+            run()
+        counts.append(counter.get_total_flops() + extra.flops)
+    return counts[1] / counts[0]
+
+
 def bench(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
     """One row of raw numbers (seconds, ratios) for ``arch``."""
     torch.manual_seed(0)
@@ -113,6 +146,7 @@ def bench(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
         "device": str(device),
         "taps": len(graph.taps),
         "state_mib": moments_memory_bytes(graph, 2) / 2**20,
+        "flop_ratio": flop_ratio(models, graph, batches[0]),
         "forward_wall_s": t["forward"][0],
         "forward_cpu_s": t["forward"][1],
     }
@@ -131,6 +165,7 @@ def columns(f32_batch: bool) -> list[Column]:
         Column("device", "device"),
         Column("taps", "taps"),
         Column("state_mib", "state MiB", ".1f"),
+        Column("flop_ratio", "FLOPs pass / forward", ".2f"),
         Column("forward_wall_s", "forward s (wall)", ".2f"),
         Column("forward_cpu_s", "forward s (cpu)", ".2f"),
     ]

@@ -173,6 +173,7 @@ def test_matchers_and_stats_pass_write_matching_json(tmp_path: Path) -> None:
         row["pass_f64_wall_s"] / row["forward_wall_s"]
     )
     assert row["taps"] == 19 and row["state_mib"] > 0 and row["input"] == "1×28×28"
+    assert row["flop_ratio"] > 1  # the moments' float64 products come on top of the forward
     with pytest.raises(SystemExit):
         stats_pass.main(["--archs", "resnet99"])
     # a torchvision name: the coverage table's input, its own output stem
