@@ -183,7 +183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument(
         "--archs",
-        default=",".join(ARCHS),
+        default="resnet20x1,resnet20x4,vgg11_bn",
         help="comma-separated, of "
         + ",".join(ARCHS)
         + " or torchvision names ("
