@@ -75,6 +75,12 @@ TABLES: tuple[tuple[str, str, str], ...] = (
         " --rows average =weight_matching =permute =zipit '=zipit partial@0.3' =mudsc '=pleas w=1'"
         " '=pleas w=1.5' '=pleas w=1.75'",
     ),
+    (
+        "ViT (patch 7, 4×128), 2 models (5+5 classes), sources to a plateau",
+        "merge_table_vitx1_split2_converged",
+        f"{TABLE_CMD} --arch vit --width 1 --split 2 --seeds 0:1 2:3 4:5 --plateau --max-epochs 15"
+        " --pleas-widths 1 --rows average =permute =zipit =mudsc '=pleas w=1'",
+    ),
 )
 SWEEPS: tuple[tuple[str, str, str], ...] = (
     (
