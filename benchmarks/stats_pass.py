@@ -20,12 +20,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 import torchvision
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_merge.graph import MergeGraph, trace_graph
@@ -85,18 +83,9 @@ def medians(fns: dict[str, Callable[[], object]], runs: int, device: torch.devic
     return {k: tuple(statistics.median(t[i] for t in v) for i in (0, 1)) for k, v in times.items()}
 
 
-class _InPlaceMatmulFlops(TorchDispatchMode):
-    """FLOPs of ``addmm_`` (the float64 moments' accumulation), which FlopCounterMode does not count."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flops = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func is torch.ops.aten.addmm_.default:
-            (m, k), n = args[1].shape, args[2].shape[1]
-            self.flops += 2 * m * k * n
-        return func(*args, **(kwargs or {}))
+def _addmm_inplace_flops(_c: object, a: tuple[int, ...], b: tuple[int, ...], *_: object, **__: object) -> int:
+    """``addmm_`` (the float64 moments' accumulation), which torch's FLOP counter has no formula for."""
+    return 2 * a[0] * a[1] * b[1]
 
 
 def flop_ratio(models: list[nn.Module], graph: MergeGraph, batch: torch.Tensor) -> float:
@@ -109,9 +98,14 @@ def flop_ratio(models: list[nn.Module], graph: MergeGraph, batch: torch.Tensor) 
             models, graph, [batch], collectors=[FeatureMomentsCollector(graph)], progress=False
         ),
     ):
-        with torch.no_grad(), FlopCounterMode(display=False) as counter, _InPlaceMatmulFlops() as extra:
+        with (
+            torch.no_grad(),
+            FlopCounterMode(
+                display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_inplace_flops}
+            ) as counter,
+        ):
             run()
-        counts.append(counter.get_total_flops() + extra.flops)
+        counts.append(counter.get_total_flops())
     return counts[1] / counts[0]
 
 
