@@ -126,6 +126,12 @@ CONVERGED_MAX_EPOCHS = 30
 CONVERGED_SCHEDULE = "plateau"
 
 
+def converged_training() -> SourceTraining:
+    """``--converged`` with nothing else given: the cap, the plateau rule and the step-down schedule
+    (the other benchmark scripts' ``--converged`` too)."""
+    return SourceTraining(CONVERGED_MAX_EPOCHS, PlateauRule(), CONVERGED_SCHEDULE)
+
+
 def converged_min_epochs(max_epochs: int) -> int:
     return max(2, math.ceil(2 * max_epochs / 3))
 
@@ -304,15 +310,19 @@ SOURCE_FIELDS = (
 )  # fmt: skip
 
 
+def training_facts(checkpoint: Path) -> dict[str, Any]:
+    """The training facts a checkpoint's cache record holds (:data:`SOURCE_FIELDS`: epochs, validation
+    curve, final validation accuracy, whether the plateau rule was met); {} without a record."""
+    record = source_record(checkpoint) or {}
+    return {k: record[k] for k in SOURCE_FIELDS if k in record}
+
+
 def group_records(specs: Sequence[SourceSpec], cache_dir: str | Path) -> list[dict[str, Any]]:
-    """Per source of a seed group: its checkpoint name and the training facts its cache record holds
-    (epochs, validation curve, final validation accuracy, whether the plateau rule was met)."""
+    """Per source of a seed group: its checkpoint name and its :func:`training_facts`."""
     out = []
     for spec in specs:
         path = checkpoint_of(spec, cache_dir)
-        record = source_record(path) or {}
-        kept = {k: record[k] for k in SOURCE_FIELDS if k in record}
-        out.append({"checkpoint": path.name, "max_epochs": spec.max_epochs, **kept})
+        out.append({"checkpoint": path.name, "max_epochs": spec.max_epochs, **training_facts(path)})
     return out
 
 

@@ -34,15 +34,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_io import command_line, machine_description  # noqa: E402
 from merge_table import (  # noqa: E402
-    CONVERGED_MAX_EPOCHS,
-    CONVERGED_SCHEDULE,
-    SOURCE_FIELDS,
+    SourceTraining,
+    converged_training,
     headline_lines,
     parse_seeds,
     seeds_label,
     sources_lines,
     stats_file,
     stem_file,
+    training_facts,
 )
 
 from lightning_merge.cost import count_flops, count_params
@@ -56,7 +56,7 @@ from lightning_merge.methods import (
     ZipItMerge,
     method_config,
 )
-from lightning_merge.models import PlateauRule, source_record, train_source
+from lightning_merge.models import train_source
 from lightning_merge.models.training import cache_path, quiet_lightning, source_key
 from lightning_merge.module import MergeModule
 
@@ -82,16 +82,17 @@ def method_rows(stops: Sequence[float] = (0.3, 0.6)) -> list[tuple[str, Callable
     return rows
 
 
+def source_training(converged: bool) -> SourceTraining:
+    """The example's one-cycle epoch, or ``merge_table.py --converged``'s cap, rule and schedule."""
+    return converged_training() if converged else SourceTraining(schedule="onecycle")
+
+
 def source_settings(width: float, converged: bool) -> dict[str, Any]:
-    """``train_source``'s keyword arguments for one source: the example's one-cycle epoch, or (converged)
-    ``merge_table.py --converged``'s cap, plateau rule and step-down schedule."""
-    settings: dict[str, Any] = {"head": "linear", "lr": 0.05, "weight_decay": 5e-4, "schedule": "onecycle"}
-    if converged:
-        settings |= {
-            "max_epochs": CONVERGED_MAX_EPOCHS,
-            "plateau": PlateauRule(),
-            "schedule": CONVERGED_SCHEDULE,
-        }
+    """``train_source``'s keyword arguments for one source (:func:`source_training`; max_epochs 1 and no
+    plateau rule are ``train_source``'s defaults, so the example's cache key is unchanged)."""
+    t = source_training(converged)
+    settings = {"head": "linear", "lr": 0.05, "weight_decay": 5e-4, "schedule": t.schedule}
+    settings |= {"max_epochs": t.max_epochs, "plateau": t.plateau}
     return settings | ({"width": width} if width != 1 else {})  # width 1 keeps the example's cache key
 
 
@@ -114,11 +115,8 @@ def source_records(
     out = []
     for seed, (name, _, _) in zip(seeds, DATASETS, strict=True):
         path = cache_path(cache_dir, source_key(arch, range(10), seed, dataset=name, **settings))
-        record = source_record(path) or {}
-        kept = {k: record[k] for k in SOURCE_FIELDS if k in record}
-        out.append(
-            {"checkpoint": path.name, "dataset": name, "max_epochs": settings.get("max_epochs", 1), **kept}
-        )
+        facts = training_facts(path)
+        out.append({"checkpoint": path.name, "dataset": name, "max_epochs": settings["max_epochs"], **facts})
     return out
 
 
@@ -261,17 +259,6 @@ def markdown(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def training_meta(converged: bool) -> dict[str, Any]:
-    """The sources' training as ``merge_table.sources_lines`` describes it."""
-    settings = source_settings(1, converged)
-    plateau = settings.get("plateau")
-    return {
-        "max_epochs": settings.get("max_epochs", 1),
-        "plateau": None if plateau is None else plateau.as_dict(),
-        "schedule": settings["schedule"],
-    }
-
-
 #: FLOPs budgets of the headline: every merge here keeps two heads, so "one network" is one trunk with
 #: two 10-class heads, a little over one source (1.01× for mlp×1); the budget allows 2 % for them.
 BUDGETS = (1.02, 2.0)
@@ -320,7 +307,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "machine": machine_description(),
         "commands": [c for c in old.get("commands", []) if c != command] + [command],
         "rows": [] if args.fresh else old.get("rows", []),
-        "source_training": training_meta(args.converged),
+        "source_training": source_training(args.converged).as_dict(),
         "sources": {} if args.fresh else old.get("sources", {}),
     }
 

@@ -35,12 +35,11 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_io import Column, command_line, machine_description, write_results  # noqa: E402
 from merge_table import (  # noqa: E402
-    CONVERGED_MAX_EPOCHS,
-    CONVERGED_SCHEDULE,
-    SOURCE_FIELDS,
+    converged_training,
     parse_seeds,
     seeds_label,
     sources_lines,
+    training_facts,
 )
 
 from lightning_merge.cost import count_flops
@@ -56,8 +55,8 @@ from lightning_merge.methods import (
     method_config,
 )
 from lightning_merge.methods.same_base import own_task_statistics
-from lightning_merge.models import PlateauRule, SourceClassifier, train_source
-from lightning_merge.models.training import cache_path, source_key, source_record
+from lightning_merge.models import SourceClassifier, train_source
+from lightning_merge.models.training import cache_path, source_key
 
 ARCH = "mlp"
 TASKS = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
@@ -137,8 +136,9 @@ def _arguments(member: Member, settings: Settings) -> dict[str, Any]:
         limit_train_batches=member.batches, batch_size=settings.batch_size, init_state_dict=member.init,
     )  # fmt: skip
     if settings.converged:
-        out |= {"limit_train_batches": None, "max_epochs": CONVERGED_MAX_EPOCHS, "plateau": PlateauRule()}
-        out["schedule"] = CONVERGED_SCHEDULE
+        t = converged_training()
+        out |= {"limit_train_batches": None, "max_epochs": t.max_epochs, "plateau": t.plateau}
+        out["schedule"] = t.schedule
     return out
 
 
@@ -151,8 +151,7 @@ def _record(member: Member, settings: Settings, cache_dir: str | Path) -> Row:
     trained to a plateau, its epochs, validation curve and whether the rule was met)."""
     arguments = _arguments(member, settings)
     key = source_key(**arguments)
-    saved = source_record(cache_path(cache_dir, key)) or {}
-    kept = {k: saved[k] for k in SOURCE_FIELDS if k in saved and k not in ("classes", "seed")}
+    facts = training_facts(cache_path(cache_dir, key))  # its classes and seed are the member's own
     return {
         "role": member.role,
         "seed": member.seed,
@@ -160,8 +159,8 @@ def _record(member: Member, settings: Settings, cache_dir: str | Path) -> Row:
         "epochs": key["max_epochs"],
         "batches": arguments["limit_train_batches"],
         "batch_size": settings.batch_size,
-        "train_seconds": saved.get("train_seconds"),
-        **kept,
+        "train_seconds": facts.get("train_seconds"),
+        **facts,
     }
 
 
@@ -287,14 +286,9 @@ def notes(settings: Settings, groups: Sequence[str], records: Sequence[Row], hid
     )
 
 
-def training_lines(settings: Settings, records: Sequence[Row]) -> list[str]:
+def training_lines(records: Sequence[Row]) -> list[str]:
     """``merge_table.sources_lines`` for the families: the rule, then per group base and fine-tunes."""
-    rule = _arguments(Member("base", 0, [], 0, None), settings)
-    training = {
-        "max_epochs": rule["max_epochs"],
-        "plateau": rule["plateau"].as_dict(),
-        "schedule": rule["schedule"],
-    }
+    training = converged_training().as_dict()
     groups: dict[str, list[Row]] = {}
     for r in records:
         groups.setdefault(r["seeds"], []).append(r)
@@ -365,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     groups = [seeds_label(s) for s in args.seeds]
     text = notes(settings, groups, records, hidden) + "\n\n" + row_settings(rows)
     if settings.converged:
-        text += "\n\n" + "\n".join(training_lines(settings, records))
+        text += "\n\n" + "\n".join(training_lines(records))
     table = aggregate(rows)
     title = "Same-base merges: two fine-tuned copies of one MLP (Fashion-MNIST 5+5)"
     md, js = write_results(

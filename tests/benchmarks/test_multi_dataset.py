@@ -72,7 +72,13 @@ def test_converged_sources_train_to_a_plateau_and_their_curves_reach_the_table(
 
     settings = md.source_settings(1, converged=True)
     assert settings["plateau"] == PlateauRule() and settings["schedule"] == "plateau"
-    assert settings["max_epochs"] == 30 and "max_epochs" not in md.source_settings(1, converged=False)
+    assert settings["max_epochs"] == 30
+    short = md.source_settings(1, converged=False)
+    assert short["max_epochs"] == 1 and short["plateau"] is None and short["schedule"] == "onecycle"
+    example = {"head": "linear", "lr": 0.05, "weight_decay": 5e-4, "schedule": "onecycle"}
+    assert source_key("mlp", range(10), 0, **short) == source_key(
+        "mlp", range(10), 0, **example
+    )  # cache kept
     cache = tmp_path / "cache"
     for seed, name in ((3, "mnist"), (4, "fashion_mnist")):
         path = cache_path(cache, source_key("mlp", range(10), seed, dataset=name, **settings))

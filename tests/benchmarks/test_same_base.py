@@ -105,6 +105,6 @@ def test_converged_families_train_to_a_plateau_without_batch_caps(sb: ModuleType
         {"seeds": "0:1:2", "epochs": 14, "final_val_acc": 0.85, "plateau_met": True},
         {"seeds": "0:1:2", "epochs": 9, "final_val_acc": 0.9, "plateau_met": False},
     ]
-    lines = sb.training_lines(settings, records)
+    lines = sb.training_lines(records)
     assert lines[0].startswith("Base and fine-tunes trained until validation accuracy gained < 0.3 points")
     assert lines[1] == "- seeds 0:1:2: 14 ep, val 85.00%, plateau met; 9 ep, val 90.00%, plateau NOT met"
