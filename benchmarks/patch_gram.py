@@ -3,6 +3,7 @@ PLeaS' whole least-squares refit with and without the shifted windows.
 
     .venv/bin/python benchmarks/patch_gram.py --batch 500 --out benchmarks/results
     .venv/bin/python benchmarks/patch_gram.py --sections refit --out benchmarks/results
+    .venv/bin/python benchmarks/patch_gram.py --sections strided --out benchmarks/results
 
 "unfold": the patches as (B·H·W, 9C) rows (one copy) and one float64 product, which RegMean's
 statistics and PLeaS' refit formed before; "sym": the same rows with only the block upper
@@ -17,6 +18,10 @@ largest difference to "unfold" relative to its largest entry.
 the same start: with the stride-1 convs' sums from shifted windows (the default) and with every
 layer's sums from unfolded patch rows (``SHIFT_MIN_ROWS`` raised past every layer). Written to
 ``patch_gram_refit.{md,json}`` with the largest relative difference of the refitted weights.
+
+``strided``: the joint (two models side by side) input Gram of strided convs, from unfolded rows
+(block upper triangle) and from the shifted products over the input's phases, each forced by
+``STRIDED_MIN_WORK``; ``patch_gram_strided.{md,json}``.
 """
 
 from __future__ import annotations
@@ -99,6 +104,70 @@ def bench(label: str, channels: int, size: int, batch: int, runs: int) -> dict:
     }
 
 
+#: (label, kernel, stride, padding, channels per model, images, spatial size) of the strided section:
+#: ResNet-20×1's stride-2 layers (PLeaS' joint inputs, 500 calibration images), and stems and
+#: stride-2 convs of torchvision nets at the zoo table's 64 px and at 224 px.
+STRIDED = [
+    ("ResNet-20×1 layer2.0.conv1", 3, 2, 1, 16, 500, 28),
+    ("ResNet-20×1 layer3.0.conv1", 3, 2, 1, 32, 500, 14),
+    ("7×7 stem, 64 px", 7, 2, 3, 3, 16, 64),
+    ("7×7 stem, 224 px", 7, 2, 3, 3, 8, 224),
+    ("ResNet-18 layer2.0.conv1, 64 px", 3, 2, 1, 64, 16, 16),
+    ("ResNet-18 layer2.0.conv1, 224 px", 3, 2, 1, 64, 16, 56),
+]
+
+
+def strided_row(label: str, k: int, stride: int, pad: int, c: int, n: int, size: int, runs: int) -> dict:
+    """Seconds of one joint strided-conv Gram from unfolded rows and from the phases' shifted products."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2 * c, 8, k, stride, pad)
+    parts = [torch.randn(n, c, size, size) for _ in range(2)]
+    out = {}
+    for path, work in (("rows", 2**62), ("phases", 0)):
+        saved, patch_gram.STRIDED_MIN_WORK = patch_gram.STRIDED_MIN_WORK, work
+        try:
+            out[f"{path}_s"], out[path] = median_seconds(lambda: input_gram(conv, parts)[0], runs)
+        finally:
+            patch_gram.STRIDED_MIN_WORK = saved
+    default = "phases" if patch_gram.shifted_sums_apply(conv, parts[0], 2) else "rows"
+    return {
+        "layer": label,
+        "shape": f"2 × {n}×{c}×{size}×{size}, {k}×{k} stride {stride}",
+        "rows_s": out["rows_s"],
+        "phases_s": out["phases_s"],
+        "speedup": out["rows_s"] / out["phases_s"],
+        "default": default,
+        "err": float((out["phases"] - out["rows"]).abs().max() / out["rows"].abs().max()),
+    }
+
+
+def write_strided(rows: list[dict], argv: list[str] | None, out: str, runs: int) -> None:
+    write_results(
+        out,
+        "patch_gram_strided",
+        title="Joint input Gram of strided convs (float64): unfolded rows vs shifted products over phases",
+        columns=[
+            Column("layer", "layer"),
+            Column("shape", "inputs"),
+            Column("rows_s", "unfolded rows (s)", ".3f"),
+            Column("phases_s", "phases (s)", ".3f"),
+            Column("speedup", "rows / phases", ".2f"),
+            Column("default", "taken by default"),
+            Column("err", "max rel. diff", ".1e"),
+        ],
+        rows=rows,
+        command=command_line("benchmarks/patch_gram.py", argv),
+        machine=machine_description("cpu"),
+        notes=(
+            f"Two models' inputs side by side (PLeaS' joint_inputs); median of {runs} runs after a warm-up. "
+            "'taken by default': the path input_gram takes (shifted_sums_apply: offset pairs must share "
+            f"products, and rows × joint channels² ≥ STRIDED_MIN_WORK = {patch_gram.STRIDED_MIN_WORK}). 1×1 "
+            "and non-overlapping strided kernels (ResNet shortcuts, ViT patch embeddings) share no products "
+            "and always take the rows."
+        ),
+    )
+
+
 def refit_row(label: str, arch: str, width: float, seeds: tuple[int, ...], images: int) -> dict:
     """Seconds of the PLeaS refit with shifted windows and with patch rows, from one merged start."""
     precision = "bf16-mixed" if width == 4 else None  # how the ×4 table's sources were trained
@@ -175,13 +244,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=500, help="images per batch (the refit's batch)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per method (median)")
     p.add_argument("--out", default=None, help="folder for patch_gram.md / .json")
-    p.add_argument("--sections", nargs="+", choices=["gram", "refit"], default=["gram"], help="what to time")
+    p.add_argument(
+        "--sections", nargs="+", choices=["gram", "refit", "strided"], default=["gram"], help="what to time"
+    )
     args = p.parse_args(argv)
     if "refit" in args.sections:
         refits = [refit_row(*spec) for spec in REFITS]
         print(refits, flush=True)
         if args.out:
             write_refit(refits, argv, args.out)
+    if "strided" in args.sections:
+        strided = [strided_row(*spec, args.runs) for spec in STRIDED]
+        print(strided, flush=True)
+        if args.out:
+            write_strided(strided, argv, args.out, args.runs)
     if "gram" not in args.sections:
         return
     rows = []

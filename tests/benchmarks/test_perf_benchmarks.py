@@ -196,6 +196,24 @@ def test_patch_gram_benchmark_agrees_with_the_unfolded_product(
         assert row["speedup"] == pytest.approx(row["unfold_s"] / row["shift_s"])
 
 
+def test_patch_gram_strided_section_agrees_with_the_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both paths of a strided conv's joint Gram give the same sums; the default path is the one
+    ``shifted_sums_apply`` picks (phases for a 3×3 stride-2 conv with enough work, rows below it)."""
+    patch_gram = load("patch_gram")
+    specs = [("3x3 s2", 3, 2, 1, 16, 16, 24), ("7x7 s2 tiny", 7, 2, 3, 2, 2, 8)]
+    monkeypatch.setattr(patch_gram, "STRIDED", specs)
+    patch_gram.main(["--sections", "strided", "--runs", "1", "--out", str(tmp_path)])
+    payload = check_markdown_matches_json(
+        tmp_path / "patch_gram_strided.md", tmp_path / "patch_gram_strided.json"
+    )
+    assert [r["default"] for r in payload["rows"]] == ["phases", "rows"]  # 16·12² rows × 32² ≥ 2²¹
+    for row in payload["rows"]:
+        assert row["err"] < 1e-12
+        assert row["speedup"] == pytest.approx(row["rows_s"] / row["phases_s"])
+
+
 def test_repair_summary_counts_gains_per_seed_group() -> None:
     repair = load("repair")
     raw = [{"method": "ensemble", "repair": "reference", "joint_acc": v} for v in (60.0, 62.0)]

@@ -14,6 +14,7 @@ from lightning_merge.stats import patch_gram as pg
 def _shift_on_small_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """The tests' inputs are tiny: let them take the shifted-product path anyway."""
     monkeypatch.setattr(pg, "SHIFT_MIN_ROWS", 1)
+    monkeypatch.setattr(pg, "STRIDED_MIN_WORK", 1)
 
 
 def _reference(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -37,8 +38,14 @@ CONVS = [
     {"kernel_size": 3, "padding": 1, "padding_mode": "reflect"},
     {"kernel_size": 3, "padding": 2, "padding_mode": "circular"},
     {"kernel_size": 1},
-    {"kernel_size": 3, "padding": 1, "stride": 2},  # unfolded fallback
+    {"kernel_size": 3, "padding": 1, "stride": 2},  # the phases of a strided input
     {"kernel_size": 3, "padding": 1, "stride": (1, 2)},
+    {"kernel_size": 7, "padding": 3, "stride": 2},
+    {"kernel_size": 5, "padding": 4, "dilation": 2, "stride": 3},
+    {"kernel_size": (2, 4), "padding": (0, 3), "stride": (3, 2)},
+    {"kernel_size": 3, "padding": 2, "stride": 2, "padding_mode": "reflect"},
+    {"kernel_size": 1, "stride": 2},  # unfolded fallback: no offset pairs share products
+    {"kernel_size": 2, "stride": 2},  # unfolded fallback: non-overlapping patches
 ]
 
 
@@ -146,13 +153,15 @@ def test_unsupported_layers_are_named() -> None:
         pg.input_gram(nn.Conv1d(4, 4, 3), torch.randn(1, 4, 5))
 
 
-@pytest.mark.parametrize(
-    "kwargs", CONVS[:4] + CONVS[5:9], ids=[str(sorted(c.items())) for c in CONVS[:4] + CONVS[5:9]]
-)
+SHIFTED = CONVS[:4] + CONVS[5:9] + CONVS[9:15]  # every conv whose sums come from shifted windows
+
+
+@pytest.mark.parametrize("kwargs", SHIFTED, ids=[str(sorted(c.items())) for c in SHIFTED])
 def test_normal_sums_cross_product_matches_unfolded_rows(
     kwargs: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """YᵀX from shifted windows equals targets times unfolded patch rows (every stride-1 conv above)."""
+    """YᵀX from shifted windows equals targets times unfolded patch rows (every conv above that the
+    shifted windows serve, strided ones through their phases)."""
     monkeypatch.setattr(pg, "CHUNK_BYTES", 8 * 5 * 9 * 7 * 2 * 2)  # two images per chunk
     torch.manual_seed(4)
     conv = nn.Conv2d(5, 4, **kwargs)
@@ -169,7 +178,23 @@ def test_normal_sums_cross_product_matches_unfolded_rows(
 
 def test_normal_sums_rejects_what_it_cannot_do() -> None:
     x = torch.randn(2, 3, 6, 6)
-    with pytest.raises(ValueError, match="stride-1"):
-        pg.normal_sums(nn.Conv2d(3, 2, 3, stride=2), x, torch.zeros(2, 2, 2, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shifted windows serve"):
+        pg.normal_sums(nn.Conv2d(3, 2, 1, stride=2), x, torch.zeros(2, 2, 3, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="does not match"):
         pg.normal_sums(nn.Conv2d(3, 2, 3, padding=1), x, torch.zeros(2, 5, 6, 6, dtype=torch.float64))
+
+
+def test_strided_convs_take_the_phases_only_where_products_are_shared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 3×3 stride-2 conv shares row products between offset pairs (34 groups for 45 pairs); a 1×1 or
+    2×2 stride-2 one shares none; small work keeps the unfolded rows."""
+    monkeypatch.setattr(pg, "STRIDED_MIN_WORK", 2**21)
+    x = torch.randn(500, 16, 28, 28)
+    assert len(pg._offset_pairs(nn.Conv2d(16, 8, 3, 2, 1))) == 34
+    assert pg.shifted_sums_apply(nn.Conv2d(16, 8, 3, 2, 1), x)  # 500·14² rows × 16² ≥ 2²¹
+    assert not pg.shifted_sums_apply(nn.Conv2d(16, 8, 1, 2), x)
+    assert not pg.shifted_sums_apply(nn.Conv2d(16, 8, 2, 2), x)
+    small = torch.randn(16, 3, 64, 64)  # a 7×7 stride-2 stem on 64 px: 16·32² rows × 3²
+    assert not pg.shifted_sums_apply(nn.Conv2d(3, 8, 7, 2, 3), small)
+    assert pg.shifted_sums_apply(nn.Conv2d(3, 8, 7, 2, 3), small, parts=16)  # × (16·3)² joint channels
