@@ -17,7 +17,7 @@ Cost: ``data`` is read once and kept; each model runs as a torch.fx graph that p
 or after (sources) the current layer and resumes there for the next one, keeping only each batch's
 live activations, so the whole refit costs one forward per model and batch (models fx cannot trace
 are re-run from their input per layer, ~L²/2 layer-forwards). The rest is the float64 products: for
-stride-1 convs XᵀX and YᵀX come from shifted windows of the input, no patch rows
+convs XᵀX and YᵀX come from shifted windows of the input (strided ones: of its phases), no patch rows
 (:mod:`lightning_merge.stats.patch_gram`; see benchmarks/results/patch_gram.md), for other layers from
 blocks of ``CHUNK_ROWS`` rows of strided conv patches. Measured on 2 busy CPU cores,
 ResNet-20×1, one batch of 500 Fashion-MNIST images: 146 s with a re-run per layer, ``F.unfold`` and
@@ -138,8 +138,8 @@ def _row_chunks(
 class _NormalEquations:
     """float64 sums XᵀX, Σx, YᵀX, Σy and the row count; the bias is the constant-1 column, folded in
     analytically (its Gram entries are Σx and the count), so no (rows, d+1) copy is ever built.
-    Stride-1 convs take every sum from shifted windows of the input
-    (:func:`~lightning_merge.stats.patch_gram.normal_sums`); other layers take XᵀX from
+    Convs the shifted windows serve take every sum from them (strided ones over the input's phases;
+    :func:`~lightning_merge.stats.patch_gram.normal_sums`); other layers take XᵀX from
     :func:`~lightning_merge.stats.patch_gram.input_gram` and YᵀX from row blocks of unfolded inputs."""
 
     def __init__(self) -> None:
@@ -148,7 +148,7 @@ class _NormalEquations:
         self.rows = 0
 
     def add(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        if shifted_sums_apply(layer, x):  # stride-1 conv: shifted windows, no patch rows
+        if shifted_sums_apply(layer, x):  # shifted windows, no patch rows
             xx, xs, yx, rows = normal_sums(layer, x, y)
             ys = y.sum((0, 2, 3), dtype=torch.float64)
         else:

@@ -4,7 +4,7 @@ Each row of X is one input vector of the layer in the layout of its flattened we
 its last axis (every leading position is a row), a Conv2d sees the unfolded (C_in·kh·kw) patch of
 every output position. A constant-1 column is appended when the layer has a bias, so the merge can
 solve for ``[W | b]`` jointly. Sums are float64, formed by :mod:`lightning_merge.stats.patch_gram`
-without materialising stride-1 conv patches.
+without materialising conv patches (shifted windows; strided convs through the input's phases).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ computed from the attention module's input (:mod:`lightning_merge.stats.attentio
 
 Conv patches: the N inputs are concatenated along channels and passed to
 :func:`~lightning_merge.stats.patch_gram.input_gram` with the source layer's kernel geometry, so a
-stride-1 conv takes the shifted-window products and never materialises patches.
+conv takes the shifted-window products (a strided one over its input's phases) and never
+materialises patches; 1×1 strided and small inputs take unfolded rows.
 
 Precision: the sums are float64; the products that feed them run in the sources' own precision,
 at least :data:`MIN_PRODUCTS` (float32 models: float32 products over one image row of a chunk,
