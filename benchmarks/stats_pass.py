@@ -83,7 +83,7 @@ def medians(fns: dict[str, Callable[[], object]], runs: int, device: torch.devic
     return {k: tuple(statistics.median(t[i] for t in v) for i in (0, 1)) for k, v in times.items()}
 
 
-def _addmm_inplace_flops(_c: object, a: tuple[int, ...], b: tuple[int, ...], *_: object, **__: object) -> int:
+def addmm_inplace_flops(_c: object, a: tuple[int, ...], b: tuple[int, ...], *_: object, **__: object) -> int:
     """``addmm_`` (the float64 moments' accumulation), which torch's FLOP counter has no formula for."""
     return 2 * a[0] * a[1] * b[1]
 
@@ -101,7 +101,7 @@ def flop_ratio(models: list[nn.Module], graph: MergeGraph, batch: torch.Tensor) 
         with (
             torch.no_grad(),
             FlopCounterMode(
-                display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_inplace_flops}
+                display=False, custom_mapping={torch.ops.aten.addmm_: addmm_inplace_flops}
             ) as counter,
         ):
             run()

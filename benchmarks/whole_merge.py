@@ -12,6 +12,9 @@ of every source over the calibration batches), the statistics pass its ``require
 post-merge passes (``post_merge`` with ``repair=True``: BatchNorm reset). Runs interleave (forward,
 then every method, repeated), so all see the same machine load; the table reports the best run and
 ratio = merge / forward. ``--slow-runs`` caps the runs of the methods named in ``--slow`` (PLeaS).
+``--flops`` adds each method's FLOPs over the forward's on the first calibration batch (torch's FLOP
+counter: convolutions and matrix products, float64 ones included; solves and the matchers' loops are
+not counted): the floor under the time ratio, whatever the kernels.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_io import Column, command_line, machine_description, markdown_table, write_results  # noqa: E402
 from merge_table import method_rows  # noqa: E402
 from perf import networks, perf_datamodule  # noqa: E402
+from stats_pass import addmm_inplace_flops  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from lightning_merge.methods.base import MergeMethod  # noqa: E402
 from lightning_merge.models.training import quick_pair  # noqa: E402
@@ -84,6 +89,15 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def flops(fn: Callable[[], object]) -> int:
+    """FLOPs torch's counter sees in one call (``addmm_`` given its formula: the moments' float64
+    accumulation)."""
+    mapping = {torch.ops.aten.addmm_: addmm_inplace_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def best_of(runs: Sequence[tuple[float, float]]) -> tuple[float, float]:
     """The fastest (wall, CPU) seconds over interleaved runs, each taken separately."""
     return min(t[0] for t in runs), min(t[1] for t in runs)
@@ -114,7 +128,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             print(f"run {r} {label}: {times[label][-1][0]:.2f} s", flush=True)
     best = {k: (*best_of(v), len(v)) for k, v in times.items()}
     fwd = best["forward"]
-    return [
+    rows = [
         {
             "method": k,
             "runs": n,
@@ -125,6 +139,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         }
         for k, (w, c, n) in best.items()
     ]
+    if args.flops:
+        first = calib[:1]
+        counts = {"forward": flops(lambda: plain_forward(models, first))}
+        for label, make in methods:
+            counts[label] = flops(lambda make=make: whole_merge(make(), prep, first))
+        for row in rows:
+            row["ratio_flops"] = counts[row["method"]] / counts["forward"]
+    return rows
 
 
 COLUMNS = [
@@ -135,6 +157,7 @@ COLUMNS = [
     Column("ratio_wall", "÷ forward (wall)", ".2f"),
     Column("ratio_cpu", "÷ forward (CPU)", ".2f"),
 ]
+FLOPS_COLUMN = Column("ratio_flops", "FLOPs ÷ forward", ".2f")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -145,6 +168,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--slow", default="pleas", help="label prefixes run only --slow-runs times")
     parser.add_argument("--slow-runs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--flops", action="store_true", help="add FLOPs ÷ forward on the first batch")
     parser.add_argument("--out", default=None, help="folder for <name>.md/.json")
     parser.add_argument("--note", default="", help="what else ran on the machine (added to the notes)")
     parser.add_argument("--name", default="whole_merge", help="results file name (e.g. whole_merge_1thread)")
@@ -155,7 +179,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     machine = machine_description("cpu")  # the load average the runs started under
     rows = run(args)
-    print(markdown_table(COLUMNS, rows))
+    columns = [*COLUMNS, FLOPS_COLUMN] if args.flops else COLUMNS
+    print(markdown_table(columns, rows))
     if args.out is not None:
         notes = (
             f"ResNet-20×1 test pair (quick_pair), {args.calibration_size} calibration images in memory, "
@@ -172,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             args.name,
             title="Whole merge vs a plain forward of the sources"
             + (f" ({args.threads} torch thread{'s' * (args.threads > 1)})" if args.threads else ""),
-            columns=COLUMNS,
+            columns=columns,
             rows=rows,
             command=command_line("benchmarks/whole_merge.py", argv),
             machine=machine,

@@ -230,3 +230,13 @@ def test_repair_summary_counts_gains_per_seed_group() -> None:
         assert line["gain"] == pytest.approx(2.0) and line["wins"] == "1/2"
         assert line["none"] == "51.00 ± 1.41" and line["rescale"] == "53.00 ± 2.83"
     assert [line["method"] for line in lines[1:]] == repair.ROWS
+
+
+def test_whole_merge_flops_count_products_and_the_moments_accumulation() -> None:
+    """The FLOPs column counts matrix products, float64 in-place ``addmm_`` included (torch's counter
+    has no formula for it): 2·m·k·n each."""
+    whole_merge = load("whole_merge")
+    a, b = torch.randn(4, 5, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    acc = torch.zeros(4, 6, dtype=torch.float64)
+    assert whole_merge.flops(lambda: a @ b) == 2 * 4 * 5 * 6
+    assert whole_merge.flops(lambda: (acc.addmm_(a, b), a @ b)) == 2 * (2 * 4 * 5 * 6)
