@@ -132,9 +132,10 @@ class _Phase:
 
     def __init__(
         self, xt: torch.Tensor, live: tuple[int, int, int, int], r: tuple[int, int], s: tuple[int, int]
-    ):
+    ) -> None:
         (rh, rw), (sh, sw), (h0, h1, w0, w1) = r, s, live
         self.x = xt if s == (1, 1) else xt[rh::sh, rw::sw].contiguous()
+        # the live box [h0, h1) in phase rows: i with s·i + r in it, i.e. [⌈(h0 − r)/s⌉, ⌈(h1 − r)/s⌉)
         self.live = (-((rh - h0) // sh), -((rh - h1) // sh), -((rw - w0) // sw), -((rw - w1) // sw))
         self.x64: torch.Tensor | None = None
 
