@@ -14,7 +14,10 @@ then every method, repeated), so all see the same machine load; the table report
 ratio = merge / forward. ``--slow-runs`` caps the runs of the methods named in ``--slow`` (PLeaS).
 ``--flops`` adds each method's FLOPs over the forward's on the first calibration batch (torch's FLOP
 counter: convolutions and matrix products, float64 ones included; solves and the matchers' loops are
-not counted): the floor under the time ratio, whatever the kernels.
+not counted): the floor under the time ratio, whatever the kernels. ``--references`` also times the
+named methods with the equally treated references ``MergeModule`` scores by default (rows
+"<label> + references"): a method that reset its sources hands them over as those references, the
+others reset copies of the sources then, so a source reset costs a MergeModule run nothing extra.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from lightning_merge.methods.base import MergeMethod  # noqa: E402
 from lightning_merge.models.training import quick_pair  # noqa: E402
-from lightning_merge.pipeline.merge import post_merge, run_method  # noqa: E402
+from lightning_merge.pipeline.merge import post_merge, run_method, treat_references  # noqa: E402
 from lightning_merge.pipeline.prepare import PreparedSources, reset_source_batchnorm  # noqa: E402
 from lightning_merge.stats.collect import collect_statistics  # noqa: E402
 from lightning_merge.stats.store import model_fingerprint  # noqa: E402
@@ -61,9 +64,14 @@ def prepared(models: Sequence[nn.Module], example: torch.Tensor) -> PreparedSour
     )
 
 
-def whole_merge(method: MergeMethod, sources: PreparedSources, calib: Batches) -> None:
+def whole_merge(
+    method: MergeMethod, sources: PreparedSources, calib: Batches, references: bool = False
+) -> None:
     """The sources' BatchNorm reset where the method asks for it (ZipIt!, MuDSC: ``reset_sources``),
-    statistics pass, merge (match, apply, refit) and post-merge passes, as MergeModule runs them."""
+    statistics pass, merge (match, apply, refit) and post-merge passes, as MergeModule runs them;
+    ``references``: then the equally treated references MergeModule scores by default (the sources
+    given the merge's BatchNorm reset), which reuse the sources' reset when the method made one."""
+    untreated = sources
     if getattr(method, "reset_sources", False):
         sources = reset_source_batchnorm(sources, calib)
     stats = None
@@ -73,6 +81,8 @@ def whole_merge(method: MergeMethod, sources: PreparedSources, calib: Batches) -
         )
     result = run_method(method, sources, stats, calib)
     post_merge(result, sources, calib, repair=True)
+    if references and sources is untreated:
+        treat_references(untreated.models, calib, repair=True)
 
 
 def plain_forward(models: Sequence[nn.Module], calib: Batches) -> None:
@@ -118,6 +128,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     fns: dict[str, Callable[[], object]] = {"forward": lambda: plain_forward(models, calib)}
     for label, make in methods:
         fns[label] = lambda make=make: whole_merge(make(), prep, calib)
+    refs = set(args.references.split(",")) if args.references else set()
+    for label, make in methods:
+        if label in refs:
+            fns[f"{label} + references"] = lambda make=make: whole_merge(make(), prep, calib, references=True)
     plain_forward(models, calib)  # warm-up
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
     for r in range(args.runs):
@@ -144,6 +158,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         counts = {"forward": flops(lambda: plain_forward(models, first))}
         for label, make in methods:
             counts[label] = flops(lambda make=make: whole_merge(make(), prep, first))
+            if label in refs:
+                counts[f"{label} + references"] = flops(
+                    lambda make=make: whole_merge(make(), prep, first, references=True)
+                )
         for row in rows:
             row["ratio_flops"] = counts[row["method"]] / counts["forward"]
     return rows
@@ -169,6 +187,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--slow-runs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--flops", action="store_true", help="add FLOPs ÷ forward on the first batch")
+    parser.add_argument(
+        "--references",
+        default=None,
+        help="comma-separated labels also timed with MergeModule's treated references",
+    )
     parser.add_argument("--out", default=None, help="folder for <name>.md/.json")
     parser.add_argument("--note", default="", help="what else ran on the machine (added to the notes)")
     parser.add_argument("--name", default="whole_merge", help="results file name (e.g. whole_merge_1thread)")
@@ -188,7 +211,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"{args.slow_runs}). forward = both sources over the calibration batches (no_grad); a "
             "method = the sources' BatchNorm reset where its reset_sources is on (zipit, mudsc rows) + "
             "statistics pass (its requires) + method.merge (match, apply, refit) + post_merge "
-            "(repair=True: BatchNorm reset). Ratio = method / forward. Load average after the runs: "
+            "(repair=True: BatchNorm reset); '+ references': then the equally treated references "
+            "MergeModule scores by default (the sources' reset reused, or copies of the sources reset). "
+            + (
+                "FLOPs ÷ forward: torch's FLOP counter on the first batch (convolutions and matrix "
+                "products; solves and the matchers' loops not counted). "
+                if args.flops
+                else ""
+            )
+            + "Ratio = method / forward. Load average after the runs: "
             + " / ".join(f"{v:.1f}" for v in os.getloadavg())
             + (f". {args.note}" if args.note else "")
         )

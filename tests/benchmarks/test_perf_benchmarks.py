@@ -11,7 +11,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -240,3 +240,30 @@ def test_whole_merge_flops_count_products_and_the_moments_accumulation() -> None
     acc = torch.zeros(4, 6, dtype=torch.float64)
     assert whole_merge.flops(lambda: a @ b) == 2 * 4 * 5 * 6
     assert whole_merge.flops(lambda: (acc.addmm_(a, b), a @ b)) == 2 * (2 * 4 * 5 * 6)
+
+
+@pytest.mark.parametrize("reset_sources", [True, False])
+def test_whole_merge_references_reuse_the_sources_reset(
+    reset_sources: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'+ references' adds the treated references MergeModule scores: a method that reset its sources
+    hands those over (no second reset); any other method resets copies of the untreated sources."""
+    whole_merge = load("whole_merge")
+    calls: list[tuple[str, object]] = []
+    untreated = SimpleNamespace(models=["a", "b"], graph="g")
+    treated = SimpleNamespace(models=["a'", "b'"], graph="g")
+    monkeypatch.setattr(
+        whole_merge, "reset_source_batchnorm", lambda s, c: calls.append(("reset", s)) or treated
+    )
+    monkeypatch.setattr(whole_merge, "collect_statistics", lambda *a, **k: calls.append(("stats", a[0])))
+    monkeypatch.setattr(whole_merge, "run_method", lambda m, s, st, c: calls.append(("merge", s)) or "result")
+    monkeypatch.setattr(whole_merge, "post_merge", lambda r, s, c, repair: calls.append(("post", s)))
+    monkeypatch.setattr(whole_merge, "treat_references", lambda m, c, repair: calls.append(("refs", m)))
+    method = SimpleNamespace(reset_sources=reset_sources, requires=frozenset({"moments"}))
+    whole_merge.whole_merge(method, untreated, [], references=True)
+    used = treated if reset_sources else untreated
+    expected = [("stats", used.models), ("merge", used), ("post", used)]
+    if reset_sources:
+        assert calls == [("reset", untreated), *expected]
+    else:
+        assert calls == [*expected, ("refs", untreated.models)]
