@@ -29,6 +29,7 @@ columns of a chunk (or :data:`SYM_ROWS` rows) before it is added in float64.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 
@@ -147,14 +148,28 @@ class _Phase:
 
 def _kernel_offsets(conv: nn.Conv2d) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """Per kernel offset (weight.flatten(1) order): its phase (a mod s) and its shift (a // s)."""
-    (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
+    return _geometry_offsets(conv.kernel_size, conv.dilation, conv.stride)
+
+
+@functools.cache
+def _geometry_offsets(
+    kernel: tuple[int, int], dilation: tuple[int, int], stride: tuple[int, int]
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    (kh, kw), (dh, dw), (sh, sw) = kernel, dilation, stride
     return [((a * dh % sh, b * dw % sw), (a * dh // sh, b * dw // sw)) for a in range(kh) for b in range(kw)]
 
 
 def _offset_pairs(conv: nn.Conv2d) -> dict[tuple, list[tuple[int, int]]]:
     """Kernel-offset index pairs p ≤ q grouped by (phase of p, phase of q, shift(q) − shift(p)): one
     set of row products serves each group (stride 1: one phase, so by the offset difference)."""
-    offsets = _kernel_offsets(conv)
+    return _geometry_pairs(conv.kernel_size, conv.dilation, conv.stride)
+
+
+@functools.cache
+def _geometry_pairs(
+    kernel: tuple[int, int], dilation: tuple[int, int], stride: tuple[int, int]
+) -> dict[tuple, list[tuple[int, int]]]:
+    offsets = _geometry_offsets(kernel, dilation, stride)
     groups: dict[tuple, list[tuple[int, int]]] = {}
     for p, (rp, (pa, pb)) in enumerate(offsets):
         for q in range(p, len(offsets)):
