@@ -76,6 +76,13 @@ TABLES: tuple[tuple[str, str, str], ...] = (
         " '=pleas w=1.5' '=pleas w=1.75'",
     ),
     (
+        "ResNet-20×1, 3 models (3+3+4 classes), converged sources",
+        "merge_table_resnet20x1_split3_converged",
+        f"{TABLE_CMD} --arch resnet20 --width 1 --split 3 --seeds 0:1:2 3:4:5 6:7:8 --converged"
+        " --rows average =weight_matching =permute =zipit '=zipit partial@0.3' =mudsc '=mudsc λ search'"
+        " '=pleas w=1' '=pleas w=1.5'",
+    ),
+    (
         "ViT (patch 7, 4×128), 2 models (5+5 classes), sources to a plateau",
         "merge_table_vitx1_split2_converged",
         f"{TABLE_CMD} --arch vit --width 1 --split 2 --seeds 0:1 2:3 4:5 --plateau --max-epochs 15"
