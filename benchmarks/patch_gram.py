@@ -27,11 +27,12 @@ layer's sums from unfolded patch rows (``SHIFT_MIN_ROWS`` raised past every laye
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -67,6 +68,17 @@ SHAPES = [
     ("stage 2, PLeaS w=1.75", 224, 16),
     ("stage 3, PLeaS w=1.75", 448, 8),
 ]
+
+
+@contextlib.contextmanager
+def overridden(name: str, value: int) -> Iterator[None]:
+    """``lightning_merge.stats.patch_gram.<name>`` set to ``value`` inside the block (forces one path)."""
+    saved = getattr(patch_gram, name)
+    setattr(patch_gram, name, value)
+    try:
+        yield
+    finally:
+        setattr(patch_gram, name, saved)
 
 
 def median_seconds(fn: Callable[[], torch.Tensor], runs: int) -> tuple[float, torch.Tensor]:
@@ -124,11 +136,8 @@ def strided_row(label: str, k: int, stride: int, pad: int, c: int, n: int, size:
     parts = [torch.randn(n, c, size, size) for _ in range(2)]
     out = {}
     for path, work in (("rows", 2**62), ("phases", 0)):
-        saved, patch_gram.STRIDED_MIN_WORK = patch_gram.STRIDED_MIN_WORK, work
-        try:
+        with overridden("STRIDED_MIN_WORK", work):
             out[f"{path}_s"], out[path] = median_seconds(lambda: input_gram(conv, parts)[0], runs)
-        finally:
-            patch_gram.STRIDED_MIN_WORK = saved
     default = "phases" if patch_gram.shifted_sums_apply(conv, parts[0], 2) else "rows"
     return {
         "layer": label,
@@ -191,13 +200,10 @@ def refit_row(label: str, arch: str, width: float, seeds: tuple[int, ...], image
     out = {}
     for path, min_rows in (("shift", patch_gram.SHIFT_MIN_ROWS), ("rows", 2**62)):
         merged = copy.deepcopy(start)
-        saved, patch_gram.SHIFT_MIN_ROWS = patch_gram.SHIFT_MIN_ROWS, min_rows
-        try:
+        with overridden("SHIFT_MIN_ROWS", min_rows):
             begin = time.perf_counter()
             least_squares_refit(merged, models, graph, transforms, batches, ridge=1e-4)
             out[f"{path}_s"] = time.perf_counter() - begin
-        finally:
-            patch_gram.SHIFT_MIN_ROWS = saved
         out[path] = merged.state_dict()
     diff = max(
         float((out["shift"][k] - v).norm() / v.norm().clamp_min(1e-12))

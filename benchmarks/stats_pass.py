@@ -88,24 +88,26 @@ def addmm_inplace_flops(_c: object, a: tuple[int, ...], b: tuple[int, ...], *_: 
     return 2 * a[0] * a[1] * b[1]
 
 
+def flops(fn: Callable[[], object]) -> int:
+    """FLOPs torch's counter sees in one call of ``fn`` (``addmm_`` given its formula)."""
+    mapping = {torch.ops.aten.addmm_: addmm_inplace_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def flop_ratio(models: list[nn.Module], graph: MergeGraph, batch: torch.Tensor) -> float:
     """FLOPs of the statistics pass over one batch (the forward and the moments' products, float64
     included) over those of the plain forward: the floor under the time ratio, whatever the kernels."""
-    counts = []
-    for run in (
-        lambda: [m(batch) for m in models],
-        lambda: collect_statistics(
-            models, graph, [batch], collectors=[FeatureMomentsCollector(graph)], progress=False
-        ),
-    ):
-        with (
-            torch.no_grad(),
-            FlopCounterMode(
-                display=False, custom_mapping={torch.ops.aten.addmm_: addmm_inplace_flops}
-            ) as counter,
-        ):
-            run()
-        counts.append(counter.get_total_flops())
+    with torch.no_grad():
+        counts = [
+            flops(lambda: [m(batch) for m in models]),
+            flops(
+                lambda: collect_statistics(
+                    models, graph, [batch], collectors=[FeatureMomentsCollector(graph)], progress=False
+                )
+            ),
+        ]
     return counts[1] / counts[0]
 
 

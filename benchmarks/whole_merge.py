@@ -37,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_io import Column, command_line, machine_description, markdown_table, write_results  # noqa: E402
 from merge_table import method_rows  # noqa: E402
 from perf import networks, perf_datamodule  # noqa: E402
-from stats_pass import addmm_inplace_flops  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from stats_pass import flops  # noqa: E402
 
 from lightning_merge.methods.base import MergeMethod  # noqa: E402
 from lightning_merge.models.training import quick_pair  # noqa: E402
@@ -99,15 +98,6 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def flops(fn: Callable[[], object]) -> int:
-    """FLOPs torch's counter sees in one call (``addmm_`` given its formula: the moments' float64
-    accumulation)."""
-    mapping = {torch.ops.aten.addmm_: addmm_inplace_flops}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def best_of(runs: Sequence[tuple[float, float]]) -> tuple[float, float]:
     """The fastest (wall, CPU) seconds over interleaved runs, each taken separately."""
     return min(t[0] for t in runs), min(t[1] for t in runs)
@@ -125,13 +115,18 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         (label, make) for label, make in method_rows(pleas_widths=(1.5,)) if wanted is None or label in wanted
     ]
     slow = set(args.slow.split(",")) if args.slow else set()
-    fns: dict[str, Callable[[], object]] = {"forward": lambda: plain_forward(models, calib)}
-    for label, make in methods:
-        fns[label] = lambda make=make: whole_merge(make(), prep, calib)
     refs = set(args.references.split(",")) if args.references else set()
-    for label, make in methods:
-        if label in refs:
-            fns[f"{label} + references"] = lambda make=make: whole_merge(make(), prep, calib, references=True)
+    variants = [(label, make, False) for label, make in methods]
+    variants += [(f"{label} + references", make, True) for label, make in methods if label in refs]
+
+    def runs_on(batches: Batches) -> dict[str, Callable[[], object]]:
+        """The forward and every variant over ``batches``, by label."""
+        fns: dict[str, Callable[[], object]] = {"forward": lambda: plain_forward(models, batches)}
+        for label, make, with_refs in variants:
+            fns[label] = lambda make=make, r=with_refs: whole_merge(make(), prep, batches, references=r)
+        return fns
+
+    fns = runs_on(calib)
     plain_forward(models, calib)  # warm-up
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
     for r in range(args.runs):
@@ -154,14 +149,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for k, (w, c, n) in best.items()
     ]
     if args.flops:
-        first = calib[:1]
-        counts = {"forward": flops(lambda: plain_forward(models, first))}
-        for label, make in methods:
-            counts[label] = flops(lambda make=make: whole_merge(make(), prep, first))
-            if label in refs:
-                counts[f"{label} + references"] = flops(
-                    lambda make=make: whole_merge(make(), prep, first, references=True)
-                )
+        counts = {label: flops(fn) for label, fn in runs_on(calib[:1]).items()}
         for row in rows:
             row["ratio_flops"] = counts[row["method"]] / counts["forward"]
     return rows
