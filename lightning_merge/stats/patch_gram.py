@@ -254,9 +254,10 @@ def _phases(
     return {r: _Phase(xt, live, r, conv.stride) for r, _ in _kernel_offsets(conv)}
 
 
-def _output_size(conv: nn.Conv2d, xt: torch.Tensor) -> tuple[int, int]:
+def _output_size(conv: nn.Conv2d, padded_h: int, padded_w: int) -> tuple[int, int]:
+    """(Ho, Wo) of ``conv`` on an input of this size after its padding."""
     (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
-    return (xt.shape[0] - (kh - 1) * dh - 1) // sh + 1, (xt.shape[1] - (kw - 1) * dw - 1) // sw + 1
+    return (padded_h - (kh - 1) * dh - 1) // sh + 1, (padded_w - (kw - 1) * dw - 1) // sw + 1
 
 
 def _shift_sums(
@@ -278,7 +279,7 @@ def _shift_sums(
     chunk = max(1, CHUNK_BYTES // (8 * c * parts[0][0, 0].numel() * copies))  # images per chunk
     for start in range(0, n, chunk):
         xt, live = _position_major(conv, [p[start : start + chunk] for p in parts], products)
-        phases, (ho, wo) = _phases(conv, xt, live), _output_size(conv, xt)
+        phases, (ho, wo) = _phases(conv, xt, live), _output_size(conv, *xt.shape[:2])
         for (rp, rq, delta), pairs in _offset_pairs(conv).items():
             got = _delta_blocks(phases[rp], phases[rq], delta, [offsets[p][1] for p, _ in pairs], (ho, wo))
             for (p, q), block in zip(pairs, got, strict=True):
@@ -375,10 +376,9 @@ def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 
 def output_positions(conv: nn.Conv2d, x: torch.Tensor) -> int:
-    xp_h = x.shape[-2] + sum(conv._reversed_padding_repeated_twice[2:])
-    xp_w = x.shape[-1] + sum(conv._reversed_padding_repeated_twice[:2])
-    (sh, sw), (dh, dw), (kh, kw) = conv.stride, conv.dilation, conv.kernel_size
-    return ((xp_h - (kh - 1) * dh - 1) // sh + 1) * ((xp_w - (kw - 1) * dw - 1) // sw + 1)
+    pad = conv._reversed_padding_repeated_twice
+    ho, wo = _output_size(conv, x.shape[-2] + sum(pad[2:]), x.shape[-1] + sum(pad[:2]))
+    return ho * wo
 
 
 def with_bias_column(layer: nn.Module, xx: torch.Tensor, xs: torch.Tensor, rows: int) -> torch.Tensor:
