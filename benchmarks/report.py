@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 
 import frontier
 import merge_table as mt
+import multi_dataset as md
 
 PY = ".venv/bin/python"
 TABLE_CMD = f"{PY} benchmarks/merge_table.py"
@@ -174,8 +176,82 @@ def multi_dataset_tables(results: Path) -> list[tuple[str, dict[str, Any]]]:
         title = f"MNIST + Fashion-MNIST ({data['arch']}×{data['width']:g})" + (
             ", converged" if path.stem.endswith("_converged") else ""
         )
-        out.append((title, {"rows": rows, "tasks": [list(range(10)), list(range(10, 20))]}))
+        tasks = [list(range(10)), list(range(10, 20))]
+        out.append((title, {"rows": rows, "tasks": tasks, "source_training": data.get("source_training")}))
     return out
+
+
+#: README.md's generated block: report.py rewrites what lies between these two lines.
+README_BEGIN = "<!-- headlines: written by benchmarks/report.py, do not edit by hand -->"
+README_END = "<!-- /headlines -->"
+
+
+def sources_label(data: dict[str, Any]) -> str:
+    """How a table's sources were trained, from its JSON: 'converged' (every source met the plateau
+    rule), 'to a plateau (k of n met the rule)', or 'N epoch(s)'."""
+    training = data.get("source_training") or {}
+    if training.get("plateau"):
+        records = [r for group in (data.get("sources") or {}).values() for r in group]
+        met = sum(bool(r.get("plateau_met")) for r in records)
+        return "converged" if met == len(records) else f"to a plateau ({met} of {len(records)} met the rule)"
+    epochs = training.get("max_epochs", 1)
+    return f"{epochs} epoch{'s' * (epochs != 1)}"
+
+
+def _pick_cell(pick: dict[str, Any], first: bool) -> str:
+    if not pick["method"]:
+        return "–"
+    budget = f"(≤ {pick['budget']:g}×) " if first and pick["budget"] != 1 else ""
+    fraction = f"**{100 * pick['of_treated_ensemble']:.1f} %**" + (" (above it)" if pick["passes"] else "")
+    return f"{budget}{pick['method']} at {pick['rel_flops']:.2f}×: {pick['joint']:.2f} = {fraction}"
+
+
+def headline_table(entries: Sequence[tuple[str, dict[str, Any], Sequence[float]]]) -> list[str]:
+    """One markdown row per table (heading, JSON data, FLOPs budgets) with an equally treated ensemble
+    on every seed group: that ensemble's joint accuracy and the best merge per budget as a fraction of
+    it (``merge_table.headline``, raw logits); the tables without one are named below the table."""
+    lines = [
+        "| table | sources | seed groups | treated ensemble (untreated) | best at ≤ 1× a source's FLOPs "
+        "| best at ≤ 2× |",
+        "|---|---|---|---|---|---|",
+    ]
+    missing = []
+    for heading, data, budgets in entries:
+        h = mt.headline(data["rows"], len(data["tasks"]), mt.HEADLINE_SCORING, budgets)
+        if math.isnan(h["treated_ensemble"]):
+            missing.append(heading)
+            continue
+        groups = len(dict.fromkeys(r["seeds"] for r in data["rows"]))
+        ensemble = f"{h['treated_ensemble']:.2f} ({h['untreated_ensemble']:.2f})"
+        picks = [_pick_cell(p, i == 0) for i, p in enumerate(h["picks"])]
+        lines.append(f"| {heading} | {sources_label(data)} | {groups} | {ensemble} | {' | '.join(picks)} |")
+    if missing:
+        no_ensemble = "No equally treated ensemble on every seed group (run before it existed)"
+        lines += ["", f"{no_ensemble}: {'; '.join(missing)}."]
+    return lines
+
+
+def headline_entries(
+    results: Path, tables: Sequence[tuple[str, str, str]] = TABLES
+) -> list[tuple[str, dict[str, Any], Sequence[float]]]:
+    """The merge tables with rows (budgets 1× and 2×) and the MNIST + Fashion-MNIST tables (their own
+    first budget, ``multi_dataset.BUDGETS``: every merge there keeps both heads)."""
+    entries = []
+    for heading, stem, _ in tables:
+        data = load_json(results / f"{stem}.json")
+        if data and data.get("rows"):
+            entries.append((heading, data, mt.BUDGETS))
+    return entries + [(title, data, md.BUDGETS) for title, data in multi_dataset_tables(results)]
+
+
+def replace_block(text: str, block: Sequence[str], name: str) -> str:
+    """``text`` with the lines between README_BEGIN and README_END replaced by ``block``."""
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        marks = f"{README_BEGIN!r} ... {README_END!r}"
+        raise ValueError(f"{name} lacks the lines {marks} that mark where the headlines go")
+    head = text[: begin + len(README_BEGIN)]
+    return head + "\n" + "\n".join(block) + "\n" + text[end:]
 
 
 def write_frontiers(results: Path, tables: Sequence[tuple[str, str, str]] = TABLES) -> list[Path]:
@@ -260,6 +336,11 @@ def build_report(
         "",
         "## Summary",
         "",
+        "Joint accuracy (%, raw logits, mean over the seed groups) of the equally treated ensemble, and "
+        "the best merge per FLOPs budget with its fraction of that ensemble:",
+        "",
+        *headline_table(headline_entries(results, tables)),
+        "",
     ]
     for heading, stem, command in tables:
         lines += (
@@ -286,6 +367,7 @@ def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results-dir", default="benchmarks/results", help="where the scripts wrote their files")
     p.add_argument("--out", default="BENCHMARKS.md", help="the markdown file to write")
+    p.add_argument("--readme", default="README.md", help="its headlines block is rewritten ('': none)")
     args = p.parse_args(argv)
     results, out = Path(args.results_dir), Path(args.out)
     if not results.is_dir():
@@ -295,6 +377,11 @@ def main(argv: list[str] | None = None) -> str:
     text = build_report(results, out.parent)
     out.write_text(text)
     print(f"wrote {out} ({len(text.splitlines())} lines)")
+    if args.readme:
+        readme = Path(args.readme)
+        block = headline_table(headline_entries(results))
+        readme.write_text(replace_block(readme.read_text(), block, str(readme)))
+        print(f"rewrote the headlines in {readme}")
     return text
 
 

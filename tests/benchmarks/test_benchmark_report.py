@@ -64,8 +64,14 @@ def test_sweep_rows_and_cut_points(results: Path) -> None:
 
 def test_report_carries_the_json_numbers_and_missing_lines(results: Path, tmp_path: Path) -> None:
     report, mt = _load("report"), _load("merge_table")
-    text = report.main(["--results-dir", str(results), "--out", str(tmp_path / "BENCHMARKS.md")])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{report.README_BEGIN}\n{report.README_END}\n")
+    argv = ["--results-dir", str(results), "--out", str(tmp_path / "BENCHMARKS.md"), "--readme", str(readme)]
+    text = report.main(argv)
     assert (tmp_path / "BENCHMARKS.md").read_text() == text
+    block = report.headline_table(report.headline_entries(results))
+    assert block[0].startswith("| table | sources |") and "\n".join(block) in text  # the report's summary
+    assert readme.read_text() == "\n".join(["# x", report.README_BEGIN, *block, report.README_END, ""])
     data = json.loads((results / "merge_table_resnet20x1_split2.json").read_text())
     for r in data["rows"]:
         line = next(x for x in text.splitlines() if x.startswith(f"| {r['method']} |"))

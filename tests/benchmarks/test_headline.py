@@ -125,3 +125,36 @@ def test_frontier_points_and_step_line(mt: ModuleType, tmp_path: Path) -> None:
     png = frontier.plot_family([("T", data), ("empty", {"rows": [], "tasks": TASKS})], tmp_path / "f.png")
     assert png == tmp_path / "f.png" and png.read_bytes()[:4] == b"\x89PNG"
     assert frontier.plot_family([("empty", {"rows": [], "tasks": TASKS})], tmp_path / "g.png") is None
+
+
+def test_headline_table_rows_carry_the_headline_numbers(mt: ModuleType) -> None:
+    """report.py's one-row-per-table summary (BENCHMARKS.md and README's block): the treated and the
+    untreated ensemble, the best merge per budget with its fraction, the tables it must leave out."""
+    report = benchmark_script("report")
+    merges = {"pleas w=1.75": (85.0, 1.94), "zipit": (70.0, 1.0), "average": (50.0, 1.0)}
+    converged = {"rows": table(mt, merges), "tasks": TASKS, "source_training": {"plateau": {"window": 0.25}}}
+    passing = {"rows": table(mt, {"pleas w=1.5": (82.0, 1.5)}), "tasks": TASKS}
+    old = {"rows": table(mt, merges, treated=None), "tasks": TASKS, "source_training": {"max_epochs": 3}}
+    entries = [("A", converged, (1.0, 2.0)), ("B", passing, (1.02, 2.0)), ("C", old, (1.0, 2.0))]
+    lines = report.headline_table(entries)
+    a, b = (next(x for x in lines if x.startswith(f"| {t} |")) for t in "AB")
+    assert a.startswith("| A | converged | 2 | 81.30 (66.30) | zipit at 1.00×: 70.00 = ")
+    two = f"pleas w=1.75 at 1.94×: 85.00 = **{100 * 85 / 81.3:.1f} %** (above it) |"
+    assert f"= **{100 * 70 / 81.3:.1f} %** | {two}" in a
+    assert b.split(" | ")[1:3] == ["1 epoch", "2"]
+    assert "| – | pleas w=1.5 at 1.50×: 82.00" in b  # no merge within 1.02×
+    assert not any(x.startswith("| C |") for x in lines)
+    assert lines[-1] == "No equally treated ensemble on every seed group (run before it existed): C."
+    assert report.sources_label(old) == "3 epochs"
+    records = {"0:1": [{"plateau_met": True}, {"plateau_met": False}], "2:3": [{"plateau_met": True}] * 2}
+    assert report.sources_label(converged | {"sources": records}) == "to a plateau (3 of 4 met the rule)"
+
+
+def test_readme_block_is_replaced_between_its_markers() -> None:
+    report = benchmark_script("report")
+    text = f"intro\n{report.README_BEGIN}\nold table\n{report.README_END}\noutro\n"
+    new = report.replace_block(text, ["| t |", "|---|"], "README.md")
+    assert new == f"intro\n{report.README_BEGIN}\n| t |\n|---|\n{report.README_END}\noutro\n"
+    assert report.replace_block(new, ["| t |", "|---|"], "README.md") == new  # idempotent
+    with pytest.raises(ValueError, match="README.md lacks the lines"):
+        report.replace_block("no markers here", ["x"], "README.md")
