@@ -38,26 +38,6 @@ TABLES: tuple[tuple[str, str, str], ...] = (
         f"{TABLE_CMD} --arch resnet20 --width 1 --split 2 --seeds 0:1 2:3 4:5",
     ),
     (
-        "ResNet-20×4, 2 models (5+5 classes)",
-        "merge_table_resnet20x4_split2",
-        f"{TABLE_CMD} --arch resnet20 --width 4 --split 2 --seeds 0:1 2:3 4:5 --train-precision bf16-mixed",
-    ),
-    (
-        "VGG-11 (BN, width ×0.5), 2 models (5+5 classes)",
-        "merge_table_vgg11_bnx0.5_split2",
-        f"{TABLE_CMD} --arch vgg11_bn --width 0.5 --split 2 --seeds 0:1 2:3 4:5",
-    ),
-    (
-        "VGG-11 (BN, full width), 2 models (5+5 classes)",
-        "merge_table_vgg11_bnx1_split2",
-        f"{TABLE_CMD} --arch vgg11_bn --width 1 --split 2 --seeds 0:1 2:3 4:5 --train-precision bf16-mixed",
-    ),
-    (
-        "ResNet-20×1, 3 models (3+3+4 classes)",
-        "merge_table_resnet20x1_split3",
-        f"{TABLE_CMD} --arch resnet20 --width 1 --split 3 --seeds 0:1:2 3:4:5 6:7:8",
-    ),
-    (
         "ViT (patch 7, 4×128), 2 models (5+5 classes)",
         "merge_table_vitx1_split2_e3",
         f"{TABLE_CMD} --arch vit --width 1 --split 2 --seeds 0:1 2:3 4:5 --max-epochs 3 --pleas-widths 1"
@@ -90,6 +70,19 @@ TABLES: tuple[tuple[str, str, str], ...] = (
         f"{TABLE_CMD} --arch vit --width 1 --split 2 --seeds 0:1 2:3 4:5 --plateau --max-epochs 15"
         " --pleas-widths 1 --rows average =permute =zipit =mudsc '=pleas w=1'",
     ),
+)
+#: Tables kept for the record only (heading, output stem): one-epoch sources, run before the equally
+#: treated references and the sources' training records existed, so they have neither. They stay out
+#: of the summary and the frontiers (a converged table supersedes two of them); their JSON keeps the
+#: commands that wrote them.
+ARCHIVE: tuple[tuple[str, str], ...] = (
+    ("ResNet-20×4, 2 models (5+5), bf16-mixed one-epoch sources", "merge_table_resnet20x4_split2"),
+    ("VGG-11 (BN, width ×0.5), 2 models (5+5 classes), one-epoch sources", "merge_table_vgg11_bnx0.5_split2"),
+    (
+        "VGG-11 (BN, full width), 2 models (5+5), bf16-mixed one-epoch sources",
+        "merge_table_vgg11_bnx1_split2",
+    ),
+    ("ResNet-20×1, 3 models (3+3+4 classes), one-epoch sources", "merge_table_resnet20x1_split3"),
 )
 SWEEPS: tuple[tuple[str, str, str], ...] = (
     (
@@ -302,6 +295,25 @@ def _sweep_images(results: Path, stem: str, out_dir: Path) -> list[str]:
     return lines
 
 
+def archive_sections(results: Path, archive: Sequence[tuple[str, str]] = ARCHIVE) -> list[str]:
+    """The archived tables that exist, under one heading that says why they are not compared."""
+    found = [(h, results / f"{stem}.md") for h, stem in archive]
+    found = [(h, path) for h, path in found if path.is_file()]
+    if not found:
+        return []
+    lines = [
+        "## Earlier runs, for the record",
+        "",
+        "One-epoch sources, run before the equally treated references and the sources' training records "
+        "existed: these tables have no treated ensemble to divide by and no training curves, so they "
+        "are left out of the summary and the frontiers.",
+        "",
+    ]
+    for heading, path in found:
+        lines += [f"### {heading}", "", demote(path.read_text(), 3)]
+    return lines
+
+
 def extra_files(results: Path) -> list[Path]:
     """The other scripts' notes, by EXTRA_PREFIXES order (sorted by name within a prefix)."""
     return [p for prefix in EXTRA_PREFIXES for p in sorted(results.glob(f"{prefix}*.md"))]
@@ -312,6 +324,7 @@ def build_report(
     out_dir: Path,
     tables: Sequence[tuple[str, str, str]] = TABLES,
     sweeps: Sequence[tuple[str, str, str]] = SWEEPS,
+    archive: Sequence[tuple[str, str]] = ARCHIVE,
 ) -> str:
     """BENCHMARKS.md's text from ``results`` (image links relative to ``out_dir``)."""
     data = {stem: load_json(results / f"{stem}.json") for _, stem, _ in (*tables, *sweeps)}
@@ -358,6 +371,7 @@ def build_report(
         lines += _section(heading, results, stem, command)
     for heading, stem, command in sweeps:
         lines += _section(heading, results, stem, command) + _sweep_images(results, stem, out_dir)
+    lines += archive_sections(results, archive)
     for path in extra_files(results):
         lines += [f"## {path.stem}", "", demote(path.read_text())]
     return "\n".join(lines).rstrip() + "\n"

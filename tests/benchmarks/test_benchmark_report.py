@@ -116,6 +116,23 @@ def test_report_errors(tmp_path: Path) -> None:
     assert text.count("not run yet:") == 2 * (len(report.TABLES) + len(report.SWEEPS))
 
 
+def test_archived_tables_are_kept_apart(tmp_path: Path) -> None:
+    """A table in report.ARCHIVE is printed under 'Earlier runs' with its headings nested, and never in
+    the summary, the headline table or the frontiers."""
+    report = _load("report")
+    heading, stem = report.ARCHIVE[0]
+    table = "# Merging old\n\n| method | joint |\n|---|---|\n| zipit | 41.00 |\n"
+    (tmp_path / f"{stem}.md").write_text(table)
+    (tmp_path / f"{stem}.json").write_text(json.dumps({"rows": [{"seeds": "0:1", "method": "zipit"}]}))
+    text = report.build_report(tmp_path, tmp_path)
+    summary, earlier = text.split("## Earlier runs, for the record")
+    assert heading not in summary and "41.00" not in summary
+    assert f"### {heading}\n\n#### Merging old" in earlier and "| zipit | 41.00 |" in earlier
+    assert report.headline_entries(tmp_path) == [] and report.write_frontiers(tmp_path) == []
+    (tmp_path / "none").mkdir()
+    assert "Earlier runs" not in report.build_report(tmp_path / "none", tmp_path)  # none there: no section
+
+
 def test_sweep_arguments(capsys: pytest.CaptureFixture) -> None:
     sweeps = _load("sweeps")
     assert sweeps.parse_args(["--seeds", "2:3"]).seeds == (2, 3)
