@@ -33,17 +33,6 @@ TABLE_CMD = f"{PY} benchmarks/merge_table.py"
 #: (heading, output stem, command that writes it), in the order they appear.
 TABLES: tuple[tuple[str, str, str], ...] = (
     (
-        "ResNet-20×1, 2 models (5+5 classes)",
-        "merge_table_resnet20x1_split2",
-        f"{TABLE_CMD} --arch resnet20 --width 1 --split 2 --seeds 0:1 2:3 4:5",
-    ),
-    (
-        "ViT (patch 7, 4×128), 2 models (5+5 classes)",
-        "merge_table_vitx1_split2_e3",
-        f"{TABLE_CMD} --arch vit --width 1 --split 2 --seeds 0:1 2:3 4:5 --max-epochs 3 --pleas-widths 1"
-        " --rows average =permute =zipit =mudsc '=pleas w=1'",
-    ),
-    (
         "ResNet-20×1, 2 models (5+5 classes), converged sources",
         "merge_table_resnet20x1_split2_converged",
         f"{TABLE_CMD} --arch resnet20 --width 1 --split 2 --seeds 0:1 2:3 4:5 --converged"
@@ -71,19 +60,21 @@ TABLES: tuple[tuple[str, str, str], ...] = (
         " --pleas-widths 1 --rows average =permute =zipit =mudsc '=pleas w=1'",
     ),
 )
-#: Tables kept for the record only (heading, output stem): one-epoch sources, run before the equally
-#: treated references and the sources' training records existed, so they have neither. They stay out
-#: of the summary and the frontiers (a converged table supersedes two of them); their JSON keeps the
-#: commands that wrote them.
+#: Results kept for the record only (heading, output stem): sources trained briefly (one epoch; three
+#: for the ViT; a few hundred batches for the same-base MLPs), not to the plateau rule, and the oldest
+#: from before the equally treated references and the sources' training records. They stay out of the
+#: summary and the frontiers; their JSON keeps the commands that wrote them.
 ARCHIVE: tuple[tuple[str, str], ...] = (
+    ("ResNet-20×1, 2 models (5+5 classes), one-epoch sources", "merge_table_resnet20x1_split2"),
+    ("ViT (patch 7, 4×128), 2 models (5+5 classes), three-epoch sources", "merge_table_vitx1_split2_e3"),
+    ("MNIST + Fashion-MNIST, one 20-class MLP, one-epoch sources", "multi_dataset_mnist_fmnist_mlpx1"),
+    ("Same-base merges (MLP), short runs", "same_base_mlp"),
     ("ResNet-20×4, 2 models (5+5), bf16-mixed one-epoch sources", "merge_table_resnet20x4_split2"),
     ("VGG-11 (BN, width ×0.5), 2 models (5+5 classes), one-epoch sources", "merge_table_vgg11_bnx0.5_split2"),
-    (
-        "VGG-11 (BN, full width), 2 models (5+5), bf16-mixed one-epoch sources",
-        "merge_table_vgg11_bnx1_split2",
-    ),
+    ("VGG-11 (BN, full width), 5+5, bf16-mixed one-epoch sources", "merge_table_vgg11_bnx1_split2"),
     ("ResNet-20×1, 3 models (3+3+4 classes), one-epoch sources", "merge_table_resnet20x1_split3"),
 )
+ARCHIVED = frozenset(stem for _, stem in ARCHIVE)
 SWEEPS: tuple[tuple[str, str, str], ...] = (
     (
         "ResNet-20×1 sweeps: merged width and partial-zip depth",
@@ -92,10 +83,10 @@ SWEEPS: tuple[tuple[str, str, str], ...] = (
     ),
 )
 #: Other scripts' notes, included in this order (files of one prefix sorted by name).
+#: The first three are results (before the archived tables), the rest performance notes (after them).
+RESULT_PREFIXES = ("multi_dataset", "same_base", "repair")
 EXTRA_PREFIXES = (
-    "multi_dataset",
-    "same_base",
-    "repair",
+    *RESULT_PREFIXES,
     "perf",
     "matchers",
     "stats_pass",
@@ -162,6 +153,8 @@ def multi_dataset_tables(results: Path) -> list[tuple[str, dict[str, Any]]]:
     """multi_dataset.py's tables as merge_table-shaped data (two tasks: digits, clothes), one panel each."""
     out = []
     for path in sorted(results.glob(f"{MULTI_DATASET}*.json")):
+        if path.stem in ARCHIVED:
+            continue
         data = load_json(path)
         if not data or not data.get("rows"):
             continue
@@ -304,9 +297,12 @@ def archive_sections(results: Path, archive: Sequence[tuple[str, str]] = ARCHIVE
     lines = [
         "## Earlier runs, for the record",
         "",
-        "One-epoch sources, run before the equally treated references and the sources' training records "
-        "existed: these tables have no treated ensemble to divide by and no training curves, so they "
-        "are left out of the summary and the frontiers.",
+        "Sources trained briefly (one epoch; three for the ViT; a few hundred batches for the same-base "
+        "MLPs), not to the plateau rule; the oldest tables (ResNet-20×4, both VGG-11 widths, the first "
+        "three-model table) also predate the equally treated references and the training records. They "
+        "are left out of the summary and the frontiers; converged tables above replace all but the "
+        "ResNet-20×4 and full-width VGG-11 ones. The one-epoch ResNet-20×1 table is the only one with "
+        "PLeaS' FLOPs-budget, propagated and other-domain (PLeaS-free) rows and MuDSC's λ search on a pair.",
         "",
     ]
     for heading, path in found:
@@ -314,9 +310,17 @@ def archive_sections(results: Path, archive: Sequence[tuple[str, str]] = ARCHIVE
     return lines
 
 
-def extra_files(results: Path) -> list[Path]:
-    """The other scripts' notes, by EXTRA_PREFIXES order (sorted by name within a prefix)."""
-    return [p for prefix in EXTRA_PREFIXES for p in sorted(results.glob(f"{prefix}*.md"))]
+def extra_files(results: Path, prefixes: Sequence[str] = EXTRA_PREFIXES) -> list[Path]:
+    """The other scripts' notes, by ``prefixes`` order (sorted by name within a prefix), not archived."""
+    found = [p for prefix in prefixes for p in sorted(results.glob(f"{prefix}*.md"))]
+    return [p for p in found if p.stem not in ARCHIVED]
+
+
+def _notes(results: Path, prefixes: Sequence[str]) -> list[str]:
+    lines = []
+    for path in extra_files(results, prefixes):
+        lines += [f"## {path.stem}", "", demote(path.read_text())]
+    return lines
 
 
 def build_report(
@@ -371,9 +375,9 @@ def build_report(
         lines += _section(heading, results, stem, command)
     for heading, stem, command in sweeps:
         lines += _section(heading, results, stem, command) + _sweep_images(results, stem, out_dir)
+    lines += _notes(results, RESULT_PREFIXES)
     lines += archive_sections(results, archive)
-    for path in extra_files(results):
-        lines += [f"## {path.stem}", "", demote(path.read_text())]
+    lines += _notes(results, EXTRA_PREFIXES[len(RESULT_PREFIXES) :])
     return "\n".join(lines).rstrip() + "\n"
 
 

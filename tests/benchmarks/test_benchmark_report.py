@@ -26,9 +26,8 @@ def results(source_pair: Callable, tmp_path_factory: pytest.TempPathFactory) -> 
     dm = TaskSplitDataModule(calibration_size=256, eval_batch_size=1000)
     tasks = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     stats = lambda m: mt.stats_file(out, "s", (0, 1), m, 256)  # noqa: E731
-    table = mt.ResultStore(
-        out / "merge_table_resnet20x1_split2", {"command": "cmd T", "machine": "box", "tasks": tasks}
-    )
+    meta = {"command": "cmd T", "machine": "box", "tasks": tasks}
+    table = mt.ResultStore(out / "merge_table_resnet20x1_split2_converged", meta)
     rows = mt.select_rows(mt.method_rows(2), ["average", "permute"])
     mt.run_group((0, 1), rows, dm, lambda: pair, stats, table, lambda: table.save([], "T", 2), print)
     cuts = sweeps.depth_cuts(pair[0], dm.image_shape, [0.3, 0.35])  # both resolve to the first cut
@@ -72,7 +71,7 @@ def test_report_carries_the_json_numbers_and_missing_lines(results: Path, tmp_pa
     block = report.headline_table(report.headline_entries(results))
     assert block[0].startswith("| table | sources |") and "\n".join(block) in text  # the report's summary
     assert readme.read_text() == "\n".join(["# x", report.README_BEGIN, *block, report.README_END, ""])
-    data = json.loads((results / "merge_table_resnet20x1_split2.json").read_text())
+    data = json.loads((results / "merge_table_resnet20x1_split2_converged.json").read_text())
     for r in data["rows"]:
         line = next(x for x in text.splitlines() if x.startswith(f"| {r['method']} |"))
         assert f"| {r['joint_acc']:.2f} | {r['task_0_acc']:.2f} | {r['task_1_acc']:.2f} |" in line
@@ -107,8 +106,8 @@ def test_report_errors(tmp_path: Path) -> None:
     report = _load("report")
     with pytest.raises(SystemExit):
         report.main(["--results-dir", str(tmp_path / "none")])
-    (tmp_path / "merge_table_resnet20x1_split2.json").write_text("{broken")
-    with pytest.raises(ValueError, match="merge_table_resnet20x1_split2.json is not valid JSON"):
+    (tmp_path / "merge_table_resnet20x1_split2_converged.json").write_text("{broken")
+    with pytest.raises(ValueError, match="merge_table_resnet20x1_split2_converged.json is not valid JSON"):
         report.build_report(tmp_path, tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -156,12 +155,15 @@ def test_multi_dataset_tables_get_their_own_frontier(tmp_path: Path) -> None:
         {"seeds": "0:1", "method": "ensemble (reset)", "joint_acc": 88.0, "rel_flops": 2.0},
         {"seeds": "0:1", "method": "zipit", "joint_acc": 78.0, "rel_flops": 1.0},
     ]
-    for stem in ("multi_dataset_mnist_fmnist_mlpx1", "multi_dataset_mnist_fmnist_mlpx1_converged"):
-        (tmp_path / f"{stem}.json").write_text(json.dumps({"arch": "mlp", "width": 1, "rows": rows}))
+    for width in (1, 2):
+        stem = f"multi_dataset_mnist_fmnist_mlpx{width}_converged"
+        (tmp_path / f"{stem}.json").write_text(json.dumps({"arch": "mlp", "width": width, "rows": rows}))
+    archived = "multi_dataset_mnist_fmnist_mlpx1"  # in report.ARCHIVE: no panel
+    (tmp_path / f"{archived}.json").write_text(json.dumps({"arch": "mlp", "width": 1, "rows": rows}))
     tables = report.multi_dataset_tables(tmp_path)
     assert [t for t, _ in tables] == [
-        "MNIST + Fashion-MNIST (mlp×1)",
         "MNIST + Fashion-MNIST (mlp×1), converged",
+        "MNIST + Fashion-MNIST (mlp×2), converged",
     ]
     assert [r["method"] for r in tables[0][1]["rows"]] == ["model A", "model B", "ensemble (reset)", "zipit"]
     kinds = {p.label: p.kind for p in report.frontier.points(tables[0][1]["rows"], 2)}
