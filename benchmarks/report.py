@@ -163,7 +163,8 @@ def multi_dataset_tables(results: Path) -> list[tuple[str, dict[str, Any]]]:
             ", converged" if path.stem.endswith("_converged") else ""
         )
         tasks = [list(range(10)), list(range(10, 20))]
-        out.append((title, {"rows": rows, "tasks": tasks, "source_training": data.get("source_training")}))
+        facts = {k: data.get(k) for k in ("source_training", "sources")}
+        out.append((title, {"rows": rows, "tasks": tasks, **facts}))
     return out
 
 
@@ -179,6 +180,8 @@ def sources_label(data: dict[str, Any]) -> str:
     if training.get("plateau"):
         records = [r for group in (data.get("sources") or {}).values() for r in group]
         met = sum(bool(r.get("plateau_met")) for r in records)
+        if not records:
+            return "to a plateau (no training records)"
         return "converged" if met == len(records) else f"to a plateau ({met} of {len(records)} met the rule)"
     epochs = training.get("max_epochs", 1)
     return f"{epochs} epoch{'s' * (epochs != 1)}"

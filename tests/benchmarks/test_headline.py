@@ -132,7 +132,9 @@ def test_headline_table_rows_carry_the_headline_numbers(mt: ModuleType) -> None:
     untreated ensemble, the best merge per budget with its fraction, the tables it must leave out."""
     report = benchmark_script("report")
     merges = {"pleas w=1.75": (85.0, 1.94), "zipit": (70.0, 1.0), "average": (50.0, 1.0)}
-    converged = {"rows": table(mt, merges), "tasks": TASKS, "source_training": {"plateau": {"window": 0.25}}}
+    records = {"0:1": [{"plateau_met": True}] * 2, "2:3": [{"plateau_met": True}] * 2}
+    training = {"plateau": {"window": 0.25}}
+    converged = {"rows": table(mt, merges), "tasks": TASKS, "source_training": training, "sources": records}
     passing = {"rows": table(mt, {"pleas w=1.5": (82.0, 1.5)}), "tasks": TASKS}
     old = {"rows": table(mt, merges, treated=None), "tasks": TASKS, "source_training": {"max_epochs": 3}}
     entries = [("A", converged, (1.0, 2.0)), ("B", passing, (1.02, 2.0)), ("C", old, (1.0, 2.0))]
@@ -146,8 +148,9 @@ def test_headline_table_rows_carry_the_headline_numbers(mt: ModuleType) -> None:
     assert not any(x.startswith("| C |") for x in lines)
     assert lines[-1] == "No equally treated ensemble on every seed group (run before it existed): C."
     assert report.sources_label(old) == "3 epochs"
-    records = {"0:1": [{"plateau_met": True}, {"plateau_met": False}], "2:3": [{"plateau_met": True}] * 2}
+    records["0:1"] = [{"plateau_met": True}, {"plateau_met": False}]
     assert report.sources_label(converged | {"sources": records}) == "to a plateau (3 of 4 met the rule)"
+    assert report.sources_label(converged | {"sources": {}}) == "to a plateau (no training records)"
 
 
 def test_readme_block_is_replaced_between_its_markers() -> None:
