@@ -180,9 +180,9 @@ def sources_label(data: dict[str, Any]) -> str:
     training = data.get("source_training") or {}
     if training.get("plateau"):
         records = [r for group in (data.get("sources") or {}).values() for r in group]
-        met = sum(bool(r.get("plateau_met")) for r in records)
         if not records:
             return "to a plateau (no training records)"
+        met = sum(bool(r.get("plateau_met")) for r in records)
         return "converged" if met == len(records) else f"to a plateau ({met} of {len(records)} met the rule)"
     epochs = training.get("max_epochs", 1)
     return f"{epochs} epoch{'s' * (epochs != 1)}"
@@ -335,8 +335,12 @@ def build_report(
     tables: Sequence[tuple[str, str, str]] = TABLES,
     sweeps: Sequence[tuple[str, str, str]] = SWEEPS,
     archive: Sequence[tuple[str, str]] = ARCHIVE,
+    headlines: Sequence[str] | None = None,
 ) -> str:
-    """BENCHMARKS.md's text from ``results`` (image links relative to ``out_dir``)."""
+    """BENCHMARKS.md's text from ``results`` (image links relative to ``out_dir``); ``headlines`` is
+    the summary's headline table when the caller has built it already (README's block is the same)."""
+    if headlines is None:
+        headlines = headline_table(headline_entries(results, tables))
     data = {stem: load_json(results / f"{stem}.json") for _, stem, _ in (*tables, *sweeps)}
     machines = list(dict.fromkeys(d["machine"] for d in data.values() if d))
     lines = [
@@ -362,7 +366,7 @@ def build_report(
         "Joint accuracy (%, raw logits, mean over the seed groups) of the equally treated ensemble, and "
         "the best merge per FLOPs budget with its fraction of that ensemble:",
         "",
-        *headline_table(headline_entries(results, tables)),
+        *headlines,
         "",
     ]
     for heading, stem, command in tables:
@@ -398,12 +402,12 @@ def main(argv: list[str] | None = None) -> str:
         p.error(f"--results-dir {results} is not a directory")
     for png in write_frontiers(results):
         print(f"wrote {png}")
-    text = build_report(results, out.parent)
+    block = headline_table(headline_entries(results))
+    text = build_report(results, out.parent, headlines=block)
     out.write_text(text)
     print(f"wrote {out} ({len(text.splitlines())} lines)")
     if args.readme:
         readme = Path(args.readme)
-        block = headline_table(headline_entries(results))
         readme.write_text(replace_block(readme.read_text(), block, str(readme)))
         print(f"rewrote the headlines in {readme}")
     return text
