@@ -216,7 +216,7 @@ def headline_table(entries: Sequence[tuple[str, dict[str, Any], Sequence[float]]
         picks = [_pick_cell(p, i == 0) for i, p in enumerate(h["picks"])]
         lines.append(f"| {heading} | {sources_label(data)} | {groups} | {ensemble} | {' | '.join(picks)} |")
     if missing:
-        no_ensemble = "No equally treated ensemble on every seed group (run before it existed)"
+        no_ensemble = "No equally treated ensemble on every seed group (reference rows missing: rerun it)"
         lines += ["", f"{no_ensemble}: {'; '.join(missing)}."]
     return lines
 

@@ -146,7 +146,8 @@ def test_headline_table_rows_carry_the_headline_numbers(mt: ModuleType) -> None:
     assert b.split(" | ")[1:3] == ["1 epoch", "2"]
     assert "| – | pleas w=1.5 at 1.50×: 82.00" in b  # no merge within 1.02×
     assert not any(x.startswith("| C |") for x in lines)
-    assert lines[-1] == "No equally treated ensemble on every seed group (run before it existed): C."
+    missing = "No equally treated ensemble on every seed group (reference rows missing: rerun it): C."
+    assert lines[-1] == missing
     assert report.sources_label(old) == "3 epochs"
     records["0:1"] = [{"plateau_met": True}, {"plateau_met": False}]
     assert report.sources_label(converged | {"sources": records}) == "to a plateau (3 of 4 met the rule)"
