@@ -36,8 +36,9 @@ TABLES: tuple[tuple[str, str, str], ...] = (
         "ResNet-20×1, 2 models (5+5 classes), converged sources",
         "merge_table_resnet20x1_split2_converged",
         f"{TABLE_CMD} --arch resnet20 --width 1 --split 2 --seeds 0:1 2:3 4:5 --converged"
-        " --rows average =weight_matching =permute =zipit '=zipit partial@0.3' =mudsc '=pleas w=1'"
-        " '=pleas w=1.5' '=pleas w=1.75'",
+        " --rows average =weight_matching =permute =zipit '=zipit partial@0.3' =mudsc '=mudsc λ search'"
+        " '=pleas w=1' '=pleas w=1.5' '=pleas w=1.75' '=pleas budget=1.5' '=pleas budget=1.75'"
+        " '=pleas w=1.5 propagated' '=pleas-free w=1.5'",
     ),
     (
         "VGG-11 (BN, width ×0.5), 2 models (5+5 classes), converged sources",
@@ -307,8 +308,8 @@ def archive_sections(results: Path, archive: Sequence[tuple[str, str]] = ARCHIVE
         "both VGG-11 widths, the first three-model table) also predate the equally treated references"
         " and the training records. They are left out of the summary and the frontiers; converged "
         "tables above replace all but the ResNet-20×4 and full-width VGG-11 ones. The one-epoch "
-        "ResNet-20×1 table is the only one with PLeaS' FLOPs-budget, propagated and other-domain "
-        "(PLeaS-free) rows and MuDSC's λ search on a pair.",
+        "ResNet-20×1 table also holds rows the converged ones lack: PLeaS w=1.25, the partial zip "
+        "@0.6, ZipIt! and MuDSC without the sources' reset, ZipIt! w=1.5, aligned RegMean and MaTS.",
         "",
     ]
     for heading, path in found:
